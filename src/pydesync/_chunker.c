@@ -1,0 +1,203 @@
+/*
+ * The hot loop of pydesync: casync's buzhash content-defined chunker.
+ *
+ * The scan is stateless: a chunk's cut depends only on the chunk's own bytes
+ * (the 48-byte window never crosses a cut), so the caller hands in a buffer
+ * and the offset where the current chunk starts, and gets back every cut that
+ * can be decided inside that buffer. Undecided tails are rescanned by the
+ * caller once more data has arrived, which keeps boundaries independent of
+ * read sizes. The GIL is released while scanning.
+ *
+ * Cut rule (FORMATS.md 1.4): with L the chunk length after appending a byte,
+ * cut after it iff L >= max, or L >= max(min, 48) and
+ * H(last 48 bytes) mod d == d - 1.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "_buzhash_table.h"
+
+#define WINDOW 48
+
+/* buzhash_table rotated left by 48 mod 32 = 16: the term of the byte leaving. */
+static uint32_t buzhash_out[256];
+
+static inline uint32_t rol32(uint32_t x, unsigned n)
+{
+    n &= 31;
+    return n ? (x << n) | (x >> (32 - n)) : x;
+}
+
+/* From-scratch hash of the window ending just before p. */
+static uint32_t hash_window(const uint8_t *p)
+{
+    uint32_t h = 0;
+    for (int i = 0; i < WINDOW; i++)
+        h ^= rol32(buzhash_table[p[i - WINDOW]], (unsigned)(WINDOW - 1 - i));
+    return h;
+}
+
+typedef struct {
+    Py_ssize_t min, max;
+    uint32_t d;        /* discriminator, already clamped */
+    uint64_t d_magic;  /* Lemire's fastmod constant for d */
+} params_t;
+
+/* h mod d without a division (Lemire, "Faster remainder by direct computation"). */
+static inline uint32_t fastmod(uint32_t h, const params_t *pr)
+{
+    uint64_t low = pr->d_magic * h;
+    return (uint32_t)(((__uint128_t)low * pr->d) >> 64);
+}
+
+/*
+ * Scan b[s:end). Appends absolute cut offsets to cuts[] and returns how many.
+ * Stops when the rest cannot be decided without more data (unless final).
+ */
+static Py_ssize_t scan(const uint8_t *b, Py_ssize_t s, Py_ssize_t end, const params_t *pr,
+                       int final, Py_ssize_t *cuts)
+{
+    Py_ssize_t n = 0;
+    const Py_ssize_t first_test = pr->min > WINDOW ? pr->min : WINDOW;
+    const int hashless = first_test >= pr->max; /* fixed size, or max too small to hash */
+    const uint32_t target = pr->d - 1;
+
+    while (s < end) {
+        Py_ssize_t avail = end - s;
+        if (hashless) {
+            if (avail >= pr->max) {
+                s += pr->max;
+            } else if (final) {
+                s = end;
+            } else {
+                break;
+            }
+            cuts[n++] = s;
+            continue;
+        }
+        Py_ssize_t limit = avail >= pr->max ? s + pr->max : end;
+        Py_ssize_t p = s + first_test;
+        if (p > limit) {
+            if (!final)
+                break;
+            s = end;
+            cuts[n++] = s;
+            continue;
+        }
+        uint32_t h = hash_window(b + p);
+        Py_ssize_t cut = -1;
+        for (;;) {
+            if (fastmod(h, pr) == target) {
+                cut = p;
+                break;
+            }
+            if (p == limit)
+                break;
+            h = rol32(h, 1) ^ buzhash_out[b[p - WINDOW]] ^ buzhash_table[b[p]];
+            p++;
+        }
+        if (cut < 0) {
+            if (limit == s + pr->max || final)
+                cut = limit;
+            else
+                break;
+        }
+        s = cut;
+        cuts[n++] = s;
+    }
+    return n;
+}
+
+PyDoc_STRVAR(find_cuts_doc,
+"find_cuts(buffer, start, end, min, max, discriminator, final) -> list[int]\n\n"
+"Return the end offsets (relative to buffer) of every chunk that starts at\n"
+"`start` or at a later cut and can be decided within buffer[:end]. With\n"
+"final=True the remainder becomes the last chunk.");
+
+static PyObject *find_cuts(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t start, end, min, max, disc;
+    int final;
+    if (!PyArg_ParseTuple(args, "y*nnnnnp", &view, &start, &end, &min, &max, &disc, &final))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t *cuts = NULL;
+    if (start < 0 || end < start || end > view.len) {
+        PyErr_SetString(PyExc_ValueError, "find_cuts: start/end out of range");
+        goto done;
+    }
+    if (min < 1 || max < min || disc < 1 || disc > 0xffffffffLL) {
+        PyErr_SetString(PyExc_ValueError, "find_cuts: invalid chunk size parameters");
+        goto done;
+    }
+    params_t pr;
+    pr.min = min;
+    pr.max = max;
+    pr.d = (uint32_t)disc;
+    pr.d_magic = UINT64_C(0xFFFFFFFFFFFFFFFF) / pr.d + 1;
+    Py_ssize_t step = min > WINDOW ? min : WINDOW;
+    if (step > max)
+        step = max;
+    Py_ssize_t cap = (end - start) / step + 2;
+    cuts = PyMem_RawMalloc((size_t)cap * sizeof(Py_ssize_t));
+    if (!cuts) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t n;
+    Py_BEGIN_ALLOW_THREADS
+    n = scan((const uint8_t *)view.buf, start, end, &pr, final, cuts);
+    Py_END_ALLOW_THREADS
+    result = PyList_New(n);
+    if (!result)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PyLong_FromSsize_t(cuts[i]);
+        if (!v) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, i, v);
+    }
+done:
+    PyMem_RawFree(cuts);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+PyDoc_STRVAR(buzhash_doc, "buzhash(window) -> int\n\nHash of a 48-byte window (for tests).");
+
+static PyObject *buzhash(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    if (!PyArg_ParseTuple(args, "y*", &view))
+        return NULL;
+    if (view.len != WINDOW) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "buzhash: window must be 48 bytes");
+        return NULL;
+    }
+    uint32_t h = hash_window((const uint8_t *)view.buf + WINDOW);
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLong(h);
+}
+
+static PyMethodDef methods[] = {
+    {"find_cuts", find_cuts, METH_VARARGS, find_cuts_doc},
+    {"buzhash", buzhash, METH_VARARGS, buzhash_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "pydesync._chunker", "casync's buzhash chunker scan loop.", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__chunker(void)
+{
+    for (int i = 0; i < 256; i++)
+        buzhash_out[i] = rol32(buzhash_table[i], WINDOW);
+    return PyModule_Create(&module);
+}

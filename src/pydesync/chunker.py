@@ -1,0 +1,150 @@
+"""casync's content-defined chunker: sizes, discriminator and boundary search.
+
+The per-byte scan runs in C (`_chunker.find_cuts`, GIL released). This module
+feeds it: it keeps each chunk's bytes contiguous in one block, so a boundary
+never depends on how the input was read, and hands out read-only views of
+blocks that are never written again (safe to pass to hashing threads).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from . import _chunker
+from .errors import UsageError
+
+WINDOW_SIZE = 48
+CHUNK_SIZE_LIMIT = 128 * 1024 * 1024  # casync's hard upper limit for min/avg/max
+DEFAULT_AVG = 64 * 1024
+DEFAULT_BLOCK = 8 * 1024 * 1024
+
+
+def discriminator(min_size: int, avg: int, max_size: int) -> int:
+    """casync's discriminator for `avg`, computed in double, truncated, clamped to [min, max]."""
+    d = int(avg / (-1.42888852e-7 * avg + 1.33237515))
+    return max(min_size, min(d, max_size))
+
+
+@dataclass(frozen=True)
+class ChunkSizes:
+    """Minimum, average and maximum chunk size in bytes, as recorded in an index header."""
+
+    min: int = 16 * 1024
+    avg: int = DEFAULT_AVG
+    max: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        for name in ("min", "avg", "max"):
+            value = getattr(self, name)
+            if not 1 <= value <= CHUNK_SIZE_LIMIT:
+                raise UsageError(f"chunk size {name} {value} out of range 1..{CHUNK_SIZE_LIMIT}")
+        if not self.min <= self.avg <= self.max:
+            raise UsageError(
+                f"chunk sizes must satisfy min <= avg <= max (got {self.min}:{self.avg}:{self.max})"
+            )
+
+    @classmethod
+    def fill(cls, min_size: int = 0, avg: int = 0, max_size: int = 0) -> ChunkSizes:
+        """Complete unset (0) sizes the way casync's ca_chunker_set_size does."""
+        if not avg:
+            if min_size and max_size:
+                avg = round(2 ** ((math.log2(min_size) + math.log2(max_size)) / 2))
+            elif min_size:
+                avg = min_size * 4
+            elif max_size:
+                avg = max_size // 4
+            else:
+                avg = DEFAULT_AVG
+            avg = max(1, min(avg, CHUNK_SIZE_LIMIT))
+        if not min_size:
+            min_size = max(avg // 4, 1)
+        if not max_size:
+            max_size = min(avg * 4, CHUNK_SIZE_LIMIT)
+        return cls(min_size, avg, max_size)
+
+    @classmethod
+    def parse_kib(cls, spec: str) -> ChunkSizes:
+        """Parse desync's `-m min:avg:max` (KiB), or a single `avg` as casync takes it."""
+        parts = spec.split(":")
+        try:
+            values = [int(p) * 1024 for p in parts]
+        except ValueError:
+            raise UsageError(f"invalid chunk size '{spec}': expected min:avg:max in KiB") from None
+        if len(values) == 1:
+            return cls.fill(avg=values[0])
+        if len(values) != 3:
+            raise UsageError(f"invalid chunk size '{spec}': expected min:avg:max in KiB")
+        return cls(*values)
+
+    @property
+    def discriminator(self) -> int:
+        return discriminator(self.min, self.avg, self.max)
+
+    @property
+    def fixed(self) -> bool:
+        """True when every chunk is exactly `max` bytes (the last may be shorter)."""
+        return self.min == self.avg == self.max
+
+    def __str__(self) -> str:
+        return f"{self.min}:{self.avg}:{self.max}"
+
+
+DEFAULT_SIZES = ChunkSizes()
+
+
+def find_cuts(buffer: bytes | bytearray | memoryview, start: int, end: int, sizes: ChunkSizes,
+              final: bool) -> list[int]:
+    """Cut offsets in buffer[start:end] (see the C docstring); the scan releases the GIL."""
+    return _chunker.find_cuts(buffer, start, end, sizes.min, sizes.max, sizes.discriminator, final)
+
+
+def chunk_bytes(data: bytes | bytearray | memoryview, sizes: ChunkSizes) -> list[tuple[int, int]]:
+    """Chunk an in-memory buffer; returns (start, end) pairs."""
+    cuts = find_cuts(data, 0, len(data), sizes, True)
+    return list(zip([0, *cuts[:-1]], cuts, strict=True))
+
+
+def _fill(reader: BinaryIO, view: memoryview) -> int:
+    """Read until `view` is full or EOF; returns the number of bytes read."""
+    got = 0
+    while got < len(view):
+        n = reader.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def iter_chunks(reader: BinaryIO, sizes: ChunkSizes, block_size: int = DEFAULT_BLOCK,
+                limit: int | None = None) -> Iterator[tuple[int, memoryview]]:
+    """Yield (offset, bytes) for each chunk of the stream, in order.
+
+    Each yielded view points into a block that is never modified afterwards, so
+    it may be handed to other threads. At most `limit` bytes are read.
+    """
+    block_size = max(block_size, 4 * sizes.max)
+    offset = 0  # stream offset of the current chunk start
+    tail: memoryview = memoryview(b"")
+    remaining = limit
+    while True:
+        want = block_size if remaining is None else min(block_size, len(tail) + remaining)
+        block = bytearray(max(want, len(tail)))
+        view = memoryview(block)
+        view[: len(tail)] = tail
+        room = view[len(tail):]
+        got = _fill(reader, room) if len(room) else 0
+        if remaining is not None:
+            remaining -= got
+        end = len(tail) + got
+        final = got < len(room) or remaining == 0
+        prev = 0
+        for cut in find_cuts(block, 0, end, sizes, final):
+            yield offset, view[prev:cut].toreadonly()
+            offset += cut - prev
+            prev = cut
+        if final:
+            return
+        tail = view[prev:end]

@@ -1,0 +1,67 @@
+"""pydesync's command line: desync's commands and flags over the pydesync library.
+
+This is the only layer that prints or exits. Every library error becomes one
+`Error: ...` line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from ..errors import PydesyncError
+from . import blob, inspect, store
+from .common import Context, add_global_flags
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one line instead of usage + message."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"Error: {message} (see '{self.prog} -h')\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pydesync", description="Content-addressed synchroniser compatible with "
+                                                  "casync and desync.")
+    add_global_flags(parser, suppress=False)
+    parent = argparse.ArgumentParser(add_help=False)
+    add_global_flags(parent, suppress=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for module in (blob, store, inspect):
+        module.register(sub, parent)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        ctx = Context.from_args(args)
+        return args.func(ctx)
+    except PydesyncError as e:
+        sys.stderr.write(f"Error: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("Error: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`); silence the flush at exit too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except OSError as e:
+        name = f" {e.filename}" if e.filename else ""
+        sys.stderr.write(f"Error:{name} {e.strerror or e}\n")
+        return 1
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Blob commands: make, extract, cat, chunk, chop, verify-index."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ..chunker import ChunkSizes, iter_chunks
+from ..digest import check_digest, digest_of
+from ..errors import UsageError
+from ..extract import BlobReader, extract
+from ..index import read_index
+from ..make import make, open_input
+from ..storeops import chop, verify_index
+from .common import Context, add_ignore, add_store_options, add_stores
+from .ignore import ignored_ids
+
+
+def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("make", parents=[parent], help="chunk a file and write an index",
+                       description="Chunk FILE, store its chunks in the -s store (if given) and write "
+                                   "INDEX (a .caibx, byte-identical to what casync make writes). "
+                                   "INDEX '-' writes to stdout, FILE '-' reads stdin.")
+    p.add_argument("index")
+    p.add_argument("file")
+    add_stores(p, help="target store (created if missing)", cache=False)
+    p.add_argument("-m", "--chunk-size", default="16:64:256", help="min:avg:max chunk size in KiB")
+    p.add_argument("--print-stats", action="store_true", help="print chunking statistics (JSON) to stderr")
+    add_store_options(p)
+    p.set_defaults(func=run_make)
+
+    p = sub.add_parser("extract", parents=[parent], help="assemble a blob from an index",
+                       description="Read INDEX and write the blob it describes to OUTPUT, fetching "
+                                   "chunks from the -s stores in order. OUTPUT is written to a temporary "
+                                   "file and renamed, unless -k.")
+    p.add_argument("index")
+    p.add_argument("output")
+    add_stores(p)
+    p.add_argument("--seed", action="append", default=[], help="seed index (not yet supported)")
+    p.add_argument("--seed-dir", action="append", default=[], help="seed directory (not yet supported)")
+    p.add_argument("--skip-invalid-seeds", action="store_true", help="skip seeds that don't match their data")
+    p.add_argument("--regenerate-invalid-seeds", action="store_true", help="re-chunk invalid seeds")
+    p.add_argument("-k", "--in-place", action="store_true",
+                   help="write into OUTPUT directly, keeping chunks that are already correct")
+    p.add_argument("--print-stats", action="store_true", help="print statistics (JSON) to stdout")
+    add_store_options(p)
+    p.set_defaults(func=run_extract)
+
+    p = sub.add_parser("cat", parents=[parent], help="stream a blob to stdout or a file",
+                       description="Write the bytes INDEX describes (or a range of them) to OUTPUT "
+                                   "or stdout.")
+    p.add_argument("index")
+    p.add_argument("output", nargs="?")
+    add_stores(p)
+    p.add_argument("-o", "--offset", type=int, default=0, help="offset in bytes to start from")
+    p.add_argument("-l", "--length", type=int, default=0, help="number of bytes (0 = to the end)")
+    add_store_options(p)
+    p.set_defaults(func=run_cat)
+
+    p = sub.add_parser("chunk", parents=[parent], help="print chunk boundaries of a file",
+                       description="Chunk FILE and print '<start>\\t<size>\\t<id>' per chunk; "
+                                   "nothing is stored.")
+    p.add_argument("file")
+    p.add_argument("-m", "--chunk-size", default="16:64:256", help="min:avg:max chunk size in KiB")
+    p.add_argument("-S", "--start", type=int, default=0, help="byte offset to start chunking at")
+    p.set_defaults(func=run_chunk)
+
+    p = sub.add_parser("chop", parents=[parent], help="store the chunks of a file cut by an index",
+                       description="Cut FILE at the boundaries INDEX gives, check every piece against "
+                                   "its id and store the missing ones in -s.")
+    p.add_argument("index")
+    p.add_argument("file")
+    add_stores(p, help="target store", cache=False)
+    add_ignore(p)
+    add_store_options(p)
+    p.set_defaults(func=run_chop)
+
+    p = sub.add_parser("verify-index", parents=[parent], help="check a file against an index",
+                       description="Hash FILE chunk by chunk and compare with INDEX.")
+    p.add_argument("index")
+    p.add_argument("file")
+    add_store_options(p)
+    p.set_defaults(func=run_verify_index)
+
+
+
+def _single_target(ctx: Context, create: bool):
+    stores = ctx.args.store
+    if not stores:
+        return None
+    if len(stores) > 1:
+        raise UsageError("only one target store can be given")
+    return ctx.target(stores[0], create=create)
+
+
+def run_make(ctx: Context) -> int:
+    a = ctx.args
+    sizes = ChunkSizes.parse_kib(a.chunk_size)
+    store = _single_target(ctx, create=True)
+    _index, stats = make(a.index, a.file, store=store, sizes=sizes, digest=check_digest(ctx.digest),
+                         concurrency=ctx.concurrency)
+    if a.print_stats:
+        print(json.dumps({"ChunksAccepted": stats.chunks, "ChunksProduced": stats.chunks}), file=sys.stderr)
+    return 0
+
+
+def run_extract(ctx: Context) -> int:
+    a = ctx.args
+    if a.skip_invalid_seeds and a.regenerate_invalid_seeds:
+        raise UsageError("--skip-invalid-seeds and --regenerate-invalid-seeds are mutually exclusive")
+    if a.seed or a.seed_dir:
+        raise UsageError("seeds are not supported yet")
+    if a.index != "-" and os.path.abspath(a.index) == os.path.abspath(a.output):
+        raise UsageError("input and output filenames match")
+    index = read_index(a.index)
+    store = ctx.source()
+    assert store is not None
+    with store:
+        stats = extract(index, a.output, store, concurrency=ctx.concurrency, in_place=a.in_place)
+    if a.print_stats:
+        print(json.dumps(stats.as_json(), indent=2))
+    return 0
+
+
+def run_cat(ctx: Context) -> int:
+    a = ctx.args
+    if a.offset < 0 or a.length < 0:
+        raise UsageError("offset and length must not be negative")
+    index = read_index(a.index)
+    store = ctx.source()
+    assert store is not None
+    reader = BlobReader(index, store, ctx.concurrency)
+    with store:
+        if a.output and a.output != "-":
+            with open(a.output, "wb") as out:
+                for piece in reader.iter_range(a.offset, a.length):
+                    out.write(piece)
+        else:
+            out = sys.stdout.buffer
+            for piece in reader.iter_range(a.offset, a.length):
+                out.write(piece)
+            out.flush()
+    return 0
+
+
+def run_chunk(ctx: Context) -> int:
+    a = ctx.args
+    sizes = ChunkSizes.parse_kib(a.chunk_size)
+    digest = check_digest(ctx.digest)
+    out = sys.stdout
+    with open_input(a.file) as f:
+        if a.start:
+            f.seek(a.start)
+        for offset, data in iter_chunks(f, sizes):
+            out.write(f"{a.start + offset}\t{len(data)}\t{digest_of(data, digest)}\n")
+    return 0
+
+
+def run_chop(ctx: Context) -> int:
+    a = ctx.args
+    if not a.store:
+        raise UsageError("no target store provided")
+    store = _single_target(ctx, create=False)
+    index = read_index(a.index)
+    chop(index, a.file, store, ignore=ignored_ids(a.ignore, a.ignore_chunks), concurrency=ctx.concurrency)
+    return 0
+
+
+def run_verify_index(ctx: Context) -> int:
+    a = ctx.args
+    verify_index(read_index(a.index), a.file, concurrency=ctx.concurrency)
+    return 0

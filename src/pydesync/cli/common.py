@@ -1,0 +1,161 @@
+"""Flag handling shared by every command, mimicking desync's (cobra/pflag) conventions.
+
+- list flags accumulate and also split on commas (`-s a,b` == `-s a -s b`);
+- booleans accept `--flag=false`;
+- durations use Go syntax (`500ms`, `1m30s`);
+- persistent flags (`--digest`, `--config`, `--verbose`) go before or after the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import Config, load_config
+from ..digest import DIGESTS, SHA512_256
+from ..errors import UsageError
+from ..store import Store, StoreOptions, open_chain, open_store
+
+DEFAULT_CONCURRENCY = 10
+
+
+class CommaList(argparse.Action):
+    """Accumulate values, splitting each on commas, like pflag's StringSlice."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        items = list(getattr(namespace, self.dest, None) or [])
+        items.extend(v for v in str(values).split(",") if v)
+        setattr(namespace, self.dest, items)
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "t", "true", "yes", "y"):
+        return True
+    if lowered in ("0", "f", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean value '{text}'")
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Go duration syntax to seconds (`0` alone is allowed)."""
+    if text in ("0", "-0", "+0"):
+        return 0.0
+    sign = -1.0 if text.startswith("-") else 1.0
+    body = text.lstrip("+-")
+    pos, total = 0, 0.0
+    for m in _DURATION.finditer(body):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNIT[m.group(2)]
+        pos = m.end()
+    if pos != len(body) or not body:
+        raise argparse.ArgumentTypeError(f"invalid duration '{text}'")
+    return sign * total
+
+
+def add_bool(parser: argparse.ArgumentParser, *names: str, default: bool, help: str) -> None:
+    parser.add_argument(*names, nargs="?", const=True, default=default, type=parse_bool,
+                        metavar="BOOL" if default else None, help=help)
+
+
+def add_global_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """--config, --digest, --verbose: accepted before and after the command name."""
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--config", default=default,
+                        help="config file (default ~/.config/desync/config.json)")
+    parser.add_argument("--digest", default=argparse.SUPPRESS if suppress else SHA512_256,
+                        help=f"digest algorithm: {' or '.join(DIGESTS)} (default {SHA512_256})")
+    parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                        help="verbose output on stderr")
+
+
+def add_store_options(parser: argparse.ArgumentParser, concurrency: bool = True) -> None:
+    """desync's addStoreOptions: flags every store-using command takes."""
+    if concurrency:
+        add_concurrency(parser)
+    parser.add_argument("--client-cert", default=None, help="path to a client certificate for TLS")
+    parser.add_argument("--client-key", default=None, help="path to a client key for TLS")
+    parser.add_argument("--ca-cert", default=None, help="trust these CA certificates (PEM)")
+    add_bool(parser, "-t", "--trust-insecure", default=False, help="trust invalid server certificates")
+    add_bool(parser, "-r", "--cache-repair", default=True,
+             help="replace invalid chunks in the cache from the source (default true)")
+    parser.add_argument("-e", "--error-retry", type=int, default=3,
+                        help="number of times to retry a failed network request (default 3)")
+    parser.add_argument("-b", "--error-retry-base-interval", type=parse_duration, default=0.5,
+                        metavar="DURATION", help="wait between retries, times the attempt (default 500ms)")
+
+
+def add_concurrency(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-n", "--concurrency", type=int, default=DEFAULT_CONCURRENCY,
+                        help="number of concurrent threads (default 10)")
+
+
+def add_stores(parser: argparse.ArgumentParser, help: str = "source store(s)", cache: bool = True) -> None:
+    parser.add_argument("-s", "--store", action=CommaList, default=[], metavar="LOCATION", help=help)
+    if cache:
+        parser.add_argument("-c", "--cache", default=None, metavar="LOCATION", help="store used as a cache")
+
+
+def add_ignore(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ignore", action=CommaList, default=[], metavar="INDEX",
+                        help="index(es) whose chunks are skipped")
+    parser.add_argument("--ignore-chunks", action=CommaList, default=[], metavar="FILE",
+                        help="file(s) listing chunk ids to skip, one per line")
+
+
+@dataclass
+class Context:
+    """Parsed flags plus the loaded config; opens stores the way the flags ask."""
+
+    args: argparse.Namespace
+    config: Config
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Context:
+        return cls(args, load_config(getattr(args, "config", None)))
+
+    @property
+    def digest(self) -> str:
+        return getattr(self.args, "digest", SHA512_256) or SHA512_256
+
+    @property
+    def concurrency(self) -> int:
+        n = getattr(self.args, "concurrency", DEFAULT_CONCURRENCY)
+        if n < 1:
+            raise UsageError("concurrency must be at least 1")
+        return n
+
+    def store_options(self, location: str) -> StoreOptions:
+        return self.config.options_for(location)
+
+    def source(self, required: bool = True) -> Store | None:
+        """The `-s` stores as a chain, behind the `-c` cache if given."""
+        stores: Sequence[str] = self.args.store
+        if not stores:
+            if required:
+                raise UsageError("no store provided")
+            return None
+        return open_chain(stores, getattr(self.args, "cache", None),
+                          repair=getattr(self.args, "cache_repair", True), options_for=self.store_options)
+
+    def open(self, location: str) -> Store:
+        """One store (or failover group) to read from, with its configured options."""
+        return open_store(location, self.store_options(location))
+
+    def target(self, location: str, create: bool = False) -> Store:
+        """A single store to write to."""
+        if "|" in location:
+            raise UsageError(f"cannot write to a failover group ({location})")
+        store = open_store(location, self.store_options(location), create=create)
+        if not store.writable:
+            raise UsageError(f"store {location} is not writable")
+        return store

@@ -1,0 +1,28 @@
+"""--ignore and --ignore-chunks: chunk ids a command should leave alone."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..digest import ChunkId
+from ..errors import UsageError
+from ..index import read_index
+
+
+def ignored_ids(indexes: Sequence[str], id_files: Sequence[str]) -> set[ChunkId]:
+    ids: set[ChunkId] = set()
+    for location in indexes:
+        ids.update(c.id for c in read_index(location))
+    for path in id_files:
+        try:
+            with open(path, encoding="ascii") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read chunk list {path}: {e}") from None
+        for n, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    ids.add(ChunkId(line.strip()))
+                except ValueError:
+                    raise UsageError(f"{path}:{n}: invalid chunk id '{line.strip()}'") from None
+    return ids

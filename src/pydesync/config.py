@@ -1,0 +1,109 @@
+"""desync's JSON config file: store-options per location, matched with Go's glob rules.
+
+Go's path.Match differs from fnmatch: `*` and `?` never match `/`, and `[^...]`
+negates. URL locations compare with trailing slashes removed; paths compare
+absolute and cleaned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UsageError
+from .store import StoreOptions, location_scheme
+
+DEFAULT_CONFIG = os.path.join("~", ".config", "desync", "config.json")
+
+
+def go_glob_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a Go path.Match pattern to an anchored regex."""
+    out = []
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "*":
+            out.append("[^/]*")
+        elif ch == "?":
+            out.append("[^/]")
+        elif ch == "\\" and i + 1 < len(pattern):
+            i += 1
+            out.append(re.escape(pattern[i]))
+        elif ch == "[":
+            close = pattern.find("]", i + 2)
+            if close < 0:
+                raise UsageError(f"syntax error in pattern '{pattern}'")
+            body = pattern[i + 1:close]
+            negate = body.startswith("^")
+            body = body[1:] if negate else body
+            cls = "".join("\\" + c if c in "\\]^[" else c for c in body)
+            out.append(f"[{'^' if negate else ''}{cls}]")
+            i = close
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _normalise(location: str) -> tuple[str, bool]:
+    """(comparable form, is_url) of a location or a pattern."""
+    if location_scheme(location) is not None:
+        return location.rstrip("/"), True
+    return os.path.normpath(os.path.abspath(os.path.expanduser(location))), False
+
+
+def location_matches(pattern: str, location: str) -> bool:
+    pat, pat_url = _normalise(pattern)
+    loc, loc_url = _normalise(location)
+    if pat_url != loc_url:
+        return False
+    return bool(go_glob_regex(pat).match(loc))
+
+
+@dataclass
+class Config:
+    """Parsed config; unknown sections are kept for the commands that will use them."""
+
+    store_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    s3_credentials: dict[str, dict[str, Any]] = field(default_factory=dict)
+    oci_credentials: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def raw_options_for(self, location: str) -> dict[str, Any]:
+        matches = [k for k in self.store_options if location_matches(k, location)]
+        if len(matches) > 1:
+            raise UsageError(f"multiple store-options entries match the location {location}: "
+                             + ", ".join(matches))
+        return dict(self.store_options[matches[0]]) if matches else {}
+
+    def options_for(self, location: str) -> StoreOptions:
+        raw = self.raw_options_for(location)
+        return StoreOptions(uncompressed=bool(raw.get("uncompressed", False)),
+                            skip_verify=bool(raw.get("skip-verify", False)))
+
+    def as_json(self) -> dict[str, Any]:
+        return {"s3-credentials": self.s3_credentials or None,
+                "oci-credentials": self.oci_credentials or None,
+                "store-options": self.store_options or None}
+
+
+def load_config(path: str | None) -> Config:
+    """Load the config; a missing default file is fine, a missing explicit one is an error."""
+    explicit = path is not None
+    path = os.path.expanduser(path or DEFAULT_CONFIG)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        if explicit:
+            raise UsageError(f"config file {path} does not exist") from None
+        return Config()
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read config file {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"config file {path}: expected a JSON object")
+    return Config(store_options=raw.get("store-options") or {},
+                  s3_credentials=raw.get("s3-credentials") or {},
+                  oci_credentials=raw.get("oci-credentials") or {})

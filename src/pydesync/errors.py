@@ -1,0 +1,44 @@
+"""Error classes shared by the library; the CLI turns each into one line on stderr."""
+
+from __future__ import annotations
+
+
+class PydesyncError(Exception):
+    """Base of every error the library raises on purpose (bad input, bad data, missing chunks)."""
+
+
+class UsageError(PydesyncError):
+    """The caller asked for something impossible (bad flag combination, bad size, bad location)."""
+
+
+class IndexFormatError(PydesyncError):
+    """An index file is malformed: bad magic, truncation, offsets out of order, oversized chunk..."""
+
+
+class ChunkError(PydesyncError):
+    """Base of errors about one chunk; carries its id so messages can name it."""
+
+    def __init__(self, chunk_id: object, message: str):
+        super().__init__(message)
+        self.chunk_id = chunk_id
+
+
+class ChunkMissing(ChunkError):
+    """No store had the chunk. Only this error falls through to the next store in a chain."""
+
+    def __init__(self, chunk_id: object, stores: list[str] | None = None):
+        self.stores = list(stores or [])
+        where = f" in {', '.join(self.stores)}" if self.stores else ""
+        super().__init__(chunk_id, f"chunk {chunk_id} missing{where}")
+
+
+class ChunkInvalid(ChunkError):
+    """A stored chunk does not decode, or decodes to data whose digest is not its id."""
+
+    def __init__(self, chunk_id: object, message: str, location: str | None = None):
+        self.location = location
+        super().__init__(chunk_id, message + (f" ({location})" if location else ""))
+
+
+class StoreError(PydesyncError):
+    """A store cannot be opened or used (not a directory, not writable, unsupported kind)."""

@@ -1,0 +1,188 @@
+"""`.caibx` / `.caidx` index files: read, validate, write (FORMATS.md section 2).
+
+What `write` produces is byte-identical to `casync make` for the same chunks,
+sizes and flags.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from .chunker import CHUNK_SIZE_LIMIT, ChunkSizes
+from .digest import FLAG_SHA512_256, SHA256, SHA512_256, ChunkId, digest_from_flags
+from .errors import IndexFormatError
+from .fsutil import atomic_write
+
+CA_FORMAT_INDEX = 0x96824D9C7B129FF9
+CA_FORMAT_TABLE = 0xE75B9E112F17417D
+CA_FORMAT_TABLE_TAIL_MARKER = 0x4B4F050E5549ECD1
+TABLE_SIZE_UNKNOWN = 0xFFFFFFFFFFFFFFFF
+HEADER_SIZE = 48
+ITEM_SIZE = 40
+
+FLAG_EXCLUDE_NODUMP = 0x8000000000000000
+FLAG_EXCLUDE_FILE = 0x1000000000000000
+FLAG_EXCLUDE_SUBMOUNTS = 0x4000000000000000
+# Bits casync knows: WITH_* (low 34 bits) plus the exclude and digest bits.
+KNOWN_FLAGS = 0x3FFFFFFFF | FLAG_EXCLUDE_NODUMP | FLAG_EXCLUDE_FILE | FLAG_EXCLUDE_SUBMOUNTS | FLAG_SHA512_256
+
+
+def blob_flags(digest: str = SHA512_256) -> int:
+    """Feature flags `casync make x.caibx` writes for a blob with the given digest."""
+    flags = FLAG_EXCLUDE_NODUMP | FLAG_EXCLUDE_FILE
+    return flags | (FLAG_SHA512_256 if digest == SHA512_256 else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class IndexChunk:
+    """One chunk of an index: where it starts, how long it is, and its id."""
+
+    start: int
+    size: int
+    id: ChunkId
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+
+@dataclass
+class Index:
+    """A parsed index: header fields and the ordered chunk list."""
+
+    flags: int = field(default_factory=blob_flags)
+    sizes: ChunkSizes = field(default_factory=ChunkSizes)
+    chunks: list[IndexChunk] = field(default_factory=list)
+
+    @property
+    def digest(self) -> str:
+        return digest_from_flags(self.flags)
+
+    @property
+    def length(self) -> int:
+        """Length of the blob (or catar stream) the index describes."""
+        return self.chunks[-1].end if self.chunks else 0
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __iter__(self) -> Iterator[IndexChunk]:
+        return iter(self.chunks)
+
+    def unique_ids(self) -> list[ChunkId]:
+        """Distinct chunk ids in first-use order."""
+        return list(dict.fromkeys(c.id for c in self.chunks))
+
+    def append(self, chunk_id: ChunkId, size: int) -> None:
+        self.chunks.append(IndexChunk(self.length, size, chunk_id))
+
+    # ---- serialisation -------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        out = io.BytesIO()
+        self.write_to(out)
+        return out.getvalue()
+
+    def write_to(self, f: BinaryIO) -> None:
+        """Write the index in casync's exact layout."""
+        f.write(struct.pack("<6Q", HEADER_SIZE, CA_FORMAT_INDEX, self.flags,
+                            self.sizes.min, self.sizes.avg, self.sizes.max))
+        f.write(struct.pack("<2Q", TABLE_SIZE_UNKNOWN, CA_FORMAT_TABLE))
+        pack = struct.Struct("<Q32s").pack
+        f.write(b"".join(pack(c.end, c.id) for c in self.chunks))
+        table_size = 16 + ITEM_SIZE * len(self.chunks) + ITEM_SIZE
+        f.write(struct.pack("<5Q", 0, 0, HEADER_SIZE, table_size, CA_FORMAT_TABLE_TAIL_MARKER))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str = "index") -> Index:
+        return parse_index(data, name)
+
+    @classmethod
+    def read(cls, f: BinaryIO, name: str = "index") -> Index:
+        return parse_index(f.read(), name)
+
+
+def parse_index(data: bytes, name: str = "index") -> Index:
+    """Parse and validate index bytes; every defect raises IndexFormatError naming `name`."""
+
+    def bad(why: str) -> IndexFormatError:
+        return IndexFormatError(f"{name}: invalid index: {why}")
+
+    if len(data) < HEADER_SIZE + 16 + ITEM_SIZE:
+        raise bad(f"file too short ({len(data)} bytes)")
+    size, kind, flags, cmin, cavg, cmax = struct.unpack_from("<6Q", data, 0)
+    if size != HEADER_SIZE or kind != CA_FORMAT_INDEX:
+        raise bad("bad magic (not a .caibx/.caidx file)")
+    if flags & ~KNOWN_FLAGS:
+        raise bad(f"unknown feature flags {flags:#x}")
+    if not (1 <= cmin <= cavg <= cmax <= CHUNK_SIZE_LIMIT):
+        raise bad(f"bad chunk sizes {cmin}:{cavg}:{cmax}")
+    tsize, tkind = struct.unpack_from("<2Q", data, HEADER_SIZE)
+    if tsize != TABLE_SIZE_UNKNOWN or tkind != CA_FORMAT_TABLE:
+        raise bad("bad table header")
+    body = len(data) - HEADER_SIZE - 16
+    if body % ITEM_SIZE:
+        raise bad("truncated (size is not a whole number of table items)")
+    count = body // ITEM_SIZE - 1
+    tail = struct.unpack_from("<5Q", data, len(data) - ITEM_SIZE)
+    if tail[0] or tail[1] or tail[2] != HEADER_SIZE or tail[4] != CA_FORMAT_TABLE_TAIL_MARKER:
+        raise bad("missing or bad table tail (truncated?)")
+    if tail[3] != 16 + ITEM_SIZE * count + ITEM_SIZE:
+        raise bad("table tail size does not match the table")
+    chunks: list[IndexChunk] = []
+    prev = 0
+    item = struct.Struct("<Q32s")
+    pos = HEADER_SIZE + 16
+    for i in range(count):
+        end, raw = item.unpack_from(data, pos)
+        pos += ITEM_SIZE
+        if end <= prev:
+            raise bad(f"chunk {i} offset {end} not after {prev}")
+        if end - prev > cmax:
+            raise bad(f"chunk {i} at offset {prev} is {end - prev} bytes, over the maximum {cmax}")
+        chunks.append(IndexChunk(prev, end - prev, ChunkId(raw)))
+        prev = end
+    return Index(flags=flags, sizes=ChunkSizes(cmin, cavg, cmax), chunks=chunks)
+
+
+def read_index(location: str) -> Index:
+    """Read an index from a path, or from standard input for `-`."""
+    if location == "-":
+        return parse_index(sys.stdin.buffer.read(), "<stdin>")
+    try:
+        with open(location, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise IndexFormatError(f"index {location} does not exist") from None
+    except IsADirectoryError:
+        raise IndexFormatError(f"index {location} is a directory") from None
+    except OSError as e:
+        raise IndexFormatError(f"cannot read index {location}: {e.strerror}") from None
+    return parse_index(data, location)
+
+
+def write_index(index: Index, location: str) -> None:
+    """Write an index to a path atomically, or to standard output for `-`."""
+    try:
+        with atomic_write(location) as f:
+            index.write_to(f)
+    except OSError as e:
+        raise IndexFormatError(f"cannot write index {location}: {e.strerror}") from None
+
+
+def build_index(pieces: Iterable[tuple[ChunkId, int]], sizes: ChunkSizes, flags: int) -> Index:
+    """An Index from (id, size) pairs in order."""
+    index = Index(flags=flags, sizes=sizes)
+    for chunk_id, size in pieces:
+        index.append(chunk_id, size)
+    return index
+
+
+__all__ = [
+    "SHA256", "SHA512_256", "Index", "IndexChunk", "blob_flags", "build_index", "parse_index",
+    "read_index", "write_index",
+]

@@ -1,0 +1,90 @@
+"""The one interface every chunk store implements, and the checks they share."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ..codec import CodecError, decompress
+from ..digest import SHA512_256, ChunkId, digest_of, other_digest
+from ..errors import ChunkInvalid, StoreError
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """Per-store settings (desync's config `store-options`)."""
+
+    uncompressed: bool = False
+    skip_verify: bool = False
+    compression: str = "zstd"
+
+
+def verify_chunk(chunk_id: ChunkId, data: bytes, digest: str | None, location: str) -> None:
+    """Raise ChunkInvalid unless `data` hashes to `chunk_id`.
+
+    With digest None the default algorithm is tried first and then the other,
+    as casync does when no digest was configured.
+    """
+    first = digest or SHA512_256
+    actual = digest_of(data, first)
+    if actual == chunk_id:
+        return
+    if digest is None and digest_of(data, other_digest(first)) == chunk_id:
+        return
+    raise ChunkInvalid(chunk_id, f"chunk id {chunk_id} does not match its hash {actual}", location)
+
+
+def decode_chunk(chunk_id: ChunkId, stored: bytes, compressed: bool, location: str) -> bytes:
+    """Turn stored bytes back into chunk data, naming the chunk if they do not decode."""
+    if not compressed:
+        return stored
+    try:
+        return decompress(stored)
+    except CodecError as e:
+        raise ChunkInvalid(chunk_id, f"invalid chunk {chunk_id}: {e}", location) from None
+
+
+class Store(ABC):
+    """A place chunks live, addressed by id. Reads return verified, uncompressed data."""
+
+    location: str = ""
+    options: StoreOptions = StoreOptions()
+
+    @abstractmethod
+    def get(self, chunk_id: ChunkId, digest: str | None = None) -> bytes:
+        """Chunk data; ChunkMissing if absent, ChunkInvalid if it fails to decode or verify."""
+
+    @abstractmethod
+    def has(self, chunk_id: ChunkId) -> bool:
+        """Whether the chunk is present (without reading it)."""
+
+    def put(self, chunk_id: ChunkId, data: bytes | memoryview) -> None:
+        """Store chunk data (the store applies its own encoding). Idempotent."""
+        raise StoreError(f"store {self.location} is read-only")
+
+    def remove(self, chunk_id: ChunkId) -> None:
+        raise StoreError(f"store {self.location} does not support removing chunks")
+
+    def ids(self) -> Iterator[ChunkId]:
+        raise StoreError(f"store {self.location} cannot list its chunks")
+
+    def stored_size(self, chunk_id: ChunkId) -> int | None:
+        """Size of the chunk as stored (compressed), or None if unknown or absent."""
+        return None
+
+    @property
+    def writable(self) -> bool:
+        return False
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections or handles; the default has none."""
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __str__(self) -> str:
+        return self.location

@@ -1,0 +1,191 @@
+"""A chunk store in a local directory: `<dir>/<4 hex>/<64 hex>.cacnk` (or no suffix uncompressed).
+
+Writes go to a temporary name in the prefix directory and are renamed into
+place, so no partial chunk is ever visible and concurrent writers are safe
+(they write identical bytes under the same name).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import secrets
+import stat
+from collections.abc import Iterator
+
+from ..codec import compress
+from ..digest import ChunkId
+from ..errors import ChunkMissing, StoreError
+from .base import Store, StoreOptions, decode_chunk, verify_chunk
+
+SUFFIX = ".cacnk"
+TEMP_PREFIX = ".tmp-cacnk"
+_CHUNK_NAME = re.compile(r"^[0-9a-f]{64}(\.cacnk)?$")
+
+
+class LocalStore(Store):
+    """Chunks in a directory, laid out as casync and desync lay them out."""
+
+    def __init__(self, path: str | os.PathLike[str], options: StoreOptions | None = None,
+                 create: bool = False):
+        self.path = os.fspath(path)
+        self.location = self.path
+        self.options = options or StoreOptions()
+        if create:
+            try:
+                os.makedirs(self.path, exist_ok=True)
+            except FileExistsError:
+                raise StoreError(f"store {self.path} is not a directory") from None
+            except OSError as e:
+                raise StoreError(f"cannot create store {self.path}: {e.strerror}") from None
+        if not os.path.exists(self.path):
+            raise StoreError(f"store {self.path} does not exist")
+        if not os.path.isdir(self.path):
+            raise StoreError(f"store {self.path} is not a directory")
+        self._suffix = "" if self.options.uncompressed else SUFFIX
+
+    # ---- paths -----------------------------------------------------------------------------
+    def chunk_path(self, chunk_id: ChunkId, compressed: bool | None = None) -> str:
+        """Where the chunk lives in the store's own format (or the format asked for)."""
+        if compressed is None:
+            compressed = not self.options.uncompressed
+        name = chunk_id.hex() + (SUFFIX if compressed else "")
+        return os.path.join(self.path, name[:4], name)
+
+    def _candidates(self) -> tuple[bool, bool]:
+        """Formats to look for, own format first: casync also reads suffix-less raw chunks."""
+        own = not self.options.uncompressed
+        return own, not own
+
+    # ---- reads -----------------------------------------------------------------------------
+    def _read(self, path: str) -> bytes | None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno == errno.ELOOP:  # a symlink marks a chunk known to be missing
+                return None
+            raise StoreError(f"cannot read {path}: {e.strerror}") from None
+        try:
+            with os.fdopen(fd, "rb") as f:
+                return f.read()
+        except IsADirectoryError:
+            raise StoreError(f"cannot read {path}: is a directory") from None
+
+    def get(self, chunk_id: ChunkId, digest: str | None = None) -> bytes:
+        for compressed in self._candidates():
+            path = self.chunk_path(chunk_id, compressed)
+            stored = self._read(path)
+            if stored is None:
+                continue
+            data = decode_chunk(chunk_id, stored, compressed, path)
+            if not self.options.skip_verify:
+                verify_chunk(chunk_id, data, digest, path)
+            return data
+        raise ChunkMissing(chunk_id, [self.location])
+
+    def get_stored(self, chunk_id: ChunkId) -> tuple[bytes, bool]:
+        """The chunk file's bytes and whether they are compressed (for servers)."""
+        for compressed in self._candidates():
+            stored = self._read(self.chunk_path(chunk_id, compressed))
+            if stored is not None:
+                return stored, compressed
+        raise ChunkMissing(chunk_id, [self.location])
+
+    def has(self, chunk_id: ChunkId) -> bool:
+        for compressed in self._candidates():
+            try:
+                st = os.lstat(self.chunk_path(chunk_id, compressed))
+            except OSError:
+                continue
+            if not stat.S_ISLNK(st.st_mode):
+                return True
+        return False
+
+    def stored_size(self, chunk_id: ChunkId) -> int | None:
+        try:
+            return os.stat(self.chunk_path(chunk_id), follow_symlinks=False).st_size
+        except OSError:
+            return None
+
+    # ---- writes ----------------------------------------------------------------------------
+    @property
+    def writable(self) -> bool:
+        return os.access(self.path, os.W_OK)
+
+    def put(self, chunk_id: ChunkId, data: bytes | memoryview) -> None:
+        encoded = data if self.options.uncompressed else compress(data, self.options.compression)
+        self.put_stored(chunk_id, encoded)
+
+    def put_stored(self, chunk_id: ChunkId, encoded: bytes | memoryview) -> None:
+        """Install already-encoded chunk bytes under the store's own name, atomically."""
+        final = self.chunk_path(chunk_id)
+        folder = os.path.dirname(final)
+        temp = os.path.join(folder, f"{TEMP_PREFIX}{secrets.token_hex(8)}")
+        try:
+            fd = self._open_temp(folder, temp)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(encoded)
+                os.replace(temp, final)
+            except BaseException:
+                _unlink_quietly(temp)
+                raise
+        except OSError as e:
+            raise StoreError(f"cannot write chunk {chunk_id} to {self.path}: {e.strerror}") from None
+
+    @staticmethod
+    def _open_temp(folder: str, temp: str) -> int:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            return os.open(temp, flags, 0o644)
+        except FileNotFoundError:
+            os.makedirs(folder, exist_ok=True)
+            return os.open(temp, flags, 0o644)
+
+    def remove(self, chunk_id: ChunkId) -> None:
+        for compressed in (True, False):
+            _unlink_quietly(self.chunk_path(chunk_id, compressed))
+
+    # ---- listing ---------------------------------------------------------------------------
+    def ids(self) -> Iterator[ChunkId]:
+        """Ids of the chunks stored in this store's own format."""
+        for _path, chunk_id in self.files():
+            yield chunk_id
+
+    def files(self) -> Iterator[tuple[str, ChunkId]]:
+        """(path, id) of each chunk file in the store's own format."""
+        for prefix in sorted(_listdir(self.path)):
+            folder = os.path.join(self.path, prefix)
+            if len(prefix) != 4 or not os.path.isdir(folder):
+                continue
+            for name in sorted(_listdir(folder)):
+                if not _CHUNK_NAME.match(name) or not name.endswith(self._suffix) \
+                        or (not self._suffix and name.endswith(SUFFIX)):
+                    continue
+                if name[:4] == prefix:
+                    yield os.path.join(folder, name), ChunkId(name[:64])
+
+    def temp_files(self) -> Iterator[str]:
+        """Leftover temporary files of interrupted writes."""
+        for prefix in _listdir(self.path):
+            folder = os.path.join(self.path, prefix)
+            if os.path.isdir(folder):
+                for name in _listdir(folder):
+                    if name.startswith(TEMP_PREFIX) or name.endswith(".tmp"):
+                        yield os.path.join(folder, name)
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -1,0 +1,112 @@
+"""Compositions of stores: an ordered chain (`-s a -s b`), failover groups (`a|b`) and a cache (`-c`).
+
+Only ChunkMissing falls through a chain; any other error stops the request,
+because a store that answers wrongly must not be papered over by the next.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+
+from ..digest import ChunkId
+from ..errors import ChunkInvalid, ChunkMissing, PydesyncError
+from .base import Store
+
+
+class StoreRouter(Store):
+    """Try stores in order; a chunk missing in one is looked for in the next."""
+
+    def __init__(self, stores: Sequence[Store]):
+        self.stores = list(stores)
+        self.location = ", ".join(s.location for s in self.stores)
+
+    def get(self, chunk_id: ChunkId, digest: str | None = None) -> bytes:
+        tried: list[str] = []
+        for store in self.stores:
+            try:
+                return store.get(chunk_id, digest)
+            except ChunkMissing as e:
+                tried.extend(e.stores or [store.location])
+        raise ChunkMissing(chunk_id, tried)
+
+    def has(self, chunk_id: ChunkId) -> bool:
+        return any(store.has(chunk_id) for store in self.stores)
+
+    def close(self) -> None:
+        for store in self.stores:
+            store.close()
+
+
+class FailoverGroup(Store):
+    """Identical stores behind one name; on an error other than 'missing', switch to the next member."""
+
+    def __init__(self, members: Sequence[Store]):
+        self.members = list(members)
+        self.location = "|".join(m.location for m in self.members)
+        self._active = 0
+        self._lock = threading.Lock()
+
+    def _call(self, fn_name: str, chunk_id: ChunkId, *args: object) -> object:
+        start = self._active
+        last: Exception | None = None
+        for step in range(len(self.members)):
+            index = (start + step) % len(self.members)
+            try:
+                return getattr(self.members[index], fn_name)(chunk_id, *args)
+            except ChunkMissing:
+                raise
+            except (PydesyncError, OSError) as e:
+                last = e
+                with self._lock:
+                    if self._active == index:  # don't switch again if another request already did
+                        self._active = (index + 1) % len(self.members)
+        assert last is not None
+        raise last
+
+    def get(self, chunk_id: ChunkId, digest: str | None = None) -> bytes:
+        return self._call("get", chunk_id, digest)  # type: ignore[return-value]
+
+    def has(self, chunk_id: ChunkId) -> bool:
+        return bool(self._call("has", chunk_id))
+
+    def close(self) -> None:
+        for m in self.members:
+            m.close()
+
+
+class CachedStore(Store):
+    """Read through a writable cache: misses are fetched upstream and kept.
+
+    With repair (desync's default), a cached chunk that fails to decode or
+    verify counts as missing and is replaced by a fresh copy.
+    """
+
+    def __init__(self, cache: Store, upstream: Store, repair: bool = True):
+        self.cache = cache
+        self.upstream = upstream
+        self.repair = repair
+        self.location = f"{upstream.location} (cache {cache.location})"
+
+    def get(self, chunk_id: ChunkId, digest: str | None = None) -> bytes:
+        try:
+            return self.cache.get(chunk_id, digest)
+        except ChunkMissing:
+            pass
+        except ChunkInvalid:
+            if not self.repair:
+                raise
+            self.cache.remove(chunk_id)
+        data = self.upstream.get(chunk_id, digest)
+        self.cache.put(chunk_id, data)
+        return data
+
+    def has(self, chunk_id: ChunkId) -> bool:
+        return self.cache.has(chunk_id) or self.upstream.has(chunk_id)
+
+    def ids(self) -> Iterator[ChunkId]:
+        return self.cache.ids()
+
+    def close(self) -> None:
+        self.cache.close()
+        self.upstream.close()

@@ -1,0 +1,135 @@
+"""Store maintenance: verify, prune, copy chunks between stores (cache), chop a blob into a store."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from .digest import ChunkId, digest_of
+from .errors import ChunkError, ChunkInvalid, ChunkMissing, PydesyncError
+from .index import Index
+from .make import open_input
+from .parallel import DEFAULT_CONCURRENCY, run_all
+from .store.base import Store
+from .store.local import LocalStore
+
+
+@dataclass
+class VerifyResult:
+    """Chunks that failed verification: (id, message); `removed` when repair deleted them."""
+
+    checked: int = 0
+    invalid: list[tuple[ChunkId, str]] = field(default_factory=list)
+    removed: list[ChunkId] = field(default_factory=list)
+
+
+def verify_store(store: LocalStore, repair: bool = False, concurrency: int = DEFAULT_CONCURRENCY,
+                 on_invalid: Callable[[ChunkId, str, bool], None] | None = None) -> VerifyResult:
+    """Decode and hash every chunk in a local store; with repair, delete the bad ones."""
+    result = VerifyResult()
+
+    def check(item: tuple[str, ChunkId]) -> None:
+        _path, chunk_id = item
+        try:
+            store.get(chunk_id)
+        except ChunkInvalid as e:
+            if repair:
+                store.remove(chunk_id)
+                result.removed.append(chunk_id)
+            result.invalid.append((chunk_id, str(e)))
+            if on_invalid:
+                on_invalid(chunk_id, str(e), repair)
+        except ChunkMissing:
+            pass  # removed while we walked the store
+        result.checked += 1
+
+    run_all(check, list(store.files()), concurrency)
+    return result
+
+
+def referenced_ids(indexes: Iterable[Index]) -> set[ChunkId]:
+    ids: set[ChunkId] = set()
+    for index in indexes:
+        ids.update(c.id for c in index)
+    return ids
+
+
+def prune(store: Store, keep: set[ChunkId]) -> int:
+    """Delete every chunk in the store that is not in `keep` (and leftover temp files); returns count."""
+    removed = 0
+    for chunk_id in list(store.ids()):
+        if chunk_id not in keep:
+            store.remove(chunk_id)
+            removed += 1
+    if isinstance(store, LocalStore):
+        for temp in store.temp_files():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+    return removed
+
+
+def copy_chunks(ids: Iterable[ChunkId], source: Store, target: Store,
+                concurrency: int = DEFAULT_CONCURRENCY,
+                progress: Callable[[int], None] | None = None) -> int:
+    """Copy chunks the target lacks from source to target (desync `cache`); returns how many."""
+    copied = 0
+
+    def copy(chunk_id: ChunkId) -> None:
+        nonlocal copied
+        if not target.has(chunk_id):
+            target.put(chunk_id, source.get(chunk_id))
+            copied += 1
+        if progress:
+            progress(1)
+
+    run_all(copy, list(dict.fromkeys(ids)), concurrency)
+    return copied
+
+
+def chop(index: Index, blob: str, store: Store, ignore: set[ChunkId] | None = None,
+         concurrency: int = DEFAULT_CONCURRENCY) -> int:
+    """Cut `blob` where the index says, check each piece's id, store the ones missing; returns count."""
+    ignore = ignore or set()
+    wanted = {}
+    for chunk in index:
+        if chunk.id not in ignore and chunk.id not in wanted:
+            wanted[chunk.id] = chunk
+    with open_input(blob) as f:
+        fd = f.fileno()
+        stored = 0
+
+        def cut(chunk_id: ChunkId) -> None:
+            nonlocal stored
+            chunk = wanted[chunk_id]
+            if store.has(chunk_id):
+                return
+            data = os.pread(fd, chunk.size, chunk.start)
+            if len(data) != chunk.size or digest_of(data, index.digest) != chunk_id:
+                raise ChunkInvalid(chunk_id, f"data in {blob} at offset {chunk.start} does not match "
+                                             f"chunk {chunk_id} of the index")
+            store.put(chunk_id, data)
+            stored += 1
+
+        run_all(cut, list(wanted), concurrency)
+    return stored
+
+
+def verify_index(index: Index, blob: str, concurrency: int = DEFAULT_CONCURRENCY) -> None:
+    """Check that `blob` is exactly what the index describes; raise naming the first bad chunk."""
+    with open_input(blob) as f:
+        fd = f.fileno()
+        st = os.fstat(fd)
+        if not stat.S_ISBLK(st.st_mode) and st.st_size != index.length:
+            raise PydesyncError(f"{blob} is {st.st_size} bytes, index describes {index.length} bytes")
+
+        def check(i: int) -> None:
+            chunk = index.chunks[i]
+            data = os.pread(fd, chunk.size, chunk.start)
+            if len(data) != chunk.size or digest_of(data, index.digest) != chunk.id:
+                raise ChunkError(chunk.id, f"{blob} doesn't match its index: chunk {i} ({chunk.id}) "
+                                           f"at offset {chunk.start} differs")
+
+        run_all(check, range(len(index)), concurrency)
