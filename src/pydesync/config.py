@@ -48,9 +48,15 @@ def go_glob_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out) + r"\Z")
 
 
+def _is_url(location: str) -> bool:
+    """URL-like, including patterns such as `*://host` (a single letter is a drive, not a scheme)."""
+    head, sep, _ = location.partition("://")
+    return location_scheme(location) is not None or bool(sep and head and not head.isalpha())
+
+
 def _normalise(location: str) -> tuple[str, bool]:
     """(comparable form, is_url) of a location or a pattern."""
-    if location_scheme(location) is not None:
+    if _is_url(location):
         return location.rstrip("/"), True
     return os.path.normpath(os.path.abspath(os.path.expanduser(location))), False
 

@@ -126,7 +126,7 @@ def parse_index(data: bytes, name: str = "index") -> Index:
         raise bad("bad table header")
     body = len(data) - HEADER_SIZE - 16
     if body % ITEM_SIZE:
-        raise bad("truncated (size is not a whole number of table items)")
+        raise bad("truncated or trailing garbage (size is not a whole number of table items)")
     count = body // ITEM_SIZE - 1
     tail = struct.unpack_from("<5Q", data, len(data) - ITEM_SIZE)
     if tail[0] or tail[1] or tail[2] != HEADER_SIZE or tail[4] != CA_FORMAT_TABLE_TAIL_MARKER:
@@ -149,8 +149,22 @@ def parse_index(data: bytes, name: str = "index") -> Index:
     return Index(flags=flags, sizes=ChunkSizes(cmin, cavg, cmax), chunks=chunks)
 
 
-def read_index(location: str) -> Index:
-    """Read an index from a path, or from standard input for `-`."""
+def check_index_digest(index: Index, digest: str, name: str = "index") -> Index:
+    """An explicitly requested digest must agree with the index's SHA512-256 flag (desync's rule)."""
+    if index.digest != digest:
+        uses = "SHA512-256" if index.digest == SHA512_256 else "SHA256"
+        raise IndexFormatError(f"{name}: index file uses {uses} (select it with --digest {index.digest})")
+    return index
+
+
+def read_index(location: str, digest: str | None = None) -> Index:
+    """Read an index from a path, or from standard input for `-`.
+
+    With `digest`, an index made with the other digest is rejected (as desync does);
+    without, the index's own flag decides (as casync does).
+    """
+    if digest is not None:
+        return check_index_digest(read_index(location), digest, "<stdin>" if location == "-" else location)
     if location == "-":
         return parse_index(sys.stdin.buffer.read(), "<stdin>")
     try:
@@ -183,6 +197,6 @@ def build_index(pieces: Iterable[tuple[ChunkId, int]], sizes: ChunkSizes, flags:
 
 
 __all__ = [
-    "SHA256", "SHA512_256", "Index", "IndexChunk", "blob_flags", "build_index", "parse_index",
-    "read_index", "write_index",
+    "SHA256", "SHA512_256", "Index", "IndexChunk", "blob_flags", "build_index", "check_index_digest",
+    "parse_index", "read_index", "write_index",
 ]

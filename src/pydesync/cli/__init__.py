@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from ..errors import PydesyncError
 from . import blob, inspect, store
-from .common import Context, add_global_flags
+from .common import Context, add_global_flags, parse_bool
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,6 +22,17 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"Error: {message} (see '{self.prog} -h')\n")
         sys.exit(2)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def, override]
+        # pflag booleans never take the next argument as their value (`-r index.caibx` is
+        # `-r=true` plus a positional); only `--flag=value` sets one explicitly.
+        if args is not None:
+            bools = {o for a in self._actions if a.type is parse_bool and a.nargs == "?"
+                     for o in a.option_strings}
+            args = list(args)
+            end = args.index("--") if "--" in args else len(args)
+            args[:end] = [f"{a}=true" if a in bools else a for a in args[:end]]
+        return super().parse_known_args(args, namespace)
 
 
 def build_parser() -> argparse.ArgumentParser:

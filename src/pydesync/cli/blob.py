@@ -11,8 +11,8 @@ from ..chunker import ChunkSizes, iter_chunks
 from ..digest import check_digest, digest_of
 from ..errors import UsageError
 from ..extract import BlobReader, extract
-from ..index import read_index
-from ..make import make, open_input
+from ..index import read_index, write_index
+from ..make import chunk_stream, open_input
 from ..storeops import chop, verify_index
 from .common import Context, add_ignore, add_store_options, add_stores
 from .ignore import ignored_ids
@@ -98,9 +98,11 @@ def _single_target(ctx: Context, create: bool):
 def run_make(ctx: Context) -> int:
     a = ctx.args
     sizes = ChunkSizes.parse_kib(a.chunk_size)
-    store = _single_target(ctx, create=True)
-    _index, stats = make(a.index, a.file, store=store, sizes=sizes, digest=check_digest(ctx.digest),
-                         concurrency=ctx.concurrency)
+    digest = check_digest(ctx.digest)
+    with open_input(a.file) as reader:  # a bad input must not leave a new, empty store behind
+        store = _single_target(ctx, create=True)
+        index, stats = chunk_stream(reader, sizes, digest, store, ctx.concurrency)
+    write_index(index, a.index)
     if a.print_stats:
         print(json.dumps({"ChunksAccepted": stats.chunks, "ChunksProduced": stats.chunks}), file=sys.stderr)
     return 0
@@ -114,7 +116,7 @@ def run_extract(ctx: Context) -> int:
         raise UsageError("seeds are not supported yet")
     if a.index != "-" and os.path.abspath(a.index) == os.path.abspath(a.output):
         raise UsageError("input and output filenames match")
-    index = read_index(a.index)
+    index = read_index(a.index, ctx.requested_digest)
     store = ctx.source()
     assert store is not None
     with store:
@@ -128,7 +130,7 @@ def run_cat(ctx: Context) -> int:
     a = ctx.args
     if a.offset < 0 or a.length < 0:
         raise UsageError("offset and length must not be negative")
-    index = read_index(a.index)
+    index = read_index(a.index, ctx.requested_digest)
     store = ctx.source()
     assert store is not None
     reader = BlobReader(index, store, ctx.concurrency)
@@ -163,12 +165,13 @@ def run_chop(ctx: Context) -> int:
     if not a.store:
         raise UsageError("no target store provided")
     store = _single_target(ctx, create=False)
-    index = read_index(a.index)
-    chop(index, a.file, store, ignore=ignored_ids(a.ignore, a.ignore_chunks), concurrency=ctx.concurrency)
+    index = read_index(a.index, ctx.requested_digest)
+    chop(index, a.file, store, ignore=ignored_ids(a.ignore, a.ignore_chunks, ctx.requested_digest),
+         concurrency=ctx.concurrency)
     return 0
 
 
 def run_verify_index(ctx: Context) -> int:
     a = ctx.args
-    verify_index(read_index(a.index), a.file, concurrency=ctx.concurrency)
+    verify_index(read_index(a.index, ctx.requested_digest), a.file, concurrency=ctx.concurrency)
     return 0

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import Config, load_config
-from ..digest import DIGESTS, SHA512_256
+from ..digest import DIGESTS, SHA512_256, check_digest
 from ..errors import UsageError
 from ..store import Store, StoreOptions, open_chain, open_store
 
@@ -72,7 +72,7 @@ def add_global_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
     default = argparse.SUPPRESS if suppress else None
     parser.add_argument("--config", default=default,
                         help="config file (default ~/.config/desync/config.json)")
-    parser.add_argument("--digest", default=argparse.SUPPRESS if suppress else SHA512_256,
+    parser.add_argument("--digest", default=default,
                         help=f"digest algorithm: {' or '.join(DIGESTS)} (default {SHA512_256})")
     parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS if suppress else False,
                         help="verbose output on stderr")
@@ -121,11 +121,19 @@ class Context:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Context:
+        check_digest(getattr(args, "digest", None) or SHA512_256)  # global: fatal for every command
         return cls(args, load_config(getattr(args, "config", None)))
 
     @property
     def digest(self) -> str:
-        return getattr(self.args, "digest", SHA512_256) or SHA512_256
+        """Digest for new chunk ids (make, chunk)."""
+        return self.requested_digest or SHA512_256
+
+    @property
+    def requested_digest(self) -> str | None:
+        """The --digest the user gave, if any. Indexes carry their own digest flag and are read
+        with it (as casync does); only an explicit, conflicting --digest is an error."""
+        return getattr(self.args, "digest", None) or None
 
     @property
     def concurrency(self) -> int:

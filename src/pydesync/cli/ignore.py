@@ -9,10 +9,10 @@ from ..errors import UsageError
 from ..index import read_index
 
 
-def ignored_ids(indexes: Sequence[str], id_files: Sequence[str]) -> set[ChunkId]:
+def ignored_ids(indexes: Sequence[str], id_files: Sequence[str], digest: str | None = None) -> set[ChunkId]:
     ids: set[ChunkId] = set()
     for location in indexes:
-        ids.update(c.id for c in read_index(location))
+        ids.update(c.id for c in read_index(location, digest))
     for path in id_files:
         try:
             with open(path, encoding="ascii") as f:

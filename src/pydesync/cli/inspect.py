@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
 
 def run_list_chunks(ctx: Context) -> int:
     out = sys.stdout
-    for chunk in read_index(ctx.args.index):
+    for chunk in read_index(ctx.args.index, ctx.requested_digest):
         out.write(f"{chunk.id}\n")
     return 0
 
@@ -79,8 +79,8 @@ def seed_index_location(spec: str) -> str:
 
 def run_info(ctx: Context) -> int:
     a = ctx.args
-    index = read_index(a.index)
-    seeds = [read_index(seed_index_location(s)) for s in a.seed]
+    index = read_index(a.index, ctx.requested_digest)
+    seeds = [read_index(seed_index_location(s), ctx.requested_digest) for s in a.seed]
     chunks_info = None
     if a.chunks_info:
         try:
@@ -103,7 +103,7 @@ def run_info(ctx: Context) -> int:
 
 def run_inspect_chunks(ctx: Context) -> int:
     a = ctx.args
-    index = read_index(a.index)
+    index = read_index(a.index, ctx.requested_digest)
     store = None
     if a.store:
         if len(a.store) != 1:

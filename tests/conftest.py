@@ -1,0 +1,120 @@
+"""Shared test fixtures.
+
+Test data from ../shared is read in place, never copied into the project. In
+a user's clone there is no ../shared: those tests skip with a reason. Under
+PYDESYNC_REQUIRE_PEERS=1 (CI) missing shared data or a missing peer (casync)
+is a failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("PYDESYNC_SHARED", ROOT.parent / "shared"))
+CASYNC_DATA = SHARED / "testdata" / "casync"
+DESYNC_DATA = SHARED / "testdata" / "desync"
+REQUIRE_PEERS = os.environ.get("PYDESYNC_REQUIRE_PEERS") == "1"
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip (or fail under PYDESYNC_REQUIRE_PEERS=1) when a peer or shared data is missing."""
+    if condition:
+        return
+    if REQUIRE_PEERS:
+        pytest.fail(f"required by PYDESYNC_REQUIRE_PEERS=1: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def casync_data() -> Path:
+    need(CASYNC_DATA.is_dir(), f"casync test vectors not found at {CASYNC_DATA}")
+    return CASYNC_DATA
+
+
+@pytest.fixture(scope="session")
+def desync_data() -> Path:
+    need(DESYNC_DATA.is_dir(), f"desync test data not found at {DESYNC_DATA}")
+    return DESYNC_DATA
+
+
+@pytest.fixture(scope="session")
+def desync_cmd(desync_data: Path) -> Path:
+    """desync's CLI test data directory (cmd/desync/testdata)."""
+    return desync_data / "cmd" / "desync" / "testdata"
+
+
+@pytest.fixture(scope="session")
+def casync() -> str:
+    """Path of the real casync binary (Debian package `casync`)."""
+    path = shutil.which("casync")
+    need(path is not None, "casync binary not installed (apt-get install casync)")
+    assert path is not None
+    return path
+
+
+@pytest.fixture(scope="session")
+def casync_inputs(casync_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The blob inputs of the casync vectors, regenerated with its gen.py (they are not stored)."""
+    out = tmp_path_factory.mktemp("casync-inputs")
+    for name in ("blob", "blob-min", "zeros"):
+        subprocess.run([sys.executable, str(casync_data / "gen.py"), name, str(out / f"{name}.bin")],
+                       check=True)
+    return out
+
+
+@dataclass
+class Result:
+    """Outcome of one CLI run."""
+
+    returncode: int
+    stdout: bytes
+    stderr: str
+
+    @property
+    def out(self) -> str:
+        return self.stdout.decode()
+
+
+def run_cli(*args: str | os.PathLike[str], input: bytes | None = None,
+            cwd: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None,
+            timeout: float = 120) -> Result:
+    """Run `python -m pydesync ARGS` as a real process."""
+    full_env = dict(os.environ)
+    full_env.pop("PYDESYNC_REQUIRE_PEERS", None)
+    full_env["HOME"] = full_env.get("PYDESYNC_TEST_HOME", full_env.get("HOME", "/root"))
+    if env:
+        full_env.update(env)
+    proc = subprocess.run([sys.executable, "-m", "pydesync", *map(str, args)], input=input,
+                          capture_output=True, cwd=cwd, env=full_env, timeout=timeout,
+                          stdin=None if input is not None else subprocess.DEVNULL)
+    return Result(proc.returncode, proc.stdout, proc.stderr.decode(errors="replace"))
+
+
+@pytest.fixture
+def cli():
+    """Run the pydesync command line; returns a Result (never raises on failure)."""
+    return run_cli
+
+
+def assert_clean_error(result: Result, *fragments: str) -> None:
+    """A user or data error: non-zero exit, one stderr line, no traceback, naming the fragments."""
+    assert result.returncode != 0, result
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one error line, got: {result.stderr!r}"
+    assert "Traceback" not in result.stderr
+    assert lines[0].startswith("Error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+
+
+def no_stray_files(folder: Path, allowed: set[str]) -> list[str]:
+    """Names in `folder` other than `allowed` (temporary files left behind, partial outputs)."""
+    return sorted(p.name for p in folder.iterdir() if p.name not in allowed)
