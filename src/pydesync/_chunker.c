@@ -42,14 +42,61 @@ static uint32_t hash_window(const uint8_t *p)
 typedef struct {
     Py_ssize_t min, max;
     uint32_t d;        /* discriminator, already clamped */
-    uint64_t d_magic;  /* Lemire's fastmod constant for d */
+    uint64_t d_magic;  /* Lemire's divisibility constant: ceil(2^64 / d) */
 } params_t;
 
-/* h mod d without a division (Lemire, "Faster remainder by direct computation"). */
-static inline uint32_t fastmod(uint32_t h, const params_t *pr)
+/*
+ * Fast filter for h mod d == d - 1, i.e. d divides h + 1 (Lemire, Kaser, Kurz:
+ * "Faster remainder by direct computation"): n * c <= c - 1 exactly when d | n,
+ * for every 32-bit n. n = h + 1 can be 2^32, where the filter may say yes
+ * wrongly (never wrongly no), so every yes is confirmed with a real modulo.
+ */
+static inline int maybe_cut(uint32_t h, const params_t *pr)
 {
-    uint64_t low = pr->d_magic * h;
-    return (uint32_t)(((__uint128_t)low * pr->d) >> 64);
+    return ((uint64_t)h + 1) * pr->d_magic <= pr->d_magic - 1;
+}
+
+static inline int is_cut(uint32_t h, const params_t *pr)
+{
+    return maybe_cut(h, pr) && h % pr->d == pr->d - 1;
+}
+
+static inline uint32_t roll(uint32_t h, const uint8_t *b, Py_ssize_t p)
+{
+    return rol32(h, 1) ^ buzhash_out[b[p - WINDOW]] ^ buzhash_table[b[p]];
+}
+
+/*
+ * Find the first cut in (p, limit] for a chunk whose window [p-48, p) hashes to h
+ * (testing p itself first). Returns -1 if there is none. Eight bytes per
+ * iteration with one branch: the filter results are OR-ed and only a block
+ * that may hold a cut is looked at byte by byte.
+ */
+static Py_ssize_t first_cut(const uint8_t *b, Py_ssize_t p, Py_ssize_t limit, uint32_t h,
+                            const params_t *pr)
+{
+    if (is_cut(h, pr))
+        return p;
+    while (limit - p >= 8) {
+        uint32_t hv[8];
+        int any = 0;
+#define STEP(j) h = roll(h, b, p + (j)); hv[j] = h; any |= maybe_cut(h, pr);
+        STEP(0) STEP(1) STEP(2) STEP(3) STEP(4) STEP(5) STEP(6) STEP(7)
+#undef STEP
+        if (__builtin_expect(any, 0)) {
+            for (int j = 0; j < 8; j++)
+                if (is_cut(hv[j], pr))
+                    return p + j + 1;
+        }
+        p += 8;
+    }
+    while (p < limit) {
+        h = roll(h, b, p);
+        p++;
+        if (is_cut(h, pr))
+            return p;
+    }
+    return -1;
 }
 
 /*
@@ -62,7 +109,6 @@ static Py_ssize_t scan(const uint8_t *b, Py_ssize_t s, Py_ssize_t end, const par
     Py_ssize_t n = 0;
     const Py_ssize_t first_test = pr->min > WINDOW ? pr->min : WINDOW;
     const int hashless = first_test >= pr->max; /* fixed size, or max too small to hash */
-    const uint32_t target = pr->d - 1;
 
     while (s < end) {
         Py_ssize_t avail = end - s;
@@ -86,18 +132,7 @@ static Py_ssize_t scan(const uint8_t *b, Py_ssize_t s, Py_ssize_t end, const par
             cuts[n++] = s;
             continue;
         }
-        uint32_t h = hash_window(b + p);
-        Py_ssize_t cut = -1;
-        for (;;) {
-            if (fastmod(h, pr) == target) {
-                cut = p;
-                break;
-            }
-            if (p == limit)
-                break;
-            h = rol32(h, 1) ^ buzhash_out[b[p - WINDOW]] ^ buzhash_table[b[p]];
-            p++;
-        }
+        Py_ssize_t cut = first_cut(b, p, limit, hash_window(b + p), pr);
         if (cut < 0) {
             if (limit == s + pr->max || final)
                 cut = limit;
