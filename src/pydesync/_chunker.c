@@ -16,6 +16,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "_buzhash_table.h"
 
@@ -220,7 +221,22 @@ static PyObject *buzhash(PyObject *self, PyObject *args)
     return PyLong_FromUnsignedLong(h);
 }
 
+PyDoc_STRVAR(is_zero_doc, "is_zero(buffer) -> bool\n\nWhether every byte is zero (finds all-zero chunks).");
+
+static PyObject *is_zero(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    if (!PyArg_ParseTuple(args, "y*", &view))
+        return NULL;
+    const uint8_t *p = view.buf;
+    Py_ssize_t n = view.len;
+    int zero = n == 0 || (p[0] == 0 && memcmp(p, p + 1, (size_t)n - 1) == 0);
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(zero);
+}
+
 static PyMethodDef methods[] = {
+    {"is_zero", is_zero, METH_VARARGS, is_zero_doc},
     {"find_cuts", find_cuts, METH_VARARGS, find_cuts_doc},
     {"buzhash", buzhash, METH_VARARGS, buzhash_doc},
     {NULL, NULL, 0, NULL},

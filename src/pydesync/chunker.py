@@ -119,19 +119,25 @@ def _fill(reader: BinaryIO, view: memoryview) -> int:
 
 
 def iter_chunks(reader: BinaryIO, sizes: ChunkSizes, block_size: int = DEFAULT_BLOCK,
-                limit: int | None = None) -> Iterator[tuple[int, memoryview]]:
+                limit: int | None = None, reuse: bool = False) -> Iterator[tuple[int, memoryview]]:
     """Yield (offset, bytes) for each chunk of the stream, in order.
 
     Each yielded view points into a block that is never modified afterwards, so
-    it may be handed to other threads. At most `limit` bytes are read.
+    it may be handed to other threads. With `reuse`, two blocks are recycled
+    instead (fewer page faults): then a view is only valid until the iteration
+    after next, so the consumer must be done with each chunk before moving on.
+    At most `limit` bytes are read.
     """
     block_size = max(block_size, 4 * sizes.max)
     offset = 0  # stream offset of the current chunk start
     tail: memoryview = memoryview(b"")
     remaining = limit
+    spare: bytearray | None = None  # with reuse: the block from two iterations ago
+    last: bytearray | None = None
     while True:
         want = block_size if remaining is None else min(block_size, len(tail) + remaining)
-        block = bytearray(max(want, len(tail)))
+        size = max(want, len(tail))
+        block = spare if spare is not None and len(spare) == size else bytearray(size)
         view = memoryview(block)
         view[: len(tail)] = tail
         room = view[len(tail):]
@@ -148,3 +154,5 @@ def iter_chunks(reader: BinaryIO, sizes: ChunkSizes, block_size: int = DEFAULT_B
         if final:
             return
         tail = view[prev:end]
+        if reuse:
+            spare, last = last, block

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import lzma
+import re
 import threading
 import zlib
 
@@ -79,9 +80,13 @@ def decompress(data: bytes | memoryview) -> bytes:
     method = detect(data)
     try:
         if method == ZSTD:
-            obj = _zstd_decompressor().decompressobj()
-            out = obj.decompress(data)
-            ok, rest = obj.eof, obj.unused_data
+            if zstandard.frame_content_size(data) > 0:
+                # One-shot: exact-size output; trailing bytes raise ZstdError.
+                out, ok, rest = _zstd_decompressor().decompress(data, allow_extra_data=False), True, b""
+            else:  # casync's streaming frames carry no content size
+                obj = _zstd_decompressor().decompressobj()
+                out = obj.decompress(data)
+                ok, rest = obj.eof, obj.unused_data
         elif method == XZ:
             xz = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
             out = xz.decompress(data, max_length=MAX_CHUNK + 1)
@@ -91,6 +96,9 @@ def decompress(data: bytes | memoryview) -> bytes:
             out = gz.decompress(data, MAX_CHUNK + 1)
             ok, rest = gz.eof, gz.unused_data
     except (zstandard.ZstdError, lzma.LZMAError, zlib.error) as e:
+        extra = re.search(r"contains (\d+) bytes of unused data", str(e))
+        if extra:
+            raise CodecError(f"{extra.group(1)} bytes of garbage after the {method} stream") from None
         raise CodecError(f"corrupt {method} data: {e}") from None
     if not ok:
         raise CodecError(f"truncated {method} data")

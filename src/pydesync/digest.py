@@ -60,11 +60,17 @@ def hasher(name: str) -> Callable[..., Any]:
     return lambda data=b"": hashlib.new("sha512_256", data)
 
 
+try:  # OpenSSL's constructor directly: skips hashlib.new's Python wrapper (many small chunks)
+    from _hashlib import new as _openssl_new
+except ImportError:  # pragma: no cover - Python built without OpenSSL
+    _openssl_new = hashlib.new
+
+
 def digest_of(data: bytes | memoryview, name: str = SHA512_256) -> ChunkId:
     """The chunk id of `data` (hashlib releases the GIL for large inputs)."""
     if name == SHA256:
         return ChunkId(hashlib.sha256(data).digest())
-    return ChunkId(hashlib.new("sha512_256", data).digest())
+    return ChunkId(_openssl_new("sha512_256", data).digest())
 
 
 def digest_from_flags(flags: int) -> str:

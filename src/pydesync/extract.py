@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import os
 import stat
 import threading
@@ -20,7 +21,7 @@ from .digest import ChunkId, digest_of
 from .errors import ChunkInvalid, PydesyncError
 from .fsutil import temp_name_for
 from .index import Index, IndexChunk
-from .parallel import DEFAULT_CONCURRENCY, ordered_map, run_all
+from .parallel import DEFAULT_CONCURRENCY, for_each, ordered_map, workers_for
 from .store.base import Store
 
 
@@ -97,6 +98,35 @@ class _Target:
             self.abort()
             raise PydesyncError(f"device {output} ({size} bytes) is smaller than the blob ({length} bytes)")
 
+    def preallocate(self, chunks: list[IndexChunk], null_id: ChunkId) -> None:
+        """Allocate the ranges that will hold data, leaving null chunks as holes.
+
+        Writing into allocated space is much cheaper than allocating page by
+        page on the way (notably on tmpfs), and a full disk fails here, early,
+        rather than halfway through.
+        """
+        if not self.blank or self.block_device:
+            return
+        run_start = run_end = 0
+        for chunk in chunks:
+            if chunk.id == null_id:
+                continue
+            if chunk.start != run_end:
+                self._allocate(run_start, run_end - run_start)
+                run_start = chunk.start
+            run_end = chunk.end
+        self._allocate(run_start, run_end - run_start)
+
+    def _allocate(self, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        try:
+            os.posix_fallocate(self.fd, offset, length)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise PydesyncError(f"cannot write {self.output}: {e.strerror}") from None
+            # EOPNOTSUPP/EINVAL: the filesystem cannot preallocate; plain writes still work
+
     def write(self, data: bytes, offset: int) -> None:
         view = memoryview(data)
         while view:
@@ -137,6 +167,11 @@ def extract(index: Index, output: str, store: Store, concurrency: int = DEFAULT_
         positions.setdefault(chunk.id, []).append(chunk)
     null_id = null_chunk_id(index.sizes.max, index.digest)
     digest = index.digest
+    try:
+        target.preallocate(index.chunks, null_id)
+    except BaseException:
+        target.abort()
+        raise
 
     def assemble(chunk_id: ChunkId) -> None:
         todo = positions[chunk_id]
@@ -154,7 +189,7 @@ def extract(index: Index, output: str, store: Store, concurrency: int = DEFAULT_
         stats.add("chunks_from_store", len(need))
 
     try:
-        run_all(assemble, list(positions), concurrency)
+        for_each(assemble, list(positions), workers_for(concurrency, store.remote))
     except BaseException:
         target.abort()
         raise
@@ -199,7 +234,8 @@ class BlobReader:
             if c.start >= end:
                 break
             chunks.append(c)
-        for chunk, data in zip(chunks, ordered_map(self._fetch, chunks, self.concurrency), strict=True):
+        workers = workers_for(self.concurrency, self.store.remote)
+        for chunk, data in zip(chunks, ordered_map(self._fetch, chunks, workers), strict=True):
             lo = max(offset, chunk.start) - chunk.start
             hi = min(end, chunk.end) - chunk.start
             yield data[lo:hi] if (lo, hi) != (0, chunk.size) else data

@@ -1,8 +1,16 @@
 """make: chunk a blob, hash (and store) its chunks, build the index.
 
-Data flows one way: reader -> C chunker (GIL released) -> batches of chunks ->
-worker threads that hash, skip chunks the store already has, compress and
-write -> index in input order.
+A regular file is cut into parts that are chunked at once, one worker thread
+per part; each worker reads its part, finds cuts in C, hashes, compresses and
+stores inline (all of which release the GIL), so data is read once and never
+handed between threads. Because a cut depends only on the bytes since the
+previous cut, a part chunked from its own start agrees with the true chunking
+from the first cut both share; the join stitches the parts together there and
+re-chunks sequentially wherever parts never agree (long runs of zeros). The
+result equals sequential chunking for every number of workers.
+
+Streams (stdin, pipes) are chunked sequentially, with hashing and compression
+in a thread pool.
 """
 
 from __future__ import annotations
@@ -12,18 +20,22 @@ import os
 import stat
 import sys
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from . import _chunker
 from .chunker import DEFAULT_SIZES, ChunkSizes, iter_chunks
 from .digest import SHA512_256, ChunkId, check_digest, digest_of
 from .errors import PydesyncError
 from .index import Index, blob_flags, write_index
-from .parallel import DEFAULT_CONCURRENCY, ordered_map
+from .parallel import DEFAULT_CONCURRENCY, ordered_map, workers_for
 from .store.base import Store
 
 BATCH_BYTES = 4 * 1024 * 1024
+PART_BLOCK = 4 * 1024 * 1024  # read size of a part worker
+MIN_PART = 16 * 1024 * 1024   # parts smaller than this are not worth a thread
 
 
 @dataclass
@@ -34,6 +46,7 @@ class MakeStats:
     unique: int = 0
     chunks_stored: int = 0
     size: int = 0
+    chunks_produced: int = 0  # including speculative chunks of parts that the join replaced
 
 
 @contextlib.contextmanager
@@ -53,6 +66,191 @@ def open_input(source: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         yield f
 
 
+def input_size(f: BinaryIO) -> int | None:
+    """Size of a regular file or block device (which can be chunked in parallel), else None."""
+    try:
+        st = os.fstat(f.fileno())
+    except (OSError, ValueError, AttributeError):
+        return None
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(f.fileno(), 0, os.SEEK_END)
+    return None
+
+
+class ChunkSink:
+    """Names chunks and puts the ones the store lacks; shared by all worker threads.
+
+    All-zero max-size chunks (sparse regions) get their id from a cache instead
+    of being hashed again.
+    """
+
+    def __init__(self, store: Store | None, digest: str, sizes: ChunkSizes):
+        self.store = store
+        self.digest = digest
+        self.max = sizes.max
+        self.null_id = digest_of(bytes(sizes.max), digest)
+        self.seen: set[ChunkId] = set()
+        self.stored = 0
+        self.produced = 0
+        self.lock = threading.Lock()
+
+    def identify(self, data: bytes | memoryview) -> ChunkId:
+        if len(data) == self.max and _chunker.is_zero(data):
+            return self.null_id
+        return digest_of(data, self.digest)
+
+    def keep(self, chunk_id: ChunkId, data: bytes | memoryview) -> None:
+        """Store the chunk unless this run already did or the store has it."""
+        if self.store is None:
+            return
+        with self.lock:
+            if chunk_id in self.seen:
+                return
+            self.seen.add(chunk_id)
+        if not self.store.has(chunk_id):
+            self.store.put(chunk_id, data)
+            with self.lock:
+                self.stored += 1
+
+    def __call__(self, batch: list[memoryview]) -> list[tuple[ChunkId, int]]:
+        """Hash and keep a batch of chunks (the stream pipeline's worker)."""
+        out = []
+        for data in batch:
+            chunk_id = self.identify(data)
+            self.keep(chunk_id, data)
+            out.append((chunk_id, len(data)))
+        return out
+
+
+class _PositionalReader:
+    """File-like reads from `offset` on with pread, so threads can share one descriptor."""
+
+    def __init__(self, fd: int, offset: int):
+        self.fd = fd
+        self.offset = offset
+
+    def readinto(self, buf: memoryview) -> int:
+        n = os.preadv(self.fd, [buf], self.offset)
+        self.offset += n
+        return n
+
+
+@dataclass
+class _Part:
+    """Chunks one worker found from `start` on; `held` keeps data not yet known to be needed."""
+
+    start: int
+    chunks: list[tuple[int, int, ChunkId]] = field(default_factory=list)
+    held: dict[int, bytes] = field(default_factory=dict)
+
+
+def _chunk_from(fd: int, start: int, size: int, sizes: ChunkSizes, sink: ChunkSink,
+                stop: Callable[[int], bool], hold_until: int = 0) -> _Part:
+    """Chunk, name and keep from `start` until a cut satisfies `stop` (or the end of the file).
+
+    Chunks ending at or before `hold_until` are named but not stored: the join
+    stores them if it uses them, so speculative chunks do not litter the store.
+    """
+    part = _Part(start)
+    chunks = iter_chunks(_PositionalReader(fd, start), sizes, block_size=PART_BLOCK, limit=size - start,
+                         reuse=True)  # each chunk is finished before the next is read
+    for offset, data in chunks:
+        chunk_start = start + offset
+        end = chunk_start + len(data)
+        chunk_id = sink.identify(data)
+        if end <= hold_until:
+            part.held[chunk_start] = bytes(data)
+        else:
+            sink.keep(chunk_id, data)
+        part.chunks.append((chunk_start, len(data), chunk_id))
+        if end >= size or stop(end):
+            break
+    with sink.lock:
+        sink.produced += len(part.chunks)
+    return part
+
+
+def _join(parts: list[_Part], fd: int, size: int, sizes: ChunkSizes,
+          sink: ChunkSink) -> list[tuple[int, int, ChunkId]]:
+    """Stitch parts together at common cuts; re-chunk where no part agrees with the truth."""
+    starts: dict[int, tuple[int, int]] = {}
+    for pi, part in enumerate(parts):
+        for ci, (chunk_start, _size, _id) in enumerate(part.chunks):
+            starts.setdefault(chunk_start, (pi, ci))
+    out: list[tuple[int, int, ChunkId]] = []
+    pos = 0
+    while pos < size:
+        hit = starts.get(pos)
+        if hit is None:
+            part = _chunk_from(fd, pos, size, sizes, sink, stop=starts.__contains__)
+            taken = part.chunks
+        else:
+            part = parts[hit[0]]
+            taken = part.chunks[hit[1]:]
+        for chunk_start, _n, chunk_id in taken:
+            held = part.held.get(chunk_start)
+            if held is not None:
+                sink.keep(chunk_id, held)
+        out.extend(taken)
+        pos = taken[-1][0] + taken[-1][1]
+    return out
+
+
+def chunk_file(fd: int, size: int, sizes: ChunkSizes = DEFAULT_SIZES, digest: str = SHA512_256,
+               store: Store | None = None, concurrency: int = DEFAULT_CONCURRENCY,
+               flags: int | None = None) -> tuple[Index, MakeStats]:
+    """Chunk a seekable file of known size in parallel parts (see the module docstring)."""
+    check_digest(digest)
+    sink = ChunkSink(store, digest, sizes)
+    # The work is CPU-bound (scan, hash, compress): more parts than cores only contend.
+    count = max(1, min(concurrency, os.cpu_count() or 1, size // max(MIN_PART, 16 * sizes.max)))
+    bounds = [size * i // count for i in range(count + 1)]
+    hold = 4 * sizes.max
+
+    def run(i: int) -> _Part:
+        end = bounds[i + 1]
+        return _chunk_from(fd, bounds[i], size, sizes, sink, stop=lambda c: c >= end,
+                           hold_until=bounds[i] + hold if i else 0)
+
+    if count == 1:
+        parts = [run(0)] if size else []
+    else:
+        with ThreadPoolExecutor(max_workers=count, thread_name_prefix="pydesync-chunk") as pool:
+            parts = list(pool.map(run, range(count)))
+    index = Index(flags=blob_flags(digest) if flags is None else flags, sizes=sizes)
+    for _start, n, chunk_id in _join(parts, fd, size, sizes, sink):
+        index.append(chunk_id, n)
+    return index, _stats(index, sink)
+
+
+def chunk_stream(reader: BinaryIO, sizes: ChunkSizes = DEFAULT_SIZES, digest: str = SHA512_256,
+                 store: Store | None = None, concurrency: int = DEFAULT_CONCURRENCY,
+                 flags: int | None = None) -> tuple[Index, MakeStats]:
+    """Chunk a readable stream into an Index, storing new chunks in `store` if given.
+
+    Regular files and block devices go through the parallel `chunk_file`.
+    """
+    size = input_size(reader)
+    if size is not None:
+        return chunk_file(reader.fileno(), size, sizes, digest, store, concurrency, flags)
+    check_digest(digest)
+    sink = ChunkSink(store, digest, sizes)
+    index = Index(flags=blob_flags(digest) if flags is None else flags, sizes=sizes)
+    workers = workers_for(concurrency, store is not None and store.remote)
+    for results in ordered_map(sink, _batches(iter_chunks(reader, sizes)), workers):
+        for chunk_id, n in results:
+            index.append(chunk_id, n)
+    sink.produced = len(index)
+    return index, _stats(index, sink)
+
+
+def _stats(index: Index, sink: ChunkSink) -> MakeStats:
+    return MakeStats(chunks=len(index), unique=len(set(c.id for c in index)), chunks_stored=sink.stored,
+                     size=index.length, chunks_produced=sink.produced)
+
+
 def _batches(chunks: Iterator[tuple[int, memoryview]]) -> Iterator[list[memoryview]]:
     batch: list[memoryview] = []
     size = 0
@@ -64,50 +262,6 @@ def _batches(chunks: Iterator[tuple[int, memoryview]]) -> Iterator[list[memoryvi
             batch, size = [], 0
     if batch:
         yield batch
-
-
-class _ChunkSink:
-    """Hashes a batch of chunks and puts the ones the store lacks; shared by worker threads."""
-
-    def __init__(self, store: Store | None, digest: str):
-        self.store = store
-        self.digest = digest
-        self.seen: set[ChunkId] = set()
-        self.stored = 0
-        self.lock = threading.Lock()
-
-    def __call__(self, batch: list[memoryview]) -> list[tuple[ChunkId, int]]:
-        out = []
-        for data in batch:
-            chunk_id = digest_of(data, self.digest)
-            out.append((chunk_id, len(data)))
-            if self.store is not None and self._first_sight(chunk_id) and not self.store.has(chunk_id):
-                self.store.put(chunk_id, data)
-                with self.lock:
-                    self.stored += 1
-        return out
-
-    def _first_sight(self, chunk_id: ChunkId) -> bool:
-        with self.lock:
-            if chunk_id in self.seen:
-                return False
-            self.seen.add(chunk_id)
-            return True
-
-
-def chunk_stream(reader: BinaryIO, sizes: ChunkSizes = DEFAULT_SIZES, digest: str = SHA512_256,
-                 store: Store | None = None, concurrency: int = DEFAULT_CONCURRENCY,
-                 flags: int | None = None) -> tuple[Index, MakeStats]:
-    """Chunk a readable stream into an Index, storing new chunks in `store` if given."""
-    check_digest(digest)
-    sink = _ChunkSink(store, digest)
-    index = Index(flags=blob_flags(digest) if flags is None else flags, sizes=sizes)
-    for results in ordered_map(sink, _batches(iter_chunks(reader, sizes)), concurrency):
-        for chunk_id, size in results:
-            index.append(chunk_id, size)
-    stats = MakeStats(chunks=len(index), unique=len(sink.seen) if store else len(set(index.unique_ids())),
-                      chunks_stored=sink.stored, size=index.length)
-    return index, stats
 
 
 def make(index_path: str | None, source: str | os.PathLike[str], store: Store | None = None,

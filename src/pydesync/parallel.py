@@ -6,9 +6,11 @@ stays flat however long the input is.
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -20,6 +22,11 @@ DEFAULT_CONCURRENCY = 10
 
 def default_workers() -> int:
     return max(2, os.cpu_count() or 2)
+
+
+def workers_for(concurrency: int, remote: bool) -> int:
+    """Threads for a job: all of -n when waiting on a network, at most one per core for CPU work."""
+    return max(1, concurrency if remote else min(concurrency, os.cpu_count() or 1))
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
@@ -44,7 +51,45 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
                 f.cancel()
 
 
+def for_each(fn: Callable[[T], object], items: Sequence[T], workers: int) -> None:
+    """Run fn on every item using `workers` threads; the first exception stops the rest and is raised.
+
+    Threads take the next index from a shared counter (atomic under the GIL):
+    no futures or queues per item, which matters when items are many and small
+    (chunks) and the work itself releases the GIL.
+    """
+    workers = max(1, min(workers, len(items)))
+    if workers == 1:
+        for item in items:
+            fn(item)
+        return
+    counter = itertools.count()
+    failures: list[BaseException] = []
+    total = len(items)
+
+    def worker() -> None:
+        try:
+            while not failures:
+                i = next(counter)
+                if i >= total:
+                    return
+                fn(items[i])
+        except BaseException as e:
+            failures.append(e)
+
+    threads = [threading.Thread(target=worker, name=f"pydesync-{n}", daemon=True) for n in range(workers)]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            t.join()
+    except BaseException:  # Ctrl-C: stop handing out work, then re-raise
+        failures.append(KeyboardInterrupt())
+        raise
+    if failures:
+        raise failures[0]
+
+
 def run_all(fn: Callable[[T], object], items: Iterable[T], workers: int) -> None:
-    """Run fn on every item in threads; the first exception stops the rest and is raised."""
-    for _ in ordered_map(fn, items, workers, window=4 * max(1, workers)):
-        pass
+    """for_each over any iterable (materialised first)."""
+    for_each(fn, items if isinstance(items, Sequence) else list(items), workers)

@@ -12,7 +12,7 @@ from .digest import ChunkId, digest_of
 from .errors import ChunkError, ChunkInvalid, ChunkMissing, PydesyncError
 from .index import Index
 from .make import open_input
-from .parallel import DEFAULT_CONCURRENCY, run_all
+from .parallel import DEFAULT_CONCURRENCY, for_each, workers_for
 from .store.base import Store
 from .store.local import LocalStore
 
@@ -46,7 +46,7 @@ def verify_store(store: LocalStore, repair: bool = False, concurrency: int = DEF
             pass  # removed while we walked the store
         result.checked += 1
 
-    run_all(check, list(store.files()), concurrency)
+    for_each(check, list(store.files()), workers_for(concurrency, store.remote))
     return result
 
 
@@ -85,7 +85,7 @@ def copy_chunks(ids: Iterable[ChunkId], source: Store, target: Store,
         if progress:
             progress(1)
 
-    run_all(copy, list(dict.fromkeys(ids)), concurrency)
+    for_each(copy, list(dict.fromkeys(ids)), workers_for(concurrency, source.remote or target.remote))
     return copied
 
 
@@ -113,7 +113,7 @@ def chop(index: Index, blob: str, store: Store, ignore: set[ChunkId] | None = No
             store.put(chunk_id, data)
             stored += 1
 
-        run_all(cut, list(wanted), concurrency)
+        for_each(cut, list(wanted), workers_for(concurrency, store.remote))
     return stored
 
 
@@ -132,4 +132,4 @@ def verify_index(index: Index, blob: str, concurrency: int = DEFAULT_CONCURRENCY
                 raise ChunkError(chunk.id, f"{blob} doesn't match its index: chunk {i} ({chunk.id}) "
                                            f"at offset {chunk.start} differs")
 
-        run_all(check, range(len(index)), concurrency)
+        for_each(check, range(len(index)), workers_for(concurrency, False))

@@ -28,7 +28,7 @@ def verify_chunk(chunk_id: ChunkId, data: bytes, digest: str | None, location: s
     """
     first = digest or SHA512_256
     actual = digest_of(data, first)
-    if actual == chunk_id:
+    if actual == chunk_id:  # the common case: one hash, no further work
         return
     if digest is None and digest_of(data, other_digest(first)) == chunk_id:
         return
@@ -50,6 +50,9 @@ class Store(ABC):
 
     location: str = ""
     options: StoreOptions = StoreOptions()
+    #: Whether requests wait on a network: then -n threads hide latency; local stores are
+    #: CPU-bound (decompress, hash), where more threads than cores only contend.
+    remote: bool = False
 
     @abstractmethod
     def get(self, chunk_id: ChunkId, digest: str | None = None) -> bytes:

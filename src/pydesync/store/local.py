@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import re
 import secrets
@@ -51,8 +52,8 @@ class LocalStore(Store):
         """Where the chunk lives in the store's own format (or the format asked for)."""
         if compressed is None:
             compressed = not self.options.uncompressed
-        name = chunk_id.hex() + (SUFFIX if compressed else "")
-        return os.path.join(self.path, name[:4], name)
+        name = chunk_id.hex()
+        return f"{self.path}{os.sep}{name[:4]}{os.sep}{name}{SUFFIX if compressed else ''}"
 
     def _candidates(self) -> tuple[bool, bool]:
         """Formats to look for, own format first: casync also reads suffix-less raw chunks."""
@@ -61,19 +62,30 @@ class LocalStore(Store):
 
     # ---- reads -----------------------------------------------------------------------------
     def _read(self, path: str) -> bytes | None:
+        """The file's bytes, or None if absent (a symlink marks a chunk known to be missing)."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         except OSError as e:
-            if e.errno == errno.ELOOP:  # a symlink marks a chunk known to be missing
+            if e.errno == errno.ELOOP:
                 return None
             raise StoreError(f"cannot read {path}: {e.strerror}") from None
         try:
-            with os.fdopen(fd, "rb") as f:
-                return f.read()
-        except IsADirectoryError:
-            raise StoreError(f"cannot read {path}: is a directory") from None
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise StoreError(f"cannot read {path}: is a directory")
+            data = os.read(fd, st.st_size)
+            while len(data) < st.st_size:  # short read (unusual for regular files)
+                more = os.read(fd, st.st_size - len(data))
+                if not more:
+                    break
+                data += more
+            return data
+        except OSError as e:
+            raise StoreError(f"cannot read {path}: {e.strerror}") from None
+        finally:
+            os.close(fd)
 
     def get(self, chunk_id: ChunkId, digest: str | None = None) -> bytes:
         for compressed in self._candidates():
@@ -121,21 +133,27 @@ class LocalStore(Store):
         self.put_stored(chunk_id, encoded)
 
     def put_stored(self, chunk_id: ChunkId, encoded: bytes | memoryview) -> None:
-        """Install already-encoded chunk bytes under the store's own name, atomically."""
+        """Install already-encoded chunk bytes under the store's own name, atomically.
+
+        The bytes go to a temporary name in the prefix directory first; a reader
+        sees the whole chunk or none. Concurrent writers of one chunk write
+        identical bytes, so whichever rename lands last is as good as the first.
+        """
         final = self.chunk_path(chunk_id)
-        folder = os.path.dirname(final)
-        temp = os.path.join(folder, f"{TEMP_PREFIX}{secrets.token_hex(8)}")
+        folder = final[: final.rfind(os.sep)]
+        temp = f"{folder}{os.sep}{TEMP_PREFIX}{_TEMP_TOKEN}-{next(_temp_counter)}"
         try:
             fd = self._open_temp(folder, temp)
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(encoded)
-                os.replace(temp, final)
-            except BaseException:
-                _unlink_quietly(temp)
-                raise
-        except OSError as e:
-            raise StoreError(f"cannot write chunk {chunk_id} to {self.path}: {e.strerror}") from None
+                _write_all(fd, encoded)
+            finally:
+                os.close(fd)
+            os.rename(temp, final)
+        except BaseException as e:
+            _unlink_quietly(temp)
+            if isinstance(e, OSError):
+                raise StoreError(f"cannot write chunk {chunk_id} to {self.path}: {e.strerror}") from None
+            raise
 
     @staticmethod
     def _open_temp(folder: str, temp: str) -> int:
@@ -143,7 +161,8 @@ class LocalStore(Store):
         try:
             return os.open(temp, flags, 0o644)
         except FileNotFoundError:
-            os.makedirs(folder, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(folder)
             return os.open(temp, flags, 0o644)
 
     def remove(self, chunk_id: ChunkId) -> None:
@@ -177,6 +196,17 @@ class LocalStore(Store):
                 for name in _listdir(folder):
                     if name.startswith(TEMP_PREFIX) or name.endswith(".tmp"):
                         yield os.path.join(folder, name)
+
+
+# Temporary names: unique per process (random token) and per write (counter), without a syscall.
+_TEMP_TOKEN = secrets.token_hex(6)
+_temp_counter = itertools.count()
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _listdir(path: str) -> list[str]:

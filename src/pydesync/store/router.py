@@ -20,6 +20,7 @@ class StoreRouter(Store):
     def __init__(self, stores: Sequence[Store]):
         self.stores = list(stores)
         self.location = ", ".join(s.location for s in self.stores)
+        self.remote = any(s.remote for s in self.stores)
 
     def get(self, chunk_id: ChunkId, digest: str | None = None) -> bytes:
         tried: list[str] = []
@@ -44,6 +45,7 @@ class FailoverGroup(Store):
     def __init__(self, members: Sequence[Store]):
         self.members = list(members)
         self.location = "|".join(m.location for m in self.members)
+        self.remote = any(m.remote for m in self.members)
         self._active = 0
         self._lock = threading.Lock()
 
@@ -87,6 +89,7 @@ class CachedStore(Store):
         self.upstream = upstream
         self.repair = repair
         self.location = f"{upstream.location} (cache {cache.location})"
+        self.remote = cache.remote or upstream.remote
 
     def get(self, chunk_id: ChunkId, digest: str | None = None) -> bytes:
         try:
