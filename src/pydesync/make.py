@@ -200,12 +200,17 @@ def _join(parts: list[_Part], fd: int, size: int, sizes: ChunkSizes,
 
 def chunk_file(fd: int, size: int, sizes: ChunkSizes = DEFAULT_SIZES, digest: str = SHA512_256,
                store: Store | None = None, concurrency: int = DEFAULT_CONCURRENCY,
-               flags: int | None = None) -> tuple[Index, MakeStats]:
-    """Chunk a seekable file of known size in parallel parts (see the module docstring)."""
+               flags: int | None = None, parts: int | None = None) -> tuple[Index, MakeStats]:
+    """Chunk a seekable file of known size in parallel parts (see the module docstring).
+
+    `parts` forces the number of parts; by default it is -n, capped at the
+    number of cores (the work is CPU-bound) and at one part per 16 MiB.
+    """
     check_digest(digest)
     sink = ChunkSink(store, digest, sizes)
-    # The work is CPU-bound (scan, hash, compress): more parts than cores only contend.
-    count = max(1, min(concurrency, os.cpu_count() or 1, size // max(MIN_PART, 16 * sizes.max)))
+    if parts is None:
+        parts = min(concurrency, os.cpu_count() or 1, size // max(MIN_PART, 16 * sizes.max))
+    count = max(1, min(parts, size))
     bounds = [size * i // count for i in range(count + 1)]
     hold = 4 * sizes.max
 
@@ -215,12 +220,12 @@ def chunk_file(fd: int, size: int, sizes: ChunkSizes = DEFAULT_SIZES, digest: st
                            hold_until=bounds[i] + hold if i else 0)
 
     if count == 1:
-        parts = [run(0)] if size else []
+        found = [run(0)] if size else []
     else:
         with ThreadPoolExecutor(max_workers=count, thread_name_prefix="pydesync-chunk") as pool:
-            parts = list(pool.map(run, range(count)))
+            found = list(pool.map(run, range(count)))
     index = Index(flags=blob_flags(digest) if flags is None else flags, sizes=sizes)
-    for _start, n, chunk_id in _join(parts, fd, size, sizes, sink):
+    for _start, n, chunk_id in _join(found, fd, size, sizes, sink):
         index.append(chunk_id, n)
     return index, _stats(index, sink)
 
