@@ -1,0 +1,325 @@
+"""Encode a directory tree as a catar stream, byte-identical to `casync make` for the same tree
+and feature flags.
+
+The stream is produced as an iterator of byte strings (records and payload
+blocks), so it can be written to a file, hashed or chunked without ever being
+held in memory. Directory entries are visited in strcmp order of their raw
+names; every node's metadata records follow its ENTRY in casync's order; each
+directory ends with a GOODBYE table of its children.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+from collections.abc import Iterator
+
+from ..errors import PydesyncError
+from . import exclude
+from . import format as F
+from .fsmeta import (
+    ACL_XATTR_ACCESS,
+    ACL_XATTR_DEFAULT,
+    EXT4_SUPER_MAGIC,
+    FUSE_SUPER_MAGIC,
+    VIRTUAL_FS_MAGICS,
+    XFS_SUPER_MAGIC,
+    PosixAcl,
+    btrfs_subvolume,
+    fs_magic,
+    get_xattr,
+    group_name,
+    list_xattrs,
+    read_chattr,
+    read_projid,
+    user_name,
+)
+
+READ_BLOCK = 1024 * 1024
+OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+_ENTRY = struct.Struct("<QQ6Q")
+
+
+class EncodeError(PydesyncError):
+    """A file of the tree cannot be read or cannot be represented with the chosen features."""
+
+
+def _valid_xattr_name(name: bytes) -> bool:
+    dot = name.find(b".")
+    return 0 < dot < len(name) - 1 and len(name) <= 255
+
+
+class TreeEncoder:
+    """Iterate over the catar bytes of the tree at `root`.
+
+    `offset` is the number of bytes produced so far; `flags` the archive's
+    (normalised) feature flags, stored in every ENTRY.
+    """
+
+    def __init__(self, root: str | bytes | os.PathLike[str], flags: int):
+        self.root = os.fsencode(root)
+        self.flags = F.normalize_flags(flags)
+        if self.flags & ~F.FEATURE_FLAGS_MAX:
+            raise EncodeError(f"unsupported feature flags {self.flags:#x}")
+        self.granularity = F.time_granularity(self.flags)
+        self.offset = 0
+        self.has_ids = bool(self.flags & (F.WITH_16BIT_UIDS | F.WITH_32BIT_UIDS))
+
+    def _out(self, data: bytes) -> bytes:
+        self.offset += len(data)
+        return data
+
+    # ---- entry point -----------------------------------------------------------------------
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise EncodeError(f"cannot read {os.fsdecode(self.root)}: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            yield from self._directory(self.root, fd, st, [], fs_magic(fd))
+        finally:
+            os.close(fd)
+
+    # ---- nodes -----------------------------------------------------------------------------
+    def _directory(self, path: bytes, fd: int, st: os.stat_result, rules: list[exclude.Rule],
+                   magic: int) -> Iterator[bytes]:
+        entry_offset = self.offset
+        yield self._out(self._metadata(path, st, fd, magic))
+        items: list[tuple[int, int, int]] = []
+        if magic not in VIRTUAL_FS_MAGICS:
+            try:
+                names = sorted(os.fsencode(n) for n in os.listdir(fd))
+            except OSError as e:
+                raise EncodeError(f"cannot list {os.fsdecode(path)}: {e.strerror}") from None
+            if self.flags & F.EXCLUDE_FILE and b".caexclude" in names:
+                rules = rules + exclude.parse_file(self._read_small(fd, b".caexclude", path))
+            for name in names:
+                start = self.offset
+                stored = yield from self._child(path, fd, st, name, rules, magic)
+                if stored:
+                    items.append((start, self.offset, F.name_hash(name)))
+        yield self._out(F.goodbye_record(items, self.offset, entry_offset))
+
+    def _child(self, parent: bytes, parent_fd: int, parent_st: os.stat_result, name: bytes,
+               rules: list[exclude.Rule], parent_magic: int) -> Iterator[bytes]:
+        """Encode one directory entry (FILENAME + node); returns whether it was stored."""
+        path = parent + b"/" + name
+        try:
+            st = os.lstat(name, dir_fd=parent_fd)
+        except FileNotFoundError:
+            return False  # vanished while we walked
+        except OSError as e:
+            raise EncodeError(f"cannot stat {os.fsdecode(path)}: {e.strerror}") from None
+        mode = st.st_mode
+        if not self._type_enabled(mode):
+            return False
+        fd = None
+        try:
+            if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+                fd = self._open(parent_fd, name, path, stat.S_ISDIR(mode))
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode) != stat.S_ISREG(mode):
+                    return False  # replaced while we walked
+                if self.flags & F.EXCLUDE_NODUMP and read_chattr(fd) & F.FS_NODUMP_FL:
+                    return False
+            if self.flags & F.EXCLUDE_SUBMOUNTS and st.st_dev != parent_st.st_dev:
+                return False
+            excluded, subrules = exclude.test(rules, name, stat.S_ISDIR(mode))
+            if excluded:
+                return False
+            yield self._out(F.cstring(F.FILENAME, name))
+            magic = parent_magic if st.st_dev == parent_st.st_dev or fd is None else fs_magic(fd)
+            if stat.S_ISDIR(mode):
+                assert fd is not None
+                yield from self._directory(path, fd, st, subrules, magic)
+            elif stat.S_ISREG(mode):
+                assert fd is not None
+                yield from self._file(path, fd, st, magic)
+            else:
+                yield self._out(self._metadata(path, st, None, magic))
+            return True
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _file(self, path: bytes, fd: int, st: os.stat_result, magic: int) -> Iterator[bytes]:
+        size = st.st_size if magic not in VIRTUAL_FS_MAGICS else 0
+        yield self._out(self._metadata(path, st, fd, magic, payload_size=size))
+        remaining = size
+        while remaining:
+            try:
+                block = os.read(fd, min(READ_BLOCK, remaining))
+            except OSError as e:
+                raise EncodeError(f"cannot read {os.fsdecode(path)}: {e.strerror}") from None
+            if not block:
+                raise EncodeError(f"{os.fsdecode(path)} shrank while it was being archived")
+            remaining -= len(block)
+            yield self._out(block)
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _type_enabled(self, mode: int) -> bool:
+        if stat.S_ISLNK(mode):
+            return bool(self.flags & F.WITH_SYMLINKS)
+        if stat.S_ISBLK(mode) or stat.S_ISCHR(mode):
+            return bool(self.flags & F.WITH_DEVICE_NODES)
+        if stat.S_ISFIFO(mode):
+            return bool(self.flags & F.WITH_FIFOS)
+        if stat.S_ISSOCK(mode):
+            return bool(self.flags & F.WITH_SOCKETS)
+        return stat.S_ISDIR(mode) or stat.S_ISREG(mode)
+
+    @staticmethod
+    def _open(parent_fd: int, name: bytes, path: bytes, directory: bool) -> int:
+        try:
+            return os.open(name, OPEN_FLAGS | (os.O_DIRECTORY if directory else 0), dir_fd=parent_fd)
+        except OSError as e:
+            raise EncodeError(f"cannot open {os.fsdecode(path)}: {e.strerror}") from None
+
+    @staticmethod
+    def _read_small(dir_fd: int, name: bytes, path: bytes) -> bytes:
+        try:
+            fd = os.open(name, OPEN_FLAGS | os.O_NONBLOCK, dir_fd=dir_fd)
+        except OSError as e:
+            raise EncodeError(f"cannot read {os.fsdecode(path + b'/' + name)}: {e.strerror}") from None
+        try:
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                return f.read(1 << 20)
+        finally:
+            os.close(fd)
+
+    def _fixup_mode(self, mode: int) -> int:
+        if stat.S_ISLNK(mode):
+            return stat.S_IFLNK | 0o777
+        kind = stat.S_IFMT(mode)
+        is_dir = stat.S_ISDIR(mode)
+        if self.flags & (F.WITH_PERMISSIONS | F.WITH_ACL):
+            return kind | (mode & 0o7777)
+        if self.flags & F.WITH_READ_ONLY:
+            writable = mode & 0o222
+            return kind | ((0o777 if is_dir else 0o666) if writable else (0o555 if is_dir else 0o444))
+        return kind | (0o777 if is_dir else 0o666)
+
+    def _fixup_mtime(self, st: os.stat_result) -> int:
+        if self.granularity is None:
+            return 0
+        return st.st_mtime_ns // self.granularity * self.granularity
+
+    def _name_for(self, ident: int, lookup) -> bytes | None:  # type: ignore[no-untyped-def]
+        """casync's uid_to_name: root has no name; unknown ids are numbers unless ids are stored."""
+        if ident == 0:
+            return None
+        name = lookup(ident)
+        if name is not None:
+            return os.fsencode(name)
+        return None if self.has_ids else str(ident).encode()
+
+    def _metadata(self, path: bytes, st: os.stat_result, fd: int | None, magic: int,
+                  payload_size: int = 0) -> bytes:
+        """ENTRY, the metadata records, and the content header (PAYLOAD/SYMLINK/DEVICE) of a node."""
+        flags = self.flags
+        mode = st.st_mode
+        is_dir, is_reg, is_lnk = stat.S_ISDIR(mode), stat.S_ISREG(mode), stat.S_ISLNK(mode)
+        uid, gid = (st.st_uid, st.st_gid) if self.has_ids else (0, 0)
+        if flags & F.WITH_16BIT_UIDS and (uid > 0xFFFF or gid > 0xFFFF):
+            raise EncodeError(f"{os.fsdecode(path)}: uid/gid does not fit 16 bits")
+        entry_flags = 0
+        if fd is not None and (is_dir or is_reg):
+            if flags & F.WITH_CHATTR:
+                chattr = read_chattr(fd)
+                for bit, value in F.CHATTR_TO_FLAG.items():
+                    if chattr & bit:
+                        entry_flags |= value & flags
+            if is_dir and flags & F.WITH_SUBVOLUME:
+                sub, ro = btrfs_subvolume(fd, st, magic)
+                entry_flags |= ((F.WITH_SUBVOLUME if sub else 0) | (F.WITH_SUBVOLUME_RO if ro else 0)) & flags
+        out = [_ENTRY.pack(F.ENTRY_SIZE, F.ENTRY, flags, self._fixup_mode(mode), entry_flags, uid, gid,
+                           self._fixup_mtime(st))]
+        if flags & F.WITH_USER_NAMES:
+            user = self._name_for(st.st_uid, user_name)
+            group = self._name_for(st.st_gid, group_name)
+            if user is not None:
+                out.append(F.cstring(F.USER, user))
+            if group is not None:
+                out.append(F.cstring(F.GROUP, group))
+        if not is_lnk:
+            out.extend(self._xattr_records(path, is_reg))
+            if flags & F.WITH_ACL:
+                out.extend(self._acl_records(path, is_dir))
+        if flags & F.WITH_SELINUX:
+            label = get_xattr(path, "security.selinux")
+            if label:
+                out.append(F.cstring(F.SELINUX, label.rstrip(b"\0")))
+        if not is_lnk and flags & F.WITH_FCAPS and is_reg:
+            caps = get_xattr(path, "security.capability")
+            if caps is not None:
+                out.append(F.record(F.FCAPS, caps))
+        if flags & F.WITH_QUOTA_PROJID and fd is not None and (is_dir or is_reg) \
+                and magic in (EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC, FUSE_SUPER_MAGIC):
+            projid = read_projid(fd)
+            if projid:
+                out.append(F.record(F.QUOTA_PROJID, struct.pack("<Q", projid)))
+        if is_reg:
+            out.append(F.HEADER.pack(16 + payload_size, F.PAYLOAD))
+        elif is_lnk:
+            out.append(F.cstring(F.SYMLINK, self._readlink(path)))
+        elif stat.S_ISBLK(mode) or stat.S_ISCHR(mode):
+            out.append(F.record(F.DEVICE, struct.pack("<QQ", os.major(st.st_rdev), os.minor(st.st_rdev))))
+        return b"".join(out)
+
+    @staticmethod
+    def _readlink(path: bytes) -> bytes:
+        try:
+            return os.readlink(path)
+        except OSError as e:
+            raise EncodeError(f"cannot read link {os.fsdecode(path)}: {e.strerror}") from None
+
+    def _xattr_records(self, path: bytes, is_reg: bool) -> list[bytes]:
+        if not self.flags & F.WITH_XATTRS:
+            return []
+        try:
+            names = sorted(os.fsencode(n) for n in list_xattrs(path))
+        except OSError as e:
+            raise EncodeError(f"cannot list xattrs of {os.fsdecode(path)}: {e.strerror}") from None
+        out = []
+        for name in names:
+            if not (name.startswith((b"user.", b"trusted.")) and _valid_xattr_name(name)):
+                continue
+            value = get_xattr(path, os.fsdecode(name))
+            if value is not None:
+                out.append(F.record(F.XATTR, name + b"\0" + value))
+        return out
+
+    def _acl_records(self, path: bytes, is_dir: bool) -> list[bytes]:
+        out: list[bytes] = []
+        try:
+            access_raw = get_xattr(path, ACL_XATTR_ACCESS)
+            default_raw = get_xattr(path, ACL_XATTR_DEFAULT) if is_dir else None
+            access = PosixAcl.parse(access_raw) if access_raw else None
+            default = PosixAcl.parse(default_raw) if default_raw else None
+        except (OSError, ValueError) as e:
+            raise EncodeError(f"cannot read the ACL of {os.fsdecode(path)}: {e}") from None
+        if access is not None:
+            out += self._acl_entries(F.ACL_USER, access.users, user_name)
+            out += self._acl_entries(F.ACL_GROUP, access.groups, group_name)
+            if access.group_obj is not None and access.mask is not None:
+                out.append(F.record(F.ACL_GROUP_OBJ, struct.pack("<Q", access.group_obj)))
+        if default is not None:
+            fields = (default.user_obj, default.group_obj, default.other, default.mask)
+            if any(v is not None for v in fields):
+                out.append(F.record(F.ACL_DEFAULT, struct.pack("<4Q", *(
+                    F.NO_PERMS if v is None else v for v in fields))))
+            out += self._acl_entries(F.ACL_DEFAULT_USER, default.users, user_name)
+            out += self._acl_entries(F.ACL_DEFAULT_GROUP, default.groups, group_name)
+        return out
+
+    def _acl_entries(self, kind: int, entries: list[tuple[int, int]], lookup) -> list[bytes]:  # type: ignore[no-untyped-def]
+        rows = []
+        for ident, perm in entries:
+            name = self._name_for(ident, lookup) if self.flags & F.WITH_USER_NAMES else None
+            stored = ident if self.has_ids else 0
+            rows.append((stored, name is not None, name or b"", perm, name))
+        rows.sort(key=lambda r: r[:4])
+        return [F.record(kind, struct.pack("<QQ", stored, perm) + (name + b"\0" if name is not None else b""))
+                for stored, _has, _n, perm, name in rows]
