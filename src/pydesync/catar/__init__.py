@@ -1,0 +1,10 @@
+"""The catar archive: encoder (tree -> stream), decoder (stream -> nodes) and the format itself."""
+
+from .decoder import ArchiveDecoder, ArchiveError, DirectoryEnd, IterReader, Node
+from .encoder import EncodeError, TreeEncoder
+from .format import archive_flags, format_flags, normalize_flags
+
+__all__ = [
+    "ArchiveDecoder", "ArchiveError", "DirectoryEnd", "EncodeError", "IterReader", "Node", "TreeEncoder",
+    "archive_flags", "format_flags", "normalize_flags",
+]

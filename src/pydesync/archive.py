@@ -1,0 +1,83 @@
+"""Archives end to end: pack a tree into a .catar or into chunks + a .caidx.
+
+Data flows one way: tree -> encoder -> (file | chunker -> hasher -> compressor -> store).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO
+
+from .catar.encoder import TreeEncoder
+from .chunker import DEFAULT_SIZES, ChunkSizes
+from .digest import SHA512_256, digest_of, hasher
+from .errors import PydesyncError
+from .fsutil import atomic_write
+from .index import Index, write_index
+from .make import MakeStats, chunk_stream
+from .parallel import DEFAULT_CONCURRENCY
+from .store.base import Store
+
+
+class StreamReader(io.RawIOBase):
+    """A readable raw stream over an iterator of byte strings (feeds the chunker)."""
+
+    def __init__(self, pieces: Iterable[bytes]):
+        self._pieces: Iterator[bytes] = iter(pieces)
+        self._buf = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: memoryview) -> int:  # type: ignore[override]
+        while not self._buf:
+            piece = next(self._pieces, None)
+            if piece is None:
+                return 0
+            self._buf = memoryview(piece)
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+def _check_source(source: str) -> None:
+    if not os.path.isdir(source):
+        raise PydesyncError(f"{source} is not a directory")
+
+
+def tar_to_file(source: str, output: str, flags: int) -> int:
+    """Write the catar of `source` to `output` (atomically; `-` = stdout); returns its size."""
+    _check_source(source)
+    encoder = TreeEncoder(source, flags)
+    try:
+        with atomic_write(output) as f:
+            for piece in encoder:
+                f.write(piece)
+    except OSError as e:
+        raise PydesyncError(f"cannot write {output}: {e.strerror}") from None
+    return encoder.offset
+
+
+def tar_to_index(source: str, index_path: str, store: Store, flags: int,
+                 sizes: ChunkSizes = DEFAULT_SIZES, digest: str = SHA512_256,
+                 concurrency: int = DEFAULT_CONCURRENCY) -> tuple[Index, MakeStats]:
+    """Chunk the catar of `source` into `store` and write its .caidx (flags = the archive's)."""
+    _check_source(source)
+    reader: BinaryIO = StreamReader(TreeEncoder(source, flags))  # type: ignore[assignment]
+    index, stats = chunk_stream(reader, sizes, digest, store, concurrency, flags=flags)
+    write_index(index, index_path)
+    return index, stats
+
+
+def stream_digest(pieces: Iterable[bytes], digest: str = SHA512_256) -> str:
+    """casync's digest of a byte stream (archive, blob): the chunk digest over all of it."""
+    h = hasher(digest)()
+    for piece in pieces:
+        h.update(piece)
+    return h.hexdigest()
+
+
+__all__ = ["StreamReader", "digest_of", "stream_digest", "tar_to_file", "tar_to_index"]

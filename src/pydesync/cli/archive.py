@@ -1,0 +1,72 @@
+"""Archive commands: tar and untar."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..archive import tar_to_file, tar_to_index
+from ..catar import format as F
+from ..chunker import ChunkSizes
+from ..digest import SHA512_256, check_digest
+from ..errors import UsageError
+from .common import CommaList, Context, add_bool, add_store_options, add_stores
+
+TIME_FEATURES = ("nsec-time", "usec-time", "sec-time", "2sec-time")
+
+
+def add_feature_flags(p: argparse.ArgumentParser) -> None:
+    """casync's --with/--without feature selection and exclusion switches."""
+    p.add_argument("--with", dest="with_", action=CommaList, default=[], metavar="FEATURE",
+                   help="store only these features (casync names, e.g. permissions, xattrs, best, unix)")
+    p.add_argument("--without", action=CommaList, default=[], metavar="FEATURE",
+                   help="do not store these features (e.g. xattrs, acl, 2sec-time)")
+    add_bool(p, "--exclude-nodump", default=True, help="skip files with chattr +d (default true)")
+    add_bool(p, "--exclude-file", default=True, help="honour .caexclude files (default true)")
+
+
+def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("tar", parents=[parent], help="pack a directory into a catar (or chunks + caidx)",
+                       description="Pack SOURCE into the archive OUTPUT (.catar, '-' for stdout), or with "
+                                   "-i into chunks in the -s store and the index OUTPUT (.caidx). The "
+                                   "encoding is byte-identical to casync make for the same features.")
+    p.add_argument("output")
+    p.add_argument("source")
+    add_stores(p, help="target store (with -i; created if missing)", cache=False)
+    p.add_argument("-m", "--chunk-size", default="16:64:256", help="min:avg:max chunk size in KiB (with -i)")
+    p.add_argument("-i", "--index", action="store_true", help="write chunks and a .caidx instead of a catar")
+    p.add_argument("--input-format", choices=["disk", "tar"], default="disk", help="source kind (disk)")
+    p.add_argument("--no-time", action="store_true", help="store no modification times")
+    p.add_argument("--tar-add-root", action="store_true", help="(tar input) add a root directory")
+    p.add_argument("-x", "--one-file-system", action="store_true", help="do not cross filesystem boundaries")
+    add_feature_flags(p)
+    add_store_options(p)
+    p.set_defaults(func=run_tar)
+
+
+def feature_flags(ctx: Context) -> int:
+    a = ctx.args
+    without = list(a.without) + (list(TIME_FEATURES) if a.no_time else [])
+    return F.archive_flags(with_=a.with_, without=without, digest_sha512_256=ctx.digest == SHA512_256,
+                           exclude_nodump=a.exclude_nodump, exclude_file=a.exclude_file,
+                           exclude_submounts=a.one_file_system)
+
+
+def run_tar(ctx: Context) -> int:
+    a = ctx.args
+    if a.input_format == "tar":
+        raise UsageError("--input-format=tar is not supported yet")
+    if a.tar_add_root:
+        raise UsageError("--tar-add-root only applies to --input-format=tar")
+    flags = feature_flags(ctx)
+    if not a.index:
+        if a.store:
+            raise UsageError("-s is only used with -i")
+        tar_to_file(a.source, a.output, flags)
+        return 0
+    if len(a.store) != 1:
+        raise UsageError("-i needs exactly one target store (-s)")
+    store = ctx.target(a.store[0], create=True)
+    with store:
+        tar_to_index(a.source, a.output, store, flags, ChunkSizes.parse_kib(a.chunk_size),
+                     check_digest(ctx.digest), ctx.concurrency)
+    return 0
