@@ -85,14 +85,33 @@ class Config:
         return dict(self.store_options[matches[0]]) if matches else {}
 
     def options_for(self, location: str) -> StoreOptions:
+        """Store defaults, then the matching `store-options` entry (durations in nanoseconds)."""
         raw = self.raw_options_for(location)
-        return StoreOptions(uncompressed=bool(raw.get("uncompressed", False)),
-                            skip_verify=bool(raw.get("skip-verify", False)))
+        timeout = raw.get("timeout")
+        return StoreOptions().override(
+            uncompressed=_bool(raw, "uncompressed"),
+            skip_verify=_bool(raw, "skip-verify"),
+            timeout=None if timeout is None else (60.0 if timeout == 0 else (
+                float("inf") if timeout < 0 else timeout / 1e9)),
+            error_retry=raw.get("error-retry"),
+            error_retry_base=None if raw.get("error-retry-base-interval") is None
+            else raw["error-retry-base-interval"] / 1e9,
+            trust_insecure=_bool(raw, "trust-insecure"),
+            ca_cert=raw.get("ca-cert"),
+            client_cert=raw.get("client-cert"),
+            client_key=raw.get("client-key"),
+            http_auth=raw.get("http-auth"),
+            http_cookie=raw.get("http-cookie"),
+        )
 
     def as_json(self) -> dict[str, Any]:
         return {"s3-credentials": self.s3_credentials or None,
                 "oci-credentials": self.oci_credentials or None,
                 "store-options": self.store_options or None}
+
+
+def _bool(raw: dict[str, Any], key: str) -> bool | None:
+    return None if raw.get(key) is None else bool(raw[key])
 
 
 def load_config(path: str | None) -> Config:

@@ -157,16 +157,21 @@ def check_index_digest(index: Index, digest: str, name: str = "index") -> Index:
     return index
 
 
-def read_index(location: str, digest: str | None = None) -> Index:
+def read_index(location: str, digest: str | None = None, options: object = None) -> Index:
     """Read an index from a path, or from standard input for `-`.
 
     With `digest`, an index made with the other digest is rejected (as desync does);
     without, the index's own flag decides (as casync does).
     """
     if digest is not None:
-        return check_index_digest(read_index(location), digest, "<stdin>" if location == "-" else location)
+        return check_index_digest(read_index(location, None, options), digest,
+                                  "<stdin>" if location == "-" else location)
     if location == "-":
         return parse_index(sys.stdin.buffer.read(), "<stdin>")
+    from . import indexstore  # URLs of index stores
+
+    if indexstore.is_remote(location):
+        return parse_index(indexstore.fetch_index_bytes(location, options), location)  # type: ignore[arg-type]
     try:
         with open(location, "rb") as f:
             data = f.read()
@@ -179,8 +184,13 @@ def read_index(location: str, digest: str | None = None) -> Index:
     return parse_index(data, location)
 
 
-def write_index(index: Index, location: str) -> None:
-    """Write an index to a path atomically, or to standard output for `-`."""
+def write_index(index: Index, location: str, options: object = None) -> None:
+    """Write an index to a path atomically, to standard output for `-`, or to an index store URL."""
+    from . import indexstore
+
+    if indexstore.is_remote(location):
+        indexstore.store_index_bytes(location, index.to_bytes(), options)  # type: ignore[arg-type]
+        return
     try:
         with atomic_write(location) as f:
             index.write_to(f)

@@ -46,6 +46,7 @@ META_FEATURE = {
     F.FCAPS: F.WITH_FCAPS, F.QUOTA_PROJID: F.WITH_QUOTA_PROJID,
 }
 _ENTRY_BODY = struct.Struct("<6Q")
+KNOWN_TYPES = (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
 
 
 class ArchiveError(PydesyncError):
@@ -225,8 +226,7 @@ class ArchiveDecoder:
             raise self.error(f"ENTRY of size {size}", start)
         flags, mode, eflags, uid, gid, mtime = _ENTRY_BODY.unpack(self._read(48))
         self._check_flags(flags, start)
-        if mode > 0o177777 or stat.S_IFMT(mode) not in (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
-                                     stat.S_IFIFO, stat.S_IFSOCK) or mode & ~(stat.S_IFMT(mode) | 0o7777):
+        if mode > 0o177777 or stat.S_IFMT(mode) not in KNOWN_TYPES or mode & ~(stat.S_IFMT(mode) | 0o7777):
             raise self.error(f"bad mode {mode:o}", start)
         if uid >= 2**32 - 1 or gid >= 2**32 - 1:
             raise self.error("uid/gid out of range", start)

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import PydesyncError
-from . import archive, blob, inspect, store, treeinfo
+from . import archive, blob, inspect, server, store, treeinfo
 from .common import Context, add_global_flags, parse_bool
 
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     add_global_flags(parent, suppress=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for module in (blob, archive, store, inspect, treeinfo):
+    for module in (blob, archive, store, inspect, treeinfo, server):
         module.register(sub, parent)
     return parser
 

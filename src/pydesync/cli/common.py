@@ -82,15 +82,16 @@ def add_store_options(parser: argparse.ArgumentParser, concurrency: bool = True)
     """desync's addStoreOptions: flags every store-using command takes."""
     if concurrency:
         add_concurrency(parser)
+    # None = not given: the config's store-options (or the store default) applies.
     parser.add_argument("--client-cert", default=None, help="path to a client certificate for TLS")
     parser.add_argument("--client-key", default=None, help="path to a client key for TLS")
     parser.add_argument("--ca-cert", default=None, help="trust these CA certificates (PEM)")
-    add_bool(parser, "-t", "--trust-insecure", default=False, help="trust invalid server certificates")
+    add_bool(parser, "-t", "--trust-insecure", default=None, help="trust invalid server certificates")
     add_bool(parser, "-r", "--cache-repair", default=True,
              help="replace invalid chunks in the cache from the source (default true)")
-    parser.add_argument("-e", "--error-retry", type=int, default=3,
+    parser.add_argument("-e", "--error-retry", type=int, default=None,
                         help="number of times to retry a failed network request (default 3)")
-    parser.add_argument("-b", "--error-retry-base-interval", type=parse_duration, default=0.5,
+    parser.add_argument("-b", "--error-retry-base-interval", type=parse_duration, default=None,
                         metavar="DURATION", help="wait between retries, times the attempt (default 500ms)")
 
 
@@ -143,7 +144,17 @@ class Context:
         return n
 
     def store_options(self, location: str) -> StoreOptions:
-        return self.config.options_for(location)
+        """Config options for the location, overridden by the store flags given on the command line."""
+        a = self.args
+        return self.config.options_for(location).override(
+            client_cert=getattr(a, "client_cert", None),
+            client_key=getattr(a, "client_key", None),
+            ca_cert=getattr(a, "ca_cert", None),
+            trust_insecure=getattr(a, "trust_insecure", None),
+            error_retry=getattr(a, "error_retry", None),
+            error_retry_base=getattr(a, "error_retry_base_interval", None),
+            concurrency=getattr(a, "concurrency", None),
+        )
 
     def source(self, required: bool = True) -> Store | None:
         """The `-s` stores as a chain, behind the `-c` cache if given."""

@@ -32,6 +32,10 @@ def open_store(location: str, options: StoreOptions | None = None, create: bool 
     scheme = location_scheme(location)
     if scheme is None:
         return LocalStore(os.path.expanduser(location), options, create=create)
+    if scheme in ("http", "https"):
+        from .http import HttpStore
+
+        return HttpStore(location, options)
     if scheme in REMOTE_SCHEMES:
         raise UsageError(f"store kind '{scheme}://' is not supported yet ({location})")
     raise UsageError(f"unsupported store location '{location}'")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..codec import CodecError, decompress
 from ..digest import SHA512_256, ChunkId, digest_of, other_digest
@@ -13,11 +13,25 @@ from ..errors import ChunkInvalid, StoreError
 
 @dataclass(frozen=True)
 class StoreOptions:
-    """Per-store settings (desync's config `store-options`)."""
+    """Per-store settings (desync's config `store-options`, overridden by explicit CLI flags)."""
 
     uncompressed: bool = False
     skip_verify: bool = False
     compression: str = "zstd"
+    timeout: float | None = 60.0        # seconds for a whole request; None = no limit
+    error_retry: int = 3                # attempts (HTTP: at least one)
+    error_retry_base: float = 0.5       # seconds; attempt n waits n times this
+    trust_insecure: bool = False
+    ca_cert: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    http_auth: str | None = None        # sent verbatim as Authorization
+    http_cookie: str | None = None      # sent verbatim as Cookie
+    concurrency: int = 10               # connections / requests at once for network stores
+
+    def override(self, **changes: object) -> StoreOptions:
+        """A copy with the given fields changed; None means 'not given' and keeps the current value."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
 def verify_chunk(chunk_id: ChunkId, data: bytes, digest: str | None, location: str) -> None:

@@ -1,0 +1,47 @@
+"""Where indexes live: a local path, `-` (stdin/stdout), or a URL of an index store.
+
+desync's rule: the last path element is the index name, the rest is the index
+store (`http://h/p/x.caibx` is `x.caibx` in the store `http://h/p/`).
+"""
+
+from __future__ import annotations
+
+from .errors import IndexFormatError
+from .store import location_scheme
+from .store.base import StoreOptions
+
+
+def split_location(location: str) -> tuple[str, str]:
+    """(store base, index name) of an index location."""
+    base, _, name = location.rpartition("/")
+    return base + "/", name
+
+
+def fetch_index_bytes(location: str, options: StoreOptions | None = None) -> bytes:
+    """The bytes of a remote index (HTTP(S) for now)."""
+    scheme = location_scheme(location)
+    if scheme in ("http", "https"):
+        from .store.http import HttpClient
+
+        base, name = split_location(location)
+        response = HttpClient(base, options or StoreOptions()).request("GET", name)
+        if response is None:
+            raise IndexFormatError(f"index {location} does not exist")
+        return response.data
+    raise IndexFormatError(f"cannot read an index from '{location}': unsupported location")
+
+
+def store_index_bytes(location: str, data: bytes, options: StoreOptions | None = None) -> None:
+    scheme = location_scheme(location)
+    if scheme in ("http", "https"):
+        from .store.http import HttpClient
+
+        base, name = split_location(location)
+        HttpClient(base, options or StoreOptions()).request("PUT", name, body=data, ok=(200, 201, 204),
+                                                            missing=())
+        return
+    raise IndexFormatError(f"cannot write an index to '{location}': unsupported location")
+
+
+def is_remote(location: str) -> bool:
+    return location != "-" and location_scheme(location) is not None

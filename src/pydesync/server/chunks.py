@@ -1,0 +1,110 @@
+"""chunk-server: a store (or a chain behind a cache) over HTTP at `/<4 hex>/<64 hex>.cacnk`.
+
+GET and HEAD always; PUT with `writable`, where an upload is decoded and
+checked against its id before it is stored. With `uncompressed` the wire
+format is the raw chunk (no suffix); chunks are converted between the stored
+and the served encoding on the fly. casync's HTTP helper and desync's HTTP
+store both talk to this.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from urllib.parse import unquote, urlsplit
+
+from ..codec import CodecError, compress, decompress
+from ..digest import ChunkId, digest_of
+from ..errors import ChunkInvalid, ChunkMissing, PydesyncError
+from ..store.base import Store, verify_chunk
+from .common import Handler, ServerOptions, make_servers
+
+_CHUNK_PATH = re.compile(r"^/([0-9a-f]{4})/([0-9a-f]{64})(.*)$")
+
+
+class ChunkServer:
+    """The request logic; `handler()` binds it to an HTTP handler class."""
+
+    def __init__(self, upstream: Store, writable: bool = False, uncompressed: bool = False,
+                 skip_verify_read: bool = True, skip_verify_write: bool = False):
+        self.upstream = upstream
+        self.writable = writable
+        self.wire_compressed = not uncompressed
+        self.suffix = "" if uncompressed else ".cacnk"
+        self.skip_verify_read = skip_verify_read
+        self.skip_verify_write = skip_verify_write
+
+    def handler(self, options: ServerOptions) -> type[Handler]:
+        return type("ChunkHandler", (Handler,), {"app": staticmethod(self.handle), "options": options})
+
+    def servers(self, options: ServerOptions) -> list:
+        return make_servers(self.handler(options), options)
+
+    # ---- requests ------------------------------------------------------------------------------
+    def handle(self, req: Handler) -> None:
+        if req.command not in ("GET", "HEAD", "PUT"):
+            req.reply(405, b"only GET, PUT and HEAD are supported\n")
+            return
+        chunk_id = self._parse(req)
+        if chunk_id is None:
+            return
+        if req.command == "PUT":
+            self._put(req, chunk_id)
+            return
+        try:
+            if req.command == "HEAD":
+                req.reply(200 if self.upstream.has(chunk_id) else 404)
+            else:
+                req.reply(200, self.wire_bytes(chunk_id), "application/octet-stream")
+        except ChunkMissing:
+            req.reply(404, f"chunk {chunk_id} not found\n".encode())
+        except (PydesyncError, OSError) as e:
+            sys.stderr.write(f"chunk-server: {req.command} {chunk_id}: {e}\n")
+            req.reply(500, b"internal server error\n")
+
+    def _parse(self, req: Handler) -> ChunkId | None:
+        path = unquote(urlsplit(req.path).path)
+        match = _CHUNK_PATH.match(path)
+        if not match or match.group(1) != match.group(2)[:4]:
+            req.reply(400, f"expected format '/<prefix>/<chunkid>{self.suffix}'\n".encode())
+            return None
+        if match.group(3) != self.suffix:
+            req.reply(400, b"invalid chunk extension, verify compression and encryption settings\n")
+            return None
+        return ChunkId(match.group(2))
+
+    def wire_bytes(self, chunk_id: ChunkId) -> bytes:
+        """The chunk as served: the stored file itself when formats agree and reads are trusted."""
+        get_stored = getattr(self.upstream, "get_stored", None)
+        if get_stored is not None and self.skip_verify_read:
+            stored, compressed = get_stored(chunk_id)
+            if compressed == self.wire_compressed:
+                return stored
+            return decompress(stored) if compressed else compress(stored)
+        data = self.upstream.get(chunk_id)
+        return compress(data) if self.wire_compressed else data
+
+    def _put(self, req: Handler, chunk_id: ChunkId) -> None:
+        if not self.writable:
+            req.reply(400, b"writing to upstream chunk store is not enabled\n")
+            return
+        body = req.read_body()
+        if body is None:
+            return
+        try:
+            data = decompress(body) if self.wire_compressed else body
+            if not self.skip_verify_write:
+                verify_chunk(chunk_id, data, None, "upload")
+        except CodecError as e:
+            req.reply(400, f"invalid chunk {chunk_id}: {e}\n".encode())
+            return
+        except ChunkInvalid:
+            req.reply(400, f"chunk id {chunk_id} does not match its hash {digest_of(data)}\n".encode())
+            return
+        try:
+            self.upstream.put(chunk_id, data)
+        except (PydesyncError, OSError) as e:
+            sys.stderr.write(f"chunk-server: PUT {chunk_id}: {e}\n")
+            req.reply(500, b"internal server error\n")
+            return
+        req.reply(200)

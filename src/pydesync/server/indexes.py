@@ -1,0 +1,85 @@
+"""index-server: index files of a local directory over HTTP, by name (the last path element).
+
+GET re-serialises a parsed index (a file that is not an index is 400), HEAD
+says whether it opens, PUT (with `writable`) stores a body only if it parses
+as an index (else 415). Names are plain file names: anything that could
+climb out of the directory is 400.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from urllib.parse import unquote, urlsplit
+
+from ..errors import IndexFormatError
+from ..fsutil import write_bytes_atomic
+from ..index import parse_index
+from .common import Handler, ServerOptions, make_servers
+
+
+def valid_index_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
+class IndexServer:
+    def __init__(self, directory: str, writable: bool = False):
+        if not os.path.isdir(directory):
+            raise IndexFormatError(f"index store {directory} is not a directory")
+        self.directory = directory
+        self.writable = writable
+
+    def handler(self, options: ServerOptions) -> type[Handler]:
+        return type("IndexHandler", (Handler,), {"app": staticmethod(self.handle), "options": options})
+
+    def servers(self, options: ServerOptions) -> list:
+        return make_servers(self.handler(options), options)
+
+    def handle(self, req: Handler) -> None:
+        if req.command not in ("GET", "HEAD", "PUT"):
+            req.reply(405, b"only GET, PUT and HEAD are supported\n")
+            return
+        raw = urlsplit(req.path).path
+        name = unquote(raw.rsplit("/", 1)[-1])
+        if not valid_index_name(name) or "\\" in unquote(raw):
+            req.reply(400, b"invalid index name\n")
+            return
+        path = os.path.join(self.directory, name)
+        if req.command == "PUT":
+            self._put(req, path)
+            return
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            req.reply(404, b"index not found\n")
+            return
+        except OSError:
+            req.reply(400, b"failed to retrieve index\n")
+            return
+        try:
+            body = parse_index(data, name).to_bytes()
+        except IndexFormatError:
+            req.reply(400, b"failed to retrieve index\n")
+            return
+        req.reply(200, body, "application/octet-stream")
+
+    def _put(self, req: Handler, path: str) -> None:
+        if not self.writable:
+            req.reply(400, b"writing to upstream index store is not enabled\n")
+            return
+        body = req.read_body()
+        if body is None:
+            return
+        try:
+            parse_index(body)
+        except IndexFormatError:
+            req.reply(415, b"not a valid index\n")
+            return
+        try:
+            write_bytes_atomic(path, body)
+        except OSError as e:
+            sys.stderr.write(f"index-server: PUT {path}: {e}\n")
+            req.reply(500, b"internal server error\n")
+            return
+        req.reply(200)

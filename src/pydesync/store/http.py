@@ -1,0 +1,159 @@
+"""HTTP(S) chunk stores: `<base>/<4 hex>/<64 hex>.cacnk` over pooled keep-alive connections.
+
+desync's client semantics: GET 200 is data and 404 is missing (so a chain falls
+through to the next store); HEAD answers `has`; PUT stores. Network errors and
+5xx answers are retried `error_retry` times in all, attempt n waiting n times
+the base interval; after the last one the real status is reported.
+"""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import quote
+
+import urllib3
+from urllib3.exceptions import HTTPError as Urllib3Error
+
+from ..codec import compress
+from ..digest import ChunkId
+from ..errors import ChunkMissing, StoreError, UsageError
+from .base import Store, StoreOptions, decode_chunk, verify_chunk
+
+SUFFIX = ".cacnk"
+
+
+class HttpError(StoreError):
+    """An HTTP request failed for good (after retries)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+def make_pool(options: StoreOptions) -> urllib3.PoolManager:
+    """A connection pool configured from the store's TLS and timeout options."""
+    if bool(options.client_cert) != bool(options.client_key):
+        raise UsageError("--client-cert and --client-key must be given together")
+    timeout = None if options.timeout in (None, float("inf")) else options.timeout
+    kwargs: dict[str, object] = {
+        "maxsize": max(1, options.concurrency),
+        "block": False,
+        "retries": False,
+        "timeout": urllib3.Timeout(total=timeout) if timeout else urllib3.Timeout(connect=None, read=None),
+    }
+    if options.trust_insecure:
+        kwargs["cert_reqs"] = "CERT_NONE"
+        kwargs["assert_hostname"] = False
+    else:
+        kwargs["cert_reqs"] = "CERT_REQUIRED"
+        if options.ca_cert:
+            kwargs["ca_certs"] = options.ca_cert
+    if options.client_cert:
+        kwargs["cert_file"] = options.client_cert
+        kwargs["key_file"] = options.client_key
+    if options.trust_insecure:
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+    return urllib3.PoolManager(**kwargs)  # type: ignore[arg-type]
+
+
+class HttpClient:
+    """Requests against one base URL with desync's retry policy and headers."""
+
+    def __init__(self, base: str, options: StoreOptions):
+        self.base = base if base.endswith("/") else base + "/"
+        self.options = options
+        self.pool = make_pool(options)
+        self.headers: dict[str, str] = {}
+        if options.http_auth:
+            self.headers["Authorization"] = options.http_auth
+        if options.http_cookie:
+            self.headers["Cookie"] = options.http_cookie
+
+    def url(self, name: str) -> str:
+        return self.base + quote(name, safe="/.-_~")
+
+    def request(self, method: str, name: str, body: bytes | None = None,
+                ok: tuple[int, ...] = (200,),
+                missing: tuple[int, ...] = (404,)) -> urllib3.BaseHTTPResponse | None:
+        """The response for an `ok` status, None for a `missing` one; raises HttpError otherwise."""
+        url = self.url(name)
+        attempts = max(1, self.options.error_retry)
+        last: HttpError | None = None
+        for attempt in range(1, attempts + 1):
+            try:
+                response = self.pool.request(method, url, body=body, headers=self.headers, retries=False,
+                                             preload_content=True, redirect=True)
+            except (Urllib3Error, OSError) as e:
+                last = HttpError(f"{method} {url}: {_reason(e)}")
+            else:
+                if response.status in ok:
+                    return response
+                if response.status in missing:
+                    return None
+                text = response.data[:200].decode("utf-8", "replace").strip()
+                last = HttpError(f"unexpected status code {response.status} from {url}"
+                                 + (f": {text}" if text and method == "PUT" else ""), response.status)
+                if response.status < 500:
+                    raise last
+            if attempt < attempts:
+                time.sleep(attempt * self.options.error_retry_base)
+        assert last is not None
+        raise last
+
+    def close(self) -> None:
+        self.pool.clear()
+
+
+def _reason(e: Exception) -> str:
+    reason = getattr(e, "reason", None)
+    return str(reason or e)
+
+
+class HttpStore(Store):
+    """A chunk store behind an HTTP(S) server (desync's chunk-server, a CDN, a static web server)."""
+
+    remote = True
+
+    def __init__(self, location: str, options: StoreOptions | None = None):
+        self.location = location
+        self.options = options or StoreOptions()
+        base = location.split("?", 1)[0].split(";", 1)[0]
+        self.client = HttpClient(base, self.options)
+        self._suffix = "" if self.options.uncompressed else SUFFIX
+
+    def _name(self, chunk_id: ChunkId) -> str:
+        h = chunk_id.hex()
+        return f"{h[:4]}/{h}{self._suffix}"
+
+    def get(self, chunk_id: ChunkId, digest: str | None = None) -> bytes:
+        response = self.client.request("GET", self._name(chunk_id))
+        if response is None:
+            raise ChunkMissing(chunk_id, [self.location])
+        where = self.client.url(self._name(chunk_id))
+        data = decode_chunk(chunk_id, response.data, not self.options.uncompressed, where)
+        if not self.options.skip_verify:
+            verify_chunk(chunk_id, data, digest, where)
+        return data
+
+    def get_stored(self, chunk_id: ChunkId) -> tuple[bytes, bool]:
+        response = self.client.request("GET", self._name(chunk_id))
+        if response is None:
+            raise ChunkMissing(chunk_id, [self.location])
+        return response.data, not self.options.uncompressed
+
+    def has(self, chunk_id: ChunkId) -> bool:
+        return self.client.request("HEAD", self._name(chunk_id)) is not None
+
+    @property
+    def writable(self) -> bool:
+        return True
+
+    def put(self, chunk_id: ChunkId, data: bytes | memoryview) -> None:
+        encoded = bytes(data) if self.options.uncompressed else compress(data, self.options.compression)
+        self.put_stored(chunk_id, encoded)
+
+    def put_stored(self, chunk_id: ChunkId, encoded: bytes) -> None:
+        self.client.request("PUT", self._name(chunk_id), body=encoded, ok=(200, 201, 204), missing=())
+
+    def close(self) -> None:
+        self.client.close()
