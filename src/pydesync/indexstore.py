@@ -24,10 +24,14 @@ def fetch_index_bytes(location: str, options: StoreOptions | None = None) -> byt
         from .store.http import HttpClient
 
         base, name = split_location(location)
-        response = HttpClient(base, options or StoreOptions()).request("GET", name)
-        if response is None:
+        client = HttpClient(base, options or StoreOptions())
+        try:
+            data = client.request("GET", name)
+        finally:
+            client.close()
+        if data is None:
             raise IndexFormatError(f"index {location} does not exist")
-        return response.data
+        return data
     raise IndexFormatError(f"cannot read an index from '{location}': unsupported location")
 
 
@@ -37,8 +41,11 @@ def store_index_bytes(location: str, data: bytes, options: StoreOptions | None =
         from .store.http import HttpClient
 
         base, name = split_location(location)
-        HttpClient(base, options or StoreOptions()).request("PUT", name, body=data, ok=(200, 201, 204),
-                                                            missing=())
+        client = HttpClient(base, options or StoreOptions())
+        try:
+            client.request("PUT", name, body=data, ok=(200, 201, 204), missing=())
+        finally:
+            client.close()
         return
     raise IndexFormatError(f"cannot write an index to '{location}': unsupported location")
 

@@ -9,6 +9,7 @@ store both talk to this.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from urllib.parse import unquote, urlsplit
@@ -17,13 +18,14 @@ from ..codec import CodecError, compress, decompress
 from ..digest import ChunkId, digest_of
 from ..errors import ChunkInvalid, ChunkMissing, PydesyncError
 from ..store.base import Store, verify_chunk
-from .common import Handler, ServerOptions, make_servers
+from ..store.local import LocalStore
+from .common import Exchange, ServerOptions, make_servers
 
 _CHUNK_PATH = re.compile(r"^/([0-9a-f]{4})/([0-9a-f]{64})(.*)$")
 
 
 class ChunkServer:
-    """The request logic; `handler()` binds it to an HTTP handler class."""
+    """The request logic for every method; `servers()` binds it to listening sockets."""
 
     def __init__(self, upstream: Store, writable: bool = False, uncompressed: bool = False,
                  skip_verify_read: bool = True, skip_verify_write: bool = False):
@@ -34,14 +36,11 @@ class ChunkServer:
         self.skip_verify_read = skip_verify_read
         self.skip_verify_write = skip_verify_write
 
-    def handler(self, options: ServerOptions) -> type[Handler]:
-        return type("ChunkHandler", (Handler,), {"app": staticmethod(self.handle), "options": options})
-
     def servers(self, options: ServerOptions) -> list:
-        return make_servers(self.handler(options), options)
+        return make_servers(self.handle, options)
 
     # ---- requests ------------------------------------------------------------------------------
-    def handle(self, req: Handler) -> None:
+    def handle(self, req: Exchange) -> None:
         if req.command not in ("GET", "HEAD", "PUT"):
             req.reply(405, b"only GET, PUT and HEAD are supported\n")
             return
@@ -54,7 +53,7 @@ class ChunkServer:
         try:
             if req.command == "HEAD":
                 req.reply(200 if self.upstream.has(chunk_id) else 404)
-            else:
+            elif not self._send_file(req, chunk_id):
                 req.reply(200, self.wire_bytes(chunk_id), "application/octet-stream")
         except ChunkMissing:
             req.reply(404, f"chunk {chunk_id} not found\n".encode())
@@ -62,7 +61,7 @@ class ChunkServer:
             sys.stderr.write(f"chunk-server: {req.command} {chunk_id}: {e}\n")
             req.reply(500, b"internal server error\n")
 
-    def _parse(self, req: Handler) -> ChunkId | None:
+    def _parse(self, req: Exchange) -> ChunkId | None:
         path = unquote(urlsplit(req.path).path)
         match = _CHUNK_PATH.match(path)
         if not match or match.group(1) != match.group(2)[:4]:
@@ -72,6 +71,19 @@ class ChunkServer:
             req.reply(400, b"invalid chunk extension, verify compression and encryption settings\n")
             return None
         return ChunkId(match.group(2))
+
+    def _send_file(self, req: Exchange, chunk_id: ChunkId) -> bool:
+        """Serve a local store's file as it is (sendfile) when its format is the wire format."""
+        if not isinstance(self.upstream, LocalStore) or not self.skip_verify_read:
+            return False
+        fd, size, compressed = self.upstream.open_stored(chunk_id)
+        try:
+            if compressed != self.wire_compressed:
+                return False
+            req.reply_file(fd, size)
+            return True
+        finally:
+            os.close(fd)
 
     def wire_bytes(self, chunk_id: ChunkId) -> bytes:
         """The chunk as served: the stored file itself when formats agree and reads are trusted."""
@@ -84,7 +96,7 @@ class ChunkServer:
         data = self.upstream.get(chunk_id)
         return compress(data) if self.wire_compressed else data
 
-    def _put(self, req: Handler, chunk_id: ChunkId) -> None:
+    def _put(self, req: Exchange, chunk_id: ChunkId) -> None:
         if not self.writable:
             req.reply(400, b"writing to upstream chunk store is not enabled\n")
             return

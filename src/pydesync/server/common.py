@@ -1,15 +1,11 @@
 """What both HTTP servers share: listening (several addresses, TLS, mutual TLS), the
-Authorization check, the access log, and keep-alive request handling in threads.
+Authorization check, the access log, and the request object handlers see.
 """
 
 from __future__ import annotations
 
 import hmac
-import http.server
-import socket
-import socketserver
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +13,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from ..errors import UsageError
+from .http11 import Http11Server, Request
 
 MAX_BODY = 128 * 1024 * 1024 + 1024 * 1024  # a chunk (128 MiB at most) plus room for its encoding
 
@@ -67,103 +64,67 @@ def parse_listen(address: str) -> tuple[str, int]:
     return host, number
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    """Keep-alive HTTP/1.1 handler; subclasses implement do_GET/do_HEAD/do_PUT via `app`."""
+class Exchange:
+    """One request as the handlers see it: method, path, headers, and ways to answer."""
 
-    protocol_version = "HTTP/1.1"
-    server_version = "pydesync"
-    disable_nagle_algorithm = True  # small responses must not wait for the client's delayed ACK
-    app: Callable[[Handler], None]
-    options: ServerOptions
-    log_lock = threading.Lock()
+    __slots__ = ("req",)
 
-    def handle_one_request(self) -> None:
-        try:
-            super().handle_one_request()
-        except (TimeoutError, ConnectionError):
-            self.close_connection = True
+    def __init__(self, req: Request):
+        self.req = req
 
-    def authorized(self) -> bool:
-        expected = self.options.authorization
-        if not expected:
-            return True
-        given = self.headers.get("Authorization", "")
-        return hmac.compare_digest(given.encode(), expected.encode())
+    @property
+    def command(self) -> str:
+        return self.req.method
+
+    @property
+    def path(self) -> str:
+        return self.req.target
+
+    def header(self, name: str) -> str | None:
+        return self.req.headers.get(name.lower())
 
     def reply(self, status: int, body: bytes = b"", content_type: str = "text/plain; charset=utf-8") -> None:
-        """Status, headers and body in one write (one TCP segment train, no Nagle stall)."""
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self._headers_buffer.append(b"\r\n")
-        if self.command != "HEAD" and body:
-            self._headers_buffer.append(body)
-        self.wfile.write(b"".join(self._headers_buffer))
-        self._headers_buffer = []
+        self.req._conn.reply(self.req, status, body, content_type)
+
+    def reply_file(self, fd: int, size: int) -> None:
+        self.req._conn.reply_file(self.req, fd, size)
 
     def read_body(self) -> bytes | None:
-        """The request body, or None after answering 411/413 when it is missing or too large."""
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self.reply(411, b"Content-Length required\n")
-            return None
-        size = int(length)
-        if size > MAX_BODY:
-            self.reply(413, b"body too large\n")
-            self.close_connection = True
-            return None
-        return self.rfile.read(size)
-
-    def dispatch(self) -> None:
-        if not self.authorized():
-            self.reply(401, b"Unauthorized\n")
-            return
-        type(self).app(self)
-
-    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = do_PATCH = do_OPTIONS = dispatch
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        log = self.options.log
-        if log is None:
-            return
-        stamp = time.strftime("%Y/%m/%d %H:%M:%S")
-        with self.log_lock:
-            log.write(f"{stamp} Client: {self.client_address[0]}:{self.client_address[1]}, "
-                      f"Request: {self.command} {self.path}, Response: {code}\n")
-            log.flush()
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Errors from http.server go to stderr only when logging was asked for."""
-        if self.options.log is not None:
-            sys.stderr.write(format % args + "\n")
+        return self.req.read_body(MAX_BODY)
 
 
-class _ThreadingServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
+def make_app(handle: Callable[[Exchange], None], options: ServerOptions) -> Callable[[Request], None]:
+    """The request entry point: the Authorization check, then the handler."""
+    expected = options.authorization.encode() if options.authorization else None
+
+    def app(req: Request) -> None:
+        ex = Exchange(req)
+        if expected is not None:
+            given = (req.headers.get("authorization") or "").encode()
+            if not hmac.compare_digest(given, expected):
+                ex.reply(401, b"Unauthorized\n")
+                return
+        handle(ex)
+
+    return app
 
 
-def make_servers(handler: type[Handler], options: ServerOptions) -> list[http.server.HTTPServer]:
-    """Bind every listen address (one thread per connection on each)."""
+def make_servers(handle: Callable[[Exchange], None], options: ServerOptions) -> list[Http11Server]:
+    """Bind every listen address."""
     options.validate()
     context = options.ssl_context()
+    app = make_app(handle, options)
     servers = []
     for address in options.listen:
         host, port = parse_listen(address)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        server_class = type("Server", (_ThreadingServer,), {"address_family": family})
         try:
-            server = server_class((host, port), handler)
+            servers.append(Http11Server((host, port), app, context, options.log))
         except OSError as e:
             raise UsageError(f"cannot listen on {address}: {e.strerror}") from None
-        if context is not None:
-            server.socket = context.wrap_socket(server.socket, server_side=True)
-        servers.append(server)
     return servers
 
 
-def serve_forever(servers: list[http.server.HTTPServer]) -> None:
+def serve_forever(servers: list[Http11Server]) -> None:
     """Serve on every address until interrupted; the first listener failure ends all."""
     threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
     for t in threads:

@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 from ..errors import IndexFormatError
 from ..fsutil import write_bytes_atomic
 from ..index import parse_index
-from .common import Handler, ServerOptions, make_servers
+from .common import Exchange, ServerOptions, make_servers
 
 
 def valid_index_name(name: str) -> bool:
@@ -29,13 +29,10 @@ class IndexServer:
         self.directory = directory
         self.writable = writable
 
-    def handler(self, options: ServerOptions) -> type[Handler]:
-        return type("IndexHandler", (Handler,), {"app": staticmethod(self.handle), "options": options})
-
     def servers(self, options: ServerOptions) -> list:
-        return make_servers(self.handler(options), options)
+        return make_servers(self.handle, options)
 
-    def handle(self, req: Handler) -> None:
+    def handle(self, req: Exchange) -> None:
         if req.command not in ("GET", "HEAD", "PUT"):
             req.reply(405, b"only GET, PUT and HEAD are supported\n")
             return
@@ -64,7 +61,7 @@ class IndexServer:
             return
         req.reply(200, body, "application/octet-stream")
 
-    def _put(self, req: Handler, path: str) -> None:
+    def _put(self, req: Exchange, path: str) -> None:
         if not self.writable:
             req.reply(400, b"writing to upstream index store is not enabled\n")
             return

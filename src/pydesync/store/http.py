@@ -8,7 +8,9 @@ the base interval; after the last one the real status is reported.
 
 from __future__ import annotations
 
+import ssl
 import time
+import urllib.request
 from urllib.parse import quote
 
 import urllib3
@@ -18,6 +20,7 @@ from ..codec import compress
 from ..digest import ChunkId
 from ..errors import ChunkMissing, StoreError, UsageError
 from .base import Store, StoreOptions, decode_chunk, verify_chunk
+from .http_fast import FastHttp, tls_context
 
 SUFFIX = ".cacnk"
 
@@ -31,19 +34,17 @@ class HttpError(StoreError):
 
 
 def make_pool(options: StoreOptions) -> urllib3.PoolManager:
-    """A connection pool configured from the store's TLS and timeout options."""
-    if bool(options.client_cert) != bool(options.client_key):
-        raise UsageError("--client-cert and --client-key must be given together")
-    timeout = None if options.timeout in (None, float("inf")) else options.timeout
+    """urllib3 connections (proxies from the environment, redirects), from the store's options."""
     kwargs: dict[str, object] = {
         "maxsize": max(1, options.concurrency),
         "block": False,
         "retries": False,
-        "timeout": urllib3.Timeout(total=timeout) if timeout else urllib3.Timeout(connect=None, read=None),
+        "timeout": _urllib3_timeout(options),
     }
     if options.trust_insecure:
         kwargs["cert_reqs"] = "CERT_NONE"
         kwargs["assert_hostname"] = False
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
     else:
         kwargs["cert_reqs"] = "CERT_REQUIRED"
         if options.ca_cert:
@@ -51,49 +52,92 @@ def make_pool(options: StoreOptions) -> urllib3.PoolManager:
     if options.client_cert:
         kwargs["cert_file"] = options.client_cert
         kwargs["key_file"] = options.client_key
-    if options.trust_insecure:
-        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
     return urllib3.PoolManager(**kwargs)  # type: ignore[arg-type]
 
 
+def _urllib3_timeout(options: StoreOptions) -> urllib3.Timeout:
+    timeout = _seconds(options.timeout)
+    return urllib3.Timeout(total=timeout) if timeout else urllib3.Timeout(connect=None, read=None)
+
+
+def _seconds(timeout: float | None) -> float | None:
+    return None if timeout in (None, float("inf")) else timeout
+
+
+def _proxy_for(base: str) -> str | None:
+    parts = urllib3.util.parse_url(base)
+    proxy = urllib.request.getproxies().get(parts.scheme or "http")
+    return proxy if proxy and not urllib.request.proxy_bypass(parts.host or "") else None
+
+
 class HttpClient:
-    """Requests against one base URL with desync's retry policy and headers."""
+    """Requests against one base URL with desync's retry policy and headers.
+
+    Plain requests go through the lean keep-alive client (one connection per
+    thread); redirects and proxies through urllib3.
+    """
 
     def __init__(self, base: str, options: StoreOptions):
+        if bool(options.client_cert) != bool(options.client_key):
+            raise UsageError("--client-cert and --client-key must be given together")
         self.base = base if base.endswith("/") else base + "/"
         self.options = options
-        self.pool = make_pool(options)
         self.headers: dict[str, str] = {}
         if options.http_auth:
             self.headers["Authorization"] = options.http_auth
         if options.http_cookie:
             self.headers["Cookie"] = options.http_cookie
+        proxy = _proxy_for(self.base)
+        self.pool: urllib3.PoolManager = make_pool(options) if proxy is None else urllib3.ProxyManager(
+            proxy, retries=False, timeout=_urllib3_timeout(options))
+        self.fast: FastHttp | None = None
+        if proxy is None:
+            context = None
+            if self.base.startswith("https"):
+                try:
+                    context = tls_context(options.trust_insecure, options.ca_cert, options.client_cert,
+                                          options.client_key)
+                except (OSError, ssl.SSLError) as e:
+                    raise UsageError(f"cannot load TLS certificates: {e}") from None
+            self.fast = FastHttp(self.base, _seconds(options.timeout), context, self.headers)
+        self._path_prefix = urllib3.util.parse_url(self.base).path or "/"
+
+    @staticmethod
+    def quoted(name: str) -> str:
+        return quote(name, safe="/.-_~")
 
     def url(self, name: str) -> str:
-        return self.base + quote(name, safe="/.-_~")
+        return self.base + self.quoted(name)
 
-    def request(self, method: str, name: str, body: bytes | None = None,
-                ok: tuple[int, ...] = (200,),
-                missing: tuple[int, ...] = (404,)) -> urllib3.BaseHTTPResponse | None:
-        """The response for an `ok` status, None for a `missing` one; raises HttpError otherwise."""
+    def _once(self, method: str, name: str, body: bytes | None) -> tuple[int, bytes]:
+        if self.fast is not None:
+            response = self.fast.request(method, self._path_prefix + self.quoted(name), body)
+            if not (300 <= response.status < 400 and "location" in response.headers):
+                return response.status, response.data
+        answer = self.pool.request(method, self.url(name), body=body, headers=self.headers, retries=False,
+                                   preload_content=True, redirect=True)
+        return answer.status, answer.data
+
+    def request(self, method: str, name: str, body: bytes | None = None, ok: tuple[int, ...] = (200,),
+                missing: tuple[int, ...] = (404,)) -> bytes | None:
+        """The body for an `ok` status, None for a `missing` one; raises HttpError otherwise."""
         url = self.url(name)
         attempts = max(1, self.options.error_retry)
         last: HttpError | None = None
         for attempt in range(1, attempts + 1):
             try:
-                response = self.pool.request(method, url, body=body, headers=self.headers, retries=False,
-                                             preload_content=True, redirect=True)
-            except (Urllib3Error, OSError) as e:
+                status, data = self._once(method, name, body)
+            except (Urllib3Error, OSError, ssl.SSLError) as e:
                 last = HttpError(f"{method} {url}: {_reason(e)}")
             else:
-                if response.status in ok:
-                    return response
-                if response.status in missing:
+                if status in ok:
+                    return data
+                if status in missing:
                     return None
-                text = response.data[:200].decode("utf-8", "replace").strip()
-                last = HttpError(f"unexpected status code {response.status} from {url}"
-                                 + (f": {text}" if text and method == "PUT" else ""), response.status)
-                if response.status < 500:
+                text = data[:200].decode("utf-8", "replace").strip()
+                last = HttpError(f"unexpected status code {status} from {url}"
+                                 + (f": {text}" if text and method == "PUT" else ""), status)
+                if status < 500:
                     raise last
             if attempt < attempts:
                 time.sleep(attempt * self.options.error_retry_base)
@@ -101,6 +145,8 @@ class HttpClient:
         raise last
 
     def close(self) -> None:
+        if self.fast is not None:
+            self.fast.close()
         self.pool.clear()
 
 
@@ -126,20 +172,20 @@ class HttpStore(Store):
         return f"{h[:4]}/{h}{self._suffix}"
 
     def get(self, chunk_id: ChunkId, digest: str | None = None) -> bytes:
-        response = self.client.request("GET", self._name(chunk_id))
-        if response is None:
+        body = self.client.request("GET", self._name(chunk_id))
+        if body is None:
             raise ChunkMissing(chunk_id, [self.location])
         where = self.client.url(self._name(chunk_id))
-        data = decode_chunk(chunk_id, response.data, not self.options.uncompressed, where)
+        data = decode_chunk(chunk_id, body, not self.options.uncompressed, where)
         if not self.options.skip_verify:
             verify_chunk(chunk_id, data, digest, where)
         return data
 
     def get_stored(self, chunk_id: ChunkId) -> tuple[bytes, bool]:
-        response = self.client.request("GET", self._name(chunk_id))
-        if response is None:
+        body = self.client.request("GET", self._name(chunk_id))
+        if body is None:
             raise ChunkMissing(chunk_id, [self.location])
-        return response.data, not self.options.uncompressed
+        return body, not self.options.uncompressed
 
     def has(self, chunk_id: ChunkId) -> bool:
         return self.client.request("HEAD", self._name(chunk_id)) is not None

@@ -99,6 +99,24 @@ class LocalStore(Store):
             return data
         raise ChunkMissing(chunk_id, [self.location])
 
+    def open_stored(self, chunk_id: ChunkId) -> tuple[int, int, bool]:
+        """(open fd, size, compressed) of the chunk file, for serving it without copying.
+
+        The caller closes the fd. Raises ChunkMissing when absent.
+        """
+        for compressed in self._candidates():
+            path = self.chunk_path(chunk_id, compressed)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    continue
+                raise StoreError(f"cannot read {path}: {e.strerror}") from None
+            return fd, os.fstat(fd).st_size, compressed
+        raise ChunkMissing(chunk_id, [self.location])
+
     def get_stored(self, chunk_id: ChunkId) -> tuple[bytes, bool]:
         """The chunk file's bytes and whether they are compressed (for servers)."""
         for compressed in self._candidates():
