@@ -136,7 +136,10 @@ class Connection:
             headers[name.lower()] = value.strip()
         method, target, version = parts
         connection = headers.get("connection", "").lower()
-        self.keep_alive = ("close" not in connection) if version == "HTTP/1.1" else ("keep-alive" in connection)
+        if version == "HTTP/1.1":
+            self.keep_alive = "close" not in connection
+        else:
+            self.keep_alive = "keep-alive" in connection
         return Request(method, target, version, headers, self.client, self)
 
     # ---- output --------------------------------------------------------------------------------
