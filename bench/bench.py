@@ -8,11 +8,13 @@ ratios rather than absolute times, median of --repeat runs.
     python3 bench/bench.py --size 256M     # quicker
     python3 bench/bench.py --input random  # incompressible input
     python3 bench/bench.py --input sparse --size 8G --repeat 1   # peak RSS on a huge input
+    python3 bench/bench.py --tree /usr/lib  # tar/untar rows on another tree (--no-tree: skip them)
 """
 
 from __future__ import annotations
 
 import argparse
+import filecmp
 import os
 import shutil
 import statistics
@@ -74,12 +76,13 @@ def scan_throughput(blob: Path) -> float:
     return best
 
 
-def run_case(name: str, repeat: int, prepare: Callable[[], None],
+def run_case(name: str, repeat: int, prepare: Callable[[str], None],
              casync_cmd: list[str], ours_cmd: list[str]) -> dict[str, object]:
+    """Median wall time and peak RSS of each tool; `prepare(tool)` runs before each of its runs."""
     results: dict[str, list[tuple[float, int]]] = {"casync": [], "pydesync": []}
     for _ in range(repeat):
         for tool, cmd in (("casync", casync_cmd), ("pydesync", ours_cmd)):
-            prepare()
+            prepare(tool)
             results[tool].append(timed(cmd))
     row: dict[str, object] = {"case": name}
     for tool, runs in results.items():
@@ -89,6 +92,42 @@ def run_case(name: str, repeat: int, prepare: Callable[[], None],
     return row
 
 
+def tree_cases(args: argparse.Namespace, casync: str, ours: list[str],
+               work: Path) -> tuple[list[dict[str, object]], list[str]]:
+    """tar (casync make X.catar TREE) and untar (casync extract X.catar DIR) rows, plus notes."""
+    tree = args.tree
+    if not os.path.isdir(tree):
+        return [], [f"tree rows skipped: {tree} is not a directory"]
+    catar = {"casync": work / "casync.catar", "pydesync": work / "pydesync.catar"}
+    out = {"casync": work / "casync.out", "pydesync": work / "pydesync.out"}
+
+    def no_catar(tool: str) -> None:
+        catar[tool].unlink(missing_ok=True)
+
+    def no_tree(tool: str) -> None:
+        shutil.rmtree(out[tool], ignore_errors=True)
+
+    rows = [run_case("tar", args.repeat, no_catar, [casync, "make", str(catar["casync"]), tree],
+                     [*ours, "tar", str(catar["pydesync"]), tree])]
+    size = catar["casync"].stat().st_size
+    same = filecmp.cmp(catar["casync"], catar["pydesync"], shallow=False)
+    notes = [f"tar of {tree}: {size} bytes ({size / 2**20:.0f} MiB), archives identical: {same}"]
+    catar["pydesync"].unlink()
+    has_untar = subprocess.run([*ours, "untar", "-h"], capture_output=True).returncode == 0
+    if not has_untar:
+        notes.append("untar row skipped: this pydesync has no untar command")
+        return rows, notes
+    rows.append(run_case("untar", args.repeat, no_tree,
+                         [casync, "extract", str(catar["casync"]), str(out["casync"])],
+                         [*ours, "untar", str(catar["casync"]), str(out["pydesync"])]))
+    digests = [subprocess.run([casync, "digest", str(out[t])], capture_output=True, text=True).stdout.strip()
+               for t in ("casync", "pydesync")]
+    notes.append(f"untar: restored trees identical (casync digest): {digests[0] == digests[1] != ''}")
+    for tool in out:
+        no_tree(tool)
+    return rows, notes
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="1G", help="input size (default 1G; 256M for a quick run)")
@@ -96,6 +135,9 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=2, help="runs per tool and case (median)")
     ap.add_argument("--dir", default="/dev/shm", help="where inputs and stores go (tmpfs)")
     ap.add_argument("-n", "--concurrency", type=int, default=10, help="pydesync -n")
+    ap.add_argument("--tree", default="/usr/share",
+                    help="directory for the tar/untar rows (default /usr/share)")
+    ap.add_argument("--no-tree", action="store_true", help="skip the tar/untar rows")
     args = ap.parse_args()
     casync = shutil.which("casync")
     if not casync:
@@ -110,11 +152,11 @@ def main() -> int:
         ci, pi = work / "casync.caibx", work / "pydesync.caibx"
         out = work / "out.bin"
 
-        def empty_stores() -> None:
+        def empty_stores(_tool: str) -> None:
             for s in (cs, ps):
                 shutil.rmtree(s, ignore_errors=True)
 
-        def no_output() -> None:
+        def no_output(_tool: str) -> None:
             out.unlink(missing_ok=True)
 
         n = ["-n", str(args.concurrency)]
@@ -122,7 +164,7 @@ def main() -> int:
             run_case("make, empty store", args.repeat, empty_stores,
                      [casync, "make", f"--store={cs}", str(ci), str(blob)],
                      [*ours, "make", *n, "-s", str(ps), str(pi), str(blob)]),
-            run_case("make, full store", args.repeat, lambda: None,
+            run_case("make, full store", args.repeat, lambda _tool: None,
                      [casync, "make", f"--store={cs}", str(ci), str(blob)],
                      [*ours, "make", *n, "-s", str(ps), str(pi), str(blob)]),
             run_case("extract", args.repeat, no_output,
@@ -130,13 +172,22 @@ def main() -> int:
                      [*ours, "extract", *n, "-s", str(ps), str(pi), str(out)]),
         ]
         same = ci.read_bytes() == pi.read_bytes()
+        notes: list[str] = []
+        if not args.no_tree:
+            empty_stores("")
+            no_output("")
+            tree_rows, notes = tree_cases(args, casync, ours, work)
+            rows += tree_rows
         print(f"input: {args.input}, {size} bytes; indexes identical: {same}; repeat {args.repeat}")
+        # last: reading the input into this process would inflate the children's peak RSS (fork)
         print(f"C scan alone, one core: {scan_throughput(blob):.0f} MB/s")
         print(f"{'case':<20} {'casync s':>9} {'pydesync s':>11} {'ratio':>6} {'casync MiB':>11} "
               f"{'pydesync MiB':>13}")
         for r in rows:
             print(f"{r['case']:<20} {r['casync']:>9.2f} {r['pydesync']:>11.2f} {r['ratio']:>5.2f}x "
                   f"{r['casync_rss']:>11.0f} {r['pydesync_rss']:>13.0f}")
+        for note in notes:
+            print(note)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -46,7 +46,8 @@ META_FEATURE = {
     F.FCAPS: F.WITH_FCAPS, F.QUOTA_PROJID: F.WITH_QUOTA_PROJID,
 }
 _ENTRY_BODY = struct.Struct("<6Q")
-KNOWN_TYPES = (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
+KNOWN_TYPES = (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
+               stat.S_IFSOCK)
 
 
 class ArchiveError(PydesyncError):
