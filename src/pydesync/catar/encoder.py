@@ -37,8 +37,13 @@ from .fsmeta import (
 )
 
 READ_BLOCK = 1024 * 1024
+FLUSH_AT = 256 * 1024  # yield the stream in blocks at least this big (few generator hops)
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
 _ENTRY = struct.Struct("<QQ6Q")
+XATTR_FEATURES = F.WITH_XATTRS | F.WITH_ACL | F.WITH_SELINUX | F.WITH_FCAPS
+ACL_ACCESS = ACL_XATTR_ACCESS.encode()
+ACL_DEFAULT = ACL_XATTR_DEFAULT.encode()
+ACL_NAMES = {ACL_ACCESS, ACL_DEFAULT}
 
 
 class EncodeError(PydesyncError):
@@ -65,10 +70,17 @@ class TreeEncoder:
         self.granularity = F.time_granularity(self.flags)
         self.offset = 0
         self.has_ids = bool(self.flags & (F.WITH_16BIT_UIDS | F.WITH_32BIT_UIDS))
+        self._buf = bytearray()
 
-    def _out(self, data: bytes) -> bytes:
+    def _out(self, data: bytes) -> None:
+        """Queue bytes of the stream; they are handed out in blocks of FLUSH_AT or more."""
         self.offset += len(data)
-        return data
+        self._buf += data
+
+    def _flush(self, force: bool = False) -> Iterator[bytes]:
+        if len(self._buf) >= FLUSH_AT or (force and self._buf):
+            block, self._buf = bytes(self._buf), bytearray()
+            yield block
 
     # ---- entry point -----------------------------------------------------------------------
     def __iter__(self) -> Iterator[bytes]:
@@ -79,6 +91,7 @@ class TreeEncoder:
         try:
             st = os.fstat(fd)
             yield from self._directory(self.root, fd, st, [], fs_magic(fd))
+            yield from self._flush(force=True)
         finally:
             os.close(fd)
 
@@ -86,7 +99,7 @@ class TreeEncoder:
     def _directory(self, path: bytes, fd: int, st: os.stat_result, rules: list[exclude.Rule],
                    magic: int) -> Iterator[bytes]:
         entry_offset = self.offset
-        yield self._out(self._metadata(path, st, fd, magic))
+        self._out(self._metadata(path, st, fd, magic))
         items: list[tuple[int, int, int]] = []
         if magic not in VIRTUAL_FS_MAGICS:
             try:
@@ -100,7 +113,8 @@ class TreeEncoder:
                 stored = yield from self._child(path, fd, st, name, rules, magic)
                 if stored:
                     items.append((start, self.offset, F.name_hash(name)))
-        yield self._out(F.goodbye_record(items, self.offset, entry_offset))
+                yield from self._flush()
+        self._out(F.goodbye_record(items, self.offset, entry_offset))
 
     def _child(self, parent: bytes, parent_fd: int, parent_st: os.stat_result, name: bytes,
                rules: list[exclude.Rule], parent_magic: int) -> Iterator[bytes]:
@@ -129,7 +143,7 @@ class TreeEncoder:
             excluded, subrules = exclude.test(rules, name, stat.S_ISDIR(mode))
             if excluded:
                 return False
-            yield self._out(F.cstring(F.FILENAME, name))
+            self._out(F.cstring(F.FILENAME, name))
             magic = parent_magic if st.st_dev == parent_st.st_dev or fd is None else fs_magic(fd)
             if stat.S_ISDIR(mode):
                 assert fd is not None
@@ -138,7 +152,7 @@ class TreeEncoder:
                 assert fd is not None
                 yield from self._file(path, fd, st, magic)
             else:
-                yield self._out(self._metadata(path, st, None, magic))
+                self._out(self._metadata(path, st, None, magic))
             return True
         finally:
             if fd is not None:
@@ -146,7 +160,7 @@ class TreeEncoder:
 
     def _file(self, path: bytes, fd: int, st: os.stat_result, magic: int) -> Iterator[bytes]:
         size = st.st_size if magic not in VIRTUAL_FS_MAGICS else 0
-        yield self._out(self._metadata(path, st, fd, magic, payload_size=size))
+        self._out(self._metadata(path, st, fd, magic, payload_size=size))
         remaining = size
         while remaining:
             try:
@@ -156,7 +170,13 @@ class TreeEncoder:
             if not block:
                 raise EncodeError(f"{os.fsdecode(path)} shrank while it was being archived")
             remaining -= len(block)
-            yield self._out(block)
+            if len(block) >= FLUSH_AT:  # big reads go out as they are, after what is queued
+                yield from self._flush(force=True)
+                self.offset += len(block)
+                yield block
+            else:
+                self._out(block)
+                yield from self._flush()
 
     # ---- helpers ---------------------------------------------------------------------------
     def _type_enabled(self, mode: int) -> bool:
@@ -243,15 +263,17 @@ class TreeEncoder:
                 out.append(F.cstring(F.USER, user))
             if group is not None:
                 out.append(F.cstring(F.GROUP, group))
+        # One listxattr tells which of the xattr-borne features exist; only those are read.
+        present = self._xattr_names(path) if flags & XATTR_FEATURES else set()
         if not is_lnk:
-            out.extend(self._xattr_records(path, is_reg))
-            if flags & F.WITH_ACL:
-                out.extend(self._acl_records(path, is_dir))
-        if flags & F.WITH_SELINUX:
+            out.extend(self._xattr_records(path, present))
+            if flags & F.WITH_ACL and present & ACL_NAMES:
+                out.extend(self._acl_records(path, is_dir, present))
+        if flags & F.WITH_SELINUX and b"security.selinux" in present:
             label = get_xattr(path, "security.selinux")
             if label:
                 out.append(F.cstring(F.SELINUX, label.rstrip(b"\0")))
-        if not is_lnk and flags & F.WITH_FCAPS and is_reg:
+        if not is_lnk and flags & F.WITH_FCAPS and is_reg and b"security.capability" in present:
             caps = get_xattr(path, "security.capability")
             if caps is not None:
                 out.append(F.record(F.FCAPS, caps))
@@ -275,15 +297,18 @@ class TreeEncoder:
         except OSError as e:
             raise EncodeError(f"cannot read link {os.fsdecode(path)}: {e.strerror}") from None
 
-    def _xattr_records(self, path: bytes, is_reg: bool) -> list[bytes]:
-        if not self.flags & F.WITH_XATTRS:
-            return []
+    @staticmethod
+    def _xattr_names(path: bytes) -> set[bytes]:
         try:
-            names = sorted(os.fsencode(n) for n in list_xattrs(path))
+            return {os.fsencode(n) for n in list_xattrs(path)}
         except OSError as e:
             raise EncodeError(f"cannot list xattrs of {os.fsdecode(path)}: {e.strerror}") from None
+
+    def _xattr_records(self, path: bytes, present: set[bytes]) -> list[bytes]:
+        if not self.flags & F.WITH_XATTRS:
+            return []
         out = []
-        for name in names:
+        for name in sorted(present):
             if not (name.startswith((b"user.", b"trusted.")) and _valid_xattr_name(name)):
                 continue
             value = get_xattr(path, os.fsdecode(name))
@@ -291,11 +316,11 @@ class TreeEncoder:
                 out.append(F.record(F.XATTR, name + b"\0" + value))
         return out
 
-    def _acl_records(self, path: bytes, is_dir: bool) -> list[bytes]:
+    def _acl_records(self, path: bytes, is_dir: bool, present: set[bytes]) -> list[bytes]:
         out: list[bytes] = []
         try:
-            access_raw = get_xattr(path, ACL_XATTR_ACCESS)
-            default_raw = get_xattr(path, ACL_XATTR_DEFAULT) if is_dir else None
+            access_raw = get_xattr(path, ACL_XATTR_ACCESS) if ACL_ACCESS in present else None
+            default_raw = get_xattr(path, ACL_XATTR_DEFAULT) if is_dir and ACL_DEFAULT in present else None
             access = PosixAcl.parse(access_raw) if access_raw else None
             default = PosixAcl.parse(default_raw) if default_raw else None
         except (OSError, ValueError) as e:
