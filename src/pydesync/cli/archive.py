@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..archive import tar_to_file, tar_to_index
 from ..catar import format as F
+from ..catar.decoder import ArchiveDecoder, IterReader, Readable
+from ..catar.extractor import ExtractOptions, TreeExtractor
 from ..chunker import ChunkSizes
 from ..digest import SHA512_256, check_digest
-from ..errors import UsageError
+from ..errors import PydesyncError, UsageError
+from ..extract import BlobReader
+from ..index import read_index
 from .common import CommaList, Context, add_bool, add_store_options, add_stores
 
 TIME_FEATURES = ("nsec-time", "usec-time", "sec-time", "2sec-time")
@@ -42,6 +47,27 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     add_store_options(p)
     p.set_defaults(func=run_tar)
 
+    p = sub.add_parser("untar", parents=[parent], help="extract a catar (or caidx + chunks) to a directory",
+                       description="Unpack the archive INPUT (a .catar, '-' for stdin; with -i a .caidx "
+                                   "whose chunks come from the -s stores) into the directory TARGET. "
+                                   "Owners, modes, times, xattrs, ACLs, file capabilities, chattr flags "
+                                   "and special files are restored as far as the archive records them. "
+                                   "Nothing is written outside TARGET and no symlink is followed.")
+    p.add_argument("input")
+    p.add_argument("target")
+    add_stores(p, help="source store(s), used with -i")
+    p.add_argument("-i", "--index", action="store_true", help="read an index (caidx), not a catar")
+    p.add_argument("--no-same-owner", action="store_true", help="extract files as the current user")
+    p.add_argument("--no-same-permissions", action="store_true",
+                   help="use the current umask instead of the archive's permissions")
+    p.add_argument("--output-format", choices=["disk", "gnu-tar"], default="disk",
+                   help="output format (disk; gnu-tar is not supported yet)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files in TARGET")
+    p.add_argument("--best-effort", action="store_true",
+                   help="warn about what cannot be restored (owner, xattrs, flags, devices) and go on")
+    add_store_options(p)
+    p.set_defaults(func=run_untar)
+
 
 def feature_flags(ctx: Context) -> int:
     a = ctx.args
@@ -69,4 +95,43 @@ def run_tar(ctx: Context) -> int:
     with store:
         tar_to_index(a.source, a.output, store, flags, ChunkSizes.parse_kib(a.chunk_size),
                      check_digest(ctx.digest), ctx.concurrency)
+    return 0
+
+
+def print_warning(message: str) -> None:
+    sys.stderr.write(f"Warning: {message}\n")
+    sys.stderr.flush()
+
+
+def extract_tree(stream: Readable, name: str, target: str, options: ExtractOptions) -> list[str]:
+    """Decode a catar stream into TARGET, printing each warning (best effort) as it happens."""
+    extractor = TreeExtractor(target, options, warn=print_warning)
+    return extractor.extract(ArchiveDecoder(stream, name))
+
+
+def run_untar(ctx: Context) -> int:
+    a = ctx.args
+    if a.output_format != "disk":
+        raise UsageError(f"--output-format={a.output_format} is not supported yet")
+    options = ExtractOptions(overwrite=a.overwrite, best_effort=a.best_effort,
+                             same_owner=not a.no_same_owner, same_permissions=not a.no_same_permissions)
+    if a.index:
+        if not a.store:
+            raise UsageError("-i requires at least one store (-s <location>)")
+        index = read_index(a.input, ctx.requested_digest)
+        store = ctx.source()
+        assert store is not None
+        with store:
+            pieces = BlobReader(index, store, ctx.concurrency).iter_range()
+            extract_tree(IterReader(pieces), "<stdin>" if a.input == "-" else a.input, a.target, options)
+        return 0
+    if a.input == "-":
+        extract_tree(sys.stdin.buffer, "<stdin>", a.target, options)
+        return 0
+    try:
+        f = open(a.input, "rb")  # noqa: SIM115 - closed below, errors reported as one line
+    except OSError as e:
+        raise PydesyncError(f"cannot read {a.input}: {e.strerror}") from None
+    with f:
+        extract_tree(f, a.input, a.target, options)
     return 0

@@ -10,7 +10,7 @@ import sys
 from ..chunker import ChunkSizes, iter_chunks
 from ..digest import check_digest, digest_of
 from ..errors import UsageError
-from ..extract import BlobReader, extract
+from ..extract import BlobReader, ExtractStats, extract
 from ..index import read_index, write_index
 from ..make import chunk_stream, open_input
 from ..storeops import chop, verify_index
@@ -34,7 +34,10 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p = sub.add_parser("extract", parents=[parent], help="assemble a blob from an index",
                        description="Read INDEX and write the blob it describes to OUTPUT, fetching "
                                    "chunks from the -s stores in order. OUTPUT is written to a temporary "
-                                   "file and renamed, unless -k.")
+                                   "file and renamed, unless -k. An archive index (.caidx) is unpacked "
+                                   "as a directory tree into OUTPUT, as casync extract does (existing "
+                                   "entries are replaced), unless OUTPUT ends in .catar: then the archive "
+                                   "stream itself is written.")
     p.add_argument("index")
     p.add_argument("output")
     add_stores(p)
@@ -119,9 +122,30 @@ def run_extract(ctx: Context) -> int:
     index = read_index(a.index, ctx.requested_digest)
     store = ctx.source()
     assert store is not None
+    if a.index.endswith(".caidx") and a.output != "-" and not a.output.endswith(".catar"):
+        return _extract_tree(ctx, index, store)
     with store:
         stats = extract(index, a.output, store, concurrency=ctx.concurrency, in_place=a.in_place)
     if a.print_stats:
+        print(json.dumps(stats.as_json(), indent=2))
+    return 0
+
+
+def _extract_tree(ctx: Context, index, store) -> int:  # type: ignore[no-untyped-def]
+    """An archive index: unpack the tree into the output directory, as `casync extract` does
+    (existing entries are replaced, like a blob's output file is)."""
+    from ..catar.decoder import IterReader
+    from ..catar.extractor import ExtractOptions
+    from .archive import extract_tree
+
+    a = ctx.args
+    with store:
+        if a.in_place:
+            raise UsageError("-k/--in-place does not apply to archive indexes (.caidx)")
+        pieces = BlobReader(index, store, ctx.concurrency).iter_range()
+        extract_tree(IterReader(pieces), a.index, a.output, ExtractOptions(overwrite=True))
+    if a.print_stats:
+        stats = ExtractStats(bytes_total=index.length, chunks_total=len(index), chunks_from_store=len(index))
         print(json.dumps(stats.as_json(), indent=2))
     return 0
 

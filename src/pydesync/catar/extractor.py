@@ -1,0 +1,752 @@
+"""Write a decoded catar archive into a directory (untar, and `extract` of a .caidx).
+
+Items come from `ArchiveDecoder` in archive order. Every write goes through a
+file descriptor of the directory it happens in, opened with O_NOFOLLOW |
+O_DIRECTORY, so nothing is ever written outside the target and no symlink —
+from the archive or already in the target — is followed:
+
+* a directory is created (mode 0700, user-writable) when its entry arrives and
+  receives its final owner, xattrs, ACLs, mode, times and chattr flags at its
+  DirectoryEnd, after its contents: read-only trees extract, and the times
+  written are not disturbed by the children;
+* every other node is created under a temporary name in its directory, gets its
+  metadata, and is renamed into place (a failure leaves no partial file behind);
+  chattr flags such as immutable/append-only come last, after the rename.
+
+The order of the metadata steps follows casync (cadecoder.c): owner first (it
+clears setuid bits and file capabilities), xattrs, capabilities and the SELinux
+label, then the mode, then ACLs (built from the mode and the ACL records), then
+times, then the chattr flags. A few chattr flags (noatime, compression, nocow,
+projinherit) and the quota project id go on the still-empty node, as casync does.
+
+What cannot be restored (chown as non-root, xattrs or chattr flags the target
+filesystem lacks, device nodes as non-root, an existing entry in the way) raises
+`ExtractError` naming the path; with `best_effort` each becomes a warning in
+`TreeExtractor.warnings` and extraction goes on. `same_owner=False` and
+`same_permissions=False` are desync's --no-same-owner / --no-same-permissions:
+those restores are skipped silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import functools
+import os
+import secrets
+import shutil
+import stat
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from ..errors import PydesyncError
+from . import format as F
+from .decoder import AclEntry, ArchiveDecoder, DirectoryEnd, Node, Readable
+from .fsmeta import (
+    ACL_XATTR_ACCESS,
+    ACL_XATTR_DEFAULT,
+    BTRFS_SUPER_MAGIC,
+    FUSE_SUPER_MAGIC,
+    MSDOS_SUPER_MAGIC,
+    PosixAcl,
+    _libc,
+    fs_magic,
+    gid_of,
+    uid_of,
+    write_chattr,
+    write_projid,
+)
+
+# chattr flags casync applies on the empty node, before any content (cadecoder.c APPLY_EARLY_FS_FL)
+FS_NOATIME_FL, FS_COMPR_FL, FS_NOCOW_FL = 0x80, 0x4, 0x800000
+FS_NOCOMP_FL, FS_PROJINHERIT_FL = 0x400, 0x20000000
+EARLY_CHATTR = FS_NOATIME_FL | FS_COMPR_FL | FS_NOCOW_FL | FS_NOCOMP_FL | FS_PROJINHERIT_FL
+FAT_IOCTL_GET_ATTRIBUTES = 0x80047210
+FAT_IOCTL_SET_ATTRIBUTES = 0x40047211
+BTRFS_IOC_SUBVOL_CREATE = 0x5000940E
+BTRFS_IOC_SUBVOL_GETFLAGS = 0x80089419
+BTRFS_IOC_SUBVOL_SETFLAGS = 0x4008941A
+BTRFS_SUBVOL_RDONLY = 0x2
+RENAME_NOREPLACE = 0x1
+TIME_FLAGS = F.WITH_NSEC_TIME | F.WITH_USEC_TIME | F.WITH_SEC_TIME | F.WITH_2SEC_TIME
+ID_FLAGS = F.WITH_16BIT_UIDS | F.WITH_32BIT_UIDS | F.WITH_USER_NAMES
+DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+WRITE_BLOCK = 1 << 20
+# xattr namespaces an archive can carry (others are left alone on existing nodes)
+STORED_XATTR_PREFIXES = ("user.", "trusted.")
+
+
+class ExtractError(PydesyncError):
+    """Something in the archive cannot be written to the target."""
+
+
+@dataclass
+class ExtractOptions:
+    """How to restore: see the module docstring."""
+
+    overwrite: bool = False
+    best_effort: bool = False
+    same_owner: bool = True
+    same_permissions: bool = True
+
+
+@dataclass
+class _Dir:
+    """A directory being filled; fd None = skipped (its whole subtree is ignored)."""
+
+    node: Node
+    fd: int | None
+    display: str
+    created: bool = True
+    restore_mode: int | None = None  # mode to put back on a merged directory we had to make writable
+
+
+@dataclass
+class _Target:
+    """The node being restored: by its own fd (regular files, directories) or by name in dir_fd."""
+
+    node: Node
+    display: str
+    dir_fd: int | None
+    name: bytes | None
+    fd: int | None = None
+    created: bool = True
+    restore_mode: int | None = None
+    fresh: bool = True  # created by us just now: nothing stale to remove
+    st: os.stat_result | None = field(default=None, repr=False)
+
+    @property
+    def proc_path(self) -> str:
+        """A path for xattr calls on a node without an fd (the last component is never followed)."""
+        assert self.dir_fd is not None and self.name is not None
+        return f"/proc/self/fd/{self.dir_fd}/{os.fsdecode(self.name)}"
+
+    def stat(self) -> os.stat_result:
+        if self.fd is not None:
+            self.st = os.fstat(self.fd)
+        else:
+            self.st = os.lstat(self.name, dir_fd=self.dir_fd)  # type: ignore[arg-type]
+        return self.st
+
+    def chown(self, uid: int, gid: int) -> None:
+        if self.fd is not None:
+            os.fchown(self.fd, uid, gid)
+        else:
+            os.chown(self.name, uid, gid, dir_fd=self.dir_fd, follow_symlinks=False)  # type: ignore[arg-type]
+
+    def chmod(self, mode: int) -> None:
+        """(Never called for symlinks.)"""
+        if self.fd is not None:
+            os.fchmod(self.fd, mode)
+            return
+        try:
+            os.chmod(self.name, mode, dir_fd=self.dir_fd, follow_symlinks=False)  # type: ignore[arg-type]
+        except NotImplementedError:  # a libc without fchmodat(AT_SYMLINK_NOFOLLOW): go through O_PATH
+            fd = os.open(self.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)  # type: ignore[arg-type]
+            try:
+                os.chmod(f"/proc/self/fd/{fd}", mode)
+            finally:
+                os.close(fd)
+
+    def utime(self, atime: int, mtime: int) -> None:
+        if self.fd is not None:
+            os.utime(self.fd, ns=(atime, mtime))
+        else:
+            os.utime(self.name, ns=(atime, mtime), dir_fd=self.dir_fd, follow_symlinks=False)  # type: ignore[arg-type]
+
+    def setxattr(self, name: str | bytes, value: bytes) -> None:
+        if self.fd is not None:
+            os.setxattr(self.fd, name, value)
+        else:
+            os.setxattr(self.proc_path, name, value, follow_symlinks=False)
+
+    def getxattr(self, name: str) -> bytes | None:
+        try:
+            if self.fd is not None:
+                return os.getxattr(self.fd, name)
+            return os.getxattr(self.proc_path, name, follow_symlinks=False)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
+                return None
+            raise
+
+    def removexattr(self, name: str) -> None:
+        try:
+            if self.fd is not None:
+                os.removexattr(self.fd, name)
+            else:
+                os.removexattr(self.proc_path, name, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+
+    def listxattr(self) -> list[str]:
+        try:
+            if self.fd is not None:
+                return os.listxattr(self.fd)
+            return os.listxattr(self.proc_path, follow_symlinks=False)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
+                return []
+            raise
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@functools.lru_cache(maxsize=256)
+def _chattr_bits(ca_flags: int) -> int:
+    """casync WITH_FLAG_* bits -> Linux FS_*_FL bits."""
+    return sum(fs for fs, ca in F.CHATTR_TO_FLAG.items() if ca_flags & ca)
+
+
+@functools.lru_cache(maxsize=256)
+def _fat_bits(ca_flags: int) -> int:
+    return sum(fat for fat, ca in F.FAT_TO_FLAG.items() if ca_flags & ca)
+
+
+def _parse_id(name: bytes) -> int | None:
+    """A numeric user/group name ("1000") is taken as the number, as casync does."""
+    if name.isdigit() and len(name) < 11:
+        value = int(name)
+        if value < 2**32 - 1:
+            return value
+    return None
+
+
+def _strerror(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+_renameat2: Callable[..., int] | None = None
+_renameat2_checked = False
+
+
+def _rename_noreplace(dir_fd: int, old: bytes, new: bytes) -> None:
+    """renameat2(RENAME_NOREPLACE): FileExistsError if `new` exists (lstat + rename as a fallback)."""
+    global _renameat2, _renameat2_checked
+    if not _renameat2_checked:
+        _renameat2_checked = True
+        func = getattr(_libc(), "renameat2", None)
+        if func is not None:
+            func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            func.restype = ctypes.c_int
+            _renameat2 = func
+    if _renameat2 is not None:
+        if _renameat2(dir_fd, old, dir_fd, new, RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err), os.fsdecode(new))
+    try:
+        os.lstat(new, dir_fd=dir_fd)
+    except FileNotFoundError:
+        os.rename(old, new, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        return
+    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(new))
+
+
+class TreeExtractor:
+    """Restore archive items (`Node`/`DirectoryEnd`, as the decoder yields them) under `target`."""
+
+    def __init__(self, target: str | bytes | os.PathLike[str], options: ExtractOptions | None = None,
+                 warn: Callable[[str], None] | None = None):
+        self.target = os.fsencode(target)
+        self.options = options or ExtractOptions()
+        self.warnings: list[str] = []
+        self._warn = warn
+        self._stack: list[_Dir] = []
+        self._root = os.geteuid() == 0
+        self._umask = current_umask()
+        self._magic: dict[int, int] = {}
+
+    # ---- driving -----------------------------------------------------------------------------
+    def extract(self, items: Iterable[Node | DirectoryEnd]) -> list[str]:
+        """Write every item; returns the warnings (best_effort). Raises ExtractError/ArchiveError."""
+        try:
+            for item in items:
+                if isinstance(item, DirectoryEnd):
+                    self._end_directory(item.node)
+                elif not self._stack:
+                    self._open_root(item)
+                else:
+                    self._child(item)
+        finally:
+            while self._stack:
+                frame = self._stack.pop()
+                if frame.fd is not None:
+                    os.close(frame.fd)
+        return self.warnings
+
+    def _display(self, node: Node) -> str:
+        path = self.target.rstrip(b"/") + b"/" + node.path if node.path else self.target
+        return os.fsdecode(path or b"/")
+
+    def _problem(self, display: str, what: str, error: OSError | str | None = None) -> None:
+        """Something could not be restored: an error, or a warning with best_effort."""
+        reason = _strerror(error) if isinstance(error, OSError) else error
+        message = f"{display}: {what}" + (f": {reason}" if reason else "")
+        if not self.options.best_effort:
+            raise ExtractError(message)
+        self.warnings.append(message)
+        if self._warn is not None:
+            self._warn(message)
+
+    # ---- directories -------------------------------------------------------------------------
+    def _open_root(self, node: Node) -> None:
+        display = self._display(node)
+        if not node.is_dir or node.path:
+            raise ExtractError(f"{display}: the archive's root is not a directory")
+        created = False
+        try:
+            parent = os.path.dirname(self.target.rstrip(b"/"))
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+            os.mkdir(self.target, 0o700)
+            created = True
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise ExtractError(f"cannot create {display}: {_strerror(e)}") from None
+        try:
+            fd = os.open(self.target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            what = "is not a directory" if e.errno == errno.ENOTDIR else _strerror(e)
+            raise ExtractError(f"cannot extract into {display}: {what}") from None
+        frame = _Dir(node, fd, display, created)
+        self._stack.append(frame)
+        if not created:
+            frame.restore_mode = self._make_writable(fd)
+        self._early_attributes(_Target(node, display, None, None, fd))
+
+    def _make_writable(self, fd: int) -> int | None:
+        """Let us add entries to an existing directory; returns the mode to put back, if changed."""
+        st = os.fstat(fd)
+        if self._root or st.st_mode & 0o300 == 0o300 or st.st_uid != os.geteuid():
+            return None
+        os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
+        return stat.S_IMODE(st.st_mode)
+
+    def _check_name(self, node: Node, display: str) -> None:
+        name = node.name
+        if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+            raise ExtractError(f"{display}: invalid file name {name!r} in the archive")
+
+    def _child(self, node: Node) -> None:
+        parent = self._stack[-1]
+        display = self._display(node)
+        if parent.fd is None:  # inside a skipped directory
+            if node.is_dir:
+                self._stack.append(_Dir(node, None, display))
+            return
+        self._check_name(node, display)
+        if node.is_dir:
+            self._stack.append(self._make_directory(parent.fd, node, display))
+        else:
+            self._make_leaf(parent.fd, node, display)
+
+    def _make_directory(self, dir_fd: int, node: Node, display: str) -> _Dir:
+        name = node.name
+        created = False
+        try:
+            created = self._mkdir(dir_fd, node, display)
+        except FileExistsError:
+            st = os.lstat(name, dir_fd=dir_fd)
+            if stat.S_ISLNK(st.st_mode):
+                self._problem(display, "refusing to replace an existing symlink with a directory")
+                return _Dir(node, None, display)
+            if not stat.S_ISDIR(st.st_mode):
+                if not self.options.overwrite:
+                    self._problem(display, "already exists and is not a directory "
+                                           "(use --overwrite to replace it)")
+                    return _Dir(node, None, display)
+                try:
+                    os.unlink(name, dir_fd=dir_fd)
+                    created = self._mkdir(dir_fd, node, display)
+                except OSError as e:
+                    raise ExtractError(f"cannot replace {display}: {_strerror(e)}") from None
+        except OSError as e:
+            raise ExtractError(f"cannot create directory {display}: {_strerror(e)}") from None
+        try:
+            fd = os.open(name, DIR_OPEN, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                self._problem(display, "refusing to follow a symlink in place of a directory")
+                return _Dir(node, None, display)
+            raise ExtractError(f"cannot open directory {display}: {_strerror(e)}") from None
+        frame = _Dir(node, fd, display, created)
+        try:
+            if not created:
+                frame.restore_mode = self._make_writable(fd)
+            self._early_attributes(_Target(node, display, dir_fd, name, fd, created=created))
+        except BaseException:
+            os.close(fd)
+            raise
+        return frame
+
+    def _mkdir(self, dir_fd: int, node: Node, display: str) -> bool:
+        """Create a directory (a btrfs subvolume if the archive says so and we can); True if created."""
+        if node.flags & node.feature_flags & F.WITH_SUBVOLUME:
+            if self._fs_magic(dir_fd) == BTRFS_SUPER_MAGIC and len(node.name) < 4088:
+                args = struct.pack("<q", 0) + node.name.ljust(4088, b"\0")
+                try:
+                    fcntl.ioctl(dir_fd, BTRFS_IOC_SUBVOL_CREATE, args)
+                    return True
+                except OSError as e:
+                    if e.errno == errno.EEXIST:
+                        raise FileExistsError(e.errno, e.strerror) from None
+                    self._problem(display, "cannot create a btrfs subvolume (made a plain directory)", e)
+            else:
+                self._problem(display, "cannot create a btrfs subvolume here (made a plain directory)")
+        os.mkdir(node.name, 0o700, dir_fd=dir_fd)
+        return True
+
+    def _end_directory(self, node: Node) -> None:
+        if not self._stack or self._stack[-1].node is not node:
+            raise ExtractError(f"{self._display(node)}: directory end out of order")
+        frame = self._stack.pop()
+        if frame.fd is None:
+            return
+        try:
+            target = _Target(node, frame.display, None, None, frame.fd, created=frame.created,
+                             restore_mode=frame.restore_mode, fresh=frame.created)
+            self._metadata(target)
+            self._late_attributes(target)
+        finally:
+            os.close(frame.fd)
+
+    # ---- everything but directories -----------------------------------------------------------
+    def _make_leaf(self, dir_fd: int, node: Node, display: str) -> None:
+        name = node.name
+        try:
+            existing: os.stat_result | None = os.lstat(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            existing = None
+        except OSError as e:
+            raise ExtractError(f"cannot access {display}: {_strerror(e)}") from None
+        if existing is not None and not self.options.overwrite:
+            self._problem(display, "already exists (use --overwrite to replace it)")
+            return
+        temp = f".#pydesync.{secrets.token_hex(8)}".encode()
+        target = _Target(node, display, dir_fd, temp)
+        pending = True  # the temporary node may exist and must go if we do not finish
+        try:
+            if not self._create(target):
+                return
+            self._metadata(target)
+            installed = self._install(dir_fd, temp, name, display)
+            pending = False
+            if installed:
+                target.name = name
+                self._late_attributes(target)
+        finally:
+            if target.fd is not None:
+                os.close(target.fd)
+            if pending:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp, dir_fd=dir_fd)
+
+    def _create(self, target: _Target) -> bool:
+        """Create the node under its temporary name; False if it could not be (best_effort)."""
+        node, dir_fd, temp = target.node, target.dir_fd, target.name
+        mode = node.mode
+        try:
+            if stat.S_ISREG(mode):
+                target.fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                                    | os.O_NOCTTY, 0o600, dir_fd=dir_fd)  # type: ignore[arg-type]
+            elif stat.S_ISLNK(mode):
+                assert node.target is not None
+                os.symlink(node.target, temp, dir_fd=dir_fd)  # type: ignore[arg-type]
+            elif stat.S_ISFIFO(mode):
+                os.mkfifo(temp, 0o600, dir_fd=dir_fd)  # type: ignore[arg-type]
+            elif stat.S_ISSOCK(mode):
+                os.mknod(temp, stat.S_IFSOCK | 0o600, dir_fd=dir_fd)  # type: ignore[arg-type]
+            else:
+                assert node.rdev is not None
+                os.mknod(temp, stat.S_IFMT(mode) | 0o600, os.makedev(*node.rdev), dir_fd=dir_fd)  # type: ignore[arg-type]
+        except OSError as e:
+            if stat.S_ISREG(mode):
+                raise ExtractError(f"cannot create {target.display}: {_strerror(e)}") from None
+            kind = ("symlink" if stat.S_ISLNK(mode) else "fifo" if stat.S_ISFIFO(mode)
+                    else "socket" if stat.S_ISSOCK(mode) else "device node")
+            self._problem(target.display, f"cannot create {kind}", e)
+            return False
+        if target.fd is not None:
+            self._early_attributes(target)
+            try:
+                for block in target.node.payload(WRITE_BLOCK):
+                    view = memoryview(block)
+                    while view:
+                        view = view[os.write(target.fd, view):]
+            except OSError as e:
+                raise ExtractError(f"cannot write {target.display}: {_strerror(e)}") from None
+        return True
+
+    def _install(self, dir_fd: int, temp: bytes, name: bytes, display: str) -> bool:
+        """Rename the finished node into place; False if something is in the way (best_effort)."""
+        try:
+            if not self.options.overwrite:
+                _rename_noreplace(dir_fd, temp, name)
+                return True
+            try:
+                old = os.lstat(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                old = None
+            if old is not None and stat.S_ISDIR(old.st_mode):
+                shutil.rmtree(name, dir_fd=dir_fd)  # fd-based: never follows symlinks inside
+            os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            return True
+        except FileExistsError:
+            self._problem(display, "already exists (use --overwrite to replace it)")
+        except OSError as e:
+            self._problem(display, "cannot move the new file into place", e)
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=dir_fd)
+        return False
+
+    # ---- metadata ----------------------------------------------------------------------------
+    def _fs_magic(self, fd: int) -> int:
+        dev = os.fstat(fd).st_dev
+        if dev not in self._magic:
+            self._magic[dev] = fs_magic(fd)
+        return self._magic[dev]
+
+    def _early_attributes(self, target: _Target) -> None:
+        """chattr flags that belong on the empty node, and the quota project id (casync order)."""
+        node, fd = target.node, target.fd
+        if fd is None:
+            return
+        flags = node.feature_flags
+        mask = _chattr_bits(flags & F.WITH_CHATTR) & EARLY_CHATTR
+        if mask:
+            value = _chattr_bits(node.flags & flags)
+            try:
+                write_chattr(fd, value, mask)
+            except OSError as e:
+                self._problem(target.display, f"cannot set file attributes (chattr {value & mask:#x})", e)
+        if flags & F.WITH_QUOTA_PROJID and node.quota_projid:
+            try:
+                write_projid(fd, node.quota_projid)
+            except OSError as e:
+                self._problem(target.display, f"cannot set quota project id {node.quota_projid}", e)
+
+    def _late_attributes(self, target: _Target) -> None:
+        """All chattr flags (immutable/append-only included), FAT attributes, btrfs read-only."""
+        node, fd = target.node, target.fd
+        if fd is None or not (node.is_dir or node.is_file):
+            return
+        flags = node.feature_flags
+        mask = _chattr_bits(flags & F.WITH_CHATTR)
+        if mask:
+            value = _chattr_bits(node.flags & flags)
+            try:
+                write_chattr(fd, value, mask)
+            except OSError as e:
+                self._problem(target.display, f"cannot set file attributes (chattr {value & mask:#x})", e)
+        fat_value = _fat_bits(node.flags & flags)
+        if fat_value:
+            self._set_fat_attributes(target, fat_value, _fat_bits(flags))
+        if node.is_dir and node.flags & flags & F.WITH_SUBVOLUME_RO:
+            try:
+                buf = bytearray(8)
+                fcntl.ioctl(fd, BTRFS_IOC_SUBVOL_GETFLAGS, buf)
+                fcntl.ioctl(fd, BTRFS_IOC_SUBVOL_SETFLAGS,
+                            struct.pack("<Q", struct.unpack("<Q", buf)[0] | BTRFS_SUBVOL_RDONLY))
+            except OSError as e:
+                self._problem(target.display, "cannot make the btrfs subvolume read-only", e)
+
+    def _set_fat_attributes(self, target: _Target, value: int, mask: int) -> None:
+        assert target.fd is not None
+        if self._fs_magic(target.fd) not in (MSDOS_SUPER_MAGIC, FUSE_SUPER_MAGIC):
+            self._problem(target.display, "cannot set FAT attributes", "not a FAT filesystem")
+            return
+        try:
+            buf = bytearray(4)
+            fcntl.ioctl(target.fd, FAT_IOCTL_GET_ATTRIBUTES, buf)
+            old = struct.unpack("<I", buf)[0]
+            new = (old & ~mask) | value
+            if new != old:
+                fcntl.ioctl(target.fd, FAT_IOCTL_SET_ATTRIBUTES, struct.pack("<I", new))
+        except OSError as e:
+            self._problem(target.display, "cannot set FAT attributes", e)
+
+    def _metadata(self, target: _Target) -> None:
+        """Owner, xattrs, capabilities, SELinux label, mode, ACLs, times — in that order."""
+        node = target.node
+        flags = node.feature_flags
+        target.stat()
+        if self.options.same_owner and flags & ID_FLAGS:
+            self._owner(target)
+        if flags & F.WITH_XATTRS:
+            self._xattrs(target)
+        if flags & F.WITH_FCAPS and node.is_file and node.fcaps is not None:
+            try:
+                target.setxattr("security.capability", node.fcaps)
+            except OSError as e:
+                self._problem(target.display, "cannot set file capabilities", e)
+        if flags & F.WITH_SELINUX and node.selinux is not None:
+            try:
+                target.setxattr("security.selinux", node.selinux + b"\0")
+            except OSError as e:
+                self._problem(target.display, f"cannot set SELinux label {os.fsdecode(node.selinux)}", e)
+        mode = self._final_mode(target)
+        if mode is not None and not node.is_symlink and stat.S_IMODE(target.st.st_mode) != mode:  # type: ignore[union-attr]
+            try:
+                target.chmod(mode)
+            except OSError as e:
+                self._problem(target.display, f"cannot set mode {mode:04o}", e)
+        if flags & F.WITH_ACL and self.options.same_permissions and not node.is_symlink:
+            self._acls(target)
+        if flags & TIME_FLAGS:
+            try:
+                atime = target.stat().st_atime_ns
+                target.utime(atime, node.mtime)
+            except OSError as e:
+                self._problem(target.display, "cannot set the modification time", e)
+
+    def _resolve(self, name: bytes | None, number: int, has_numbers: bool,
+                 user: bool) -> tuple[int | None, str]:
+        """An id from a USER/GROUP (or ACL) name, falling back to the stored number."""
+        if name is not None:
+            parsed = _parse_id(name)
+            if parsed is not None:
+                return parsed, ""
+            found = (uid_of if user else gid_of)(os.fsdecode(name))
+            if found is not None:
+                return found, ""
+            if not has_numbers:
+                return None, f"unknown {'user' if user else 'group'} {os.fsdecode(name)!r}"
+        return number, ""
+
+    def _owner(self, target: _Target) -> None:
+        node = target.node
+        flags = node.feature_flags
+        names = flags & F.WITH_USER_NAMES
+        numbers = bool(flags & (F.WITH_16BIT_UIDS | F.WITH_32BIT_UIDS))
+        uid, why = self._resolve(node.user if names else None, node.uid, numbers, True)
+        gid, why_g = self._resolve(node.group if names else None, node.gid, numbers, False)
+        if uid is None or gid is None:
+            self._problem(target.display, "cannot set the owner", why or why_g)
+            return
+        st = target.st
+        assert st is not None
+        if (st.st_uid, st.st_gid) == (uid, gid):
+            return
+        try:
+            target.chown(uid, gid)
+        except OSError as e:
+            self._problem(target.display, f"cannot set the owner to {uid}:{gid}", e)
+            return
+        target.stat()  # chown may have cleared setuid/setgid bits
+
+    def _xattrs(self, target: _Target) -> None:
+        node = target.node
+        wanted = {os.fsdecode(k): v for k, v in node.xattrs}
+        if not target.fresh and not node.is_symlink:
+            try:
+                for name in target.listxattr():
+                    if name.startswith(STORED_XATTR_PREFIXES) and name not in wanted:
+                        target.removexattr(name)
+            except OSError as e:
+                self._problem(target.display, "cannot remove stale extended attributes", e)
+        for name, value in wanted.items():
+            try:
+                target.setxattr(name, value)
+            except OSError as e:
+                self._problem(target.display, f"cannot set extended attribute {name}", e)
+
+    def _final_mode(self, target: _Target) -> int | None:
+        """The permission bits the node should end with (None: leave as is)."""
+        node = target.node
+        if node.is_symlink:
+            return None
+        default = (0o777 if node.is_dir else 0o666) & ~self._umask
+        if not self.options.same_permissions:
+            return default if target.created else target.restore_mode
+        flags = node.feature_flags
+        if flags & (F.WITH_PERMISSIONS | F.WITH_ACL):
+            return node.mode & 0o7777
+        if flags & F.WITH_READ_ONLY:
+            return default | 0o200 if node.mode & 0o222 else default & ~0o222
+        return default if target.created else target.restore_mode
+
+    def _acl_ids(self, target: _Target, entries: list[AclEntry], user: bool) -> list[tuple[int, int]] | None:
+        flags = target.node.feature_flags
+        numbers = bool(flags & (F.WITH_16BIT_UIDS | F.WITH_32BIT_UIDS))
+        out = []
+        for entry in entries:
+            name = entry.name if flags & F.WITH_USER_NAMES else None
+            ident, why = self._resolve(name, entry.id, numbers, user)
+            if ident is None:
+                self._problem(target.display, "cannot set the ACL", why)
+                return None
+            out.append((ident, entry.perm))
+        return out
+
+    def _acls(self, target: _Target) -> None:
+        node = target.node
+        mode = node.mode
+        if node.acl_users or node.acl_groups or node.acl_group_obj is not None:
+            users = self._acl_ids(target, node.acl_users, True)
+            groups = self._acl_ids(target, node.acl_groups, False)
+            if users is None or groups is None:
+                return
+            group_bits = (mode >> 3) & 7
+            acl = PosixAcl(user_obj=(mode >> 6) & 7, other=mode & 7, users=users, groups=groups,
+                           group_obj=group_bits if node.acl_group_obj is None else node.acl_group_obj,
+                           mask=group_bits if node.acl_group_obj is not None or users or groups else None)
+            self._set_acl(target, ACL_XATTR_ACCESS, acl.encode(), "ACL")
+        elif not target.fresh or target.getxattr(ACL_XATTR_ACCESS) is not None:
+            self._drop_acl(target, ACL_XATTR_ACCESS, "ACL")
+        if not node.is_dir:
+            return
+        if node.acl_default is not None or node.acl_default_users or node.acl_default_groups:
+            users = self._acl_ids(target, node.acl_default_users, True)
+            groups = self._acl_ids(target, node.acl_default_groups, False)
+            if users is None or groups is None:
+                return
+            user_obj, group_obj, other, mask = node.acl_default or (F.NO_PERMS,) * 4
+            if user_obj == F.NO_PERMS:  # casync writes no default ACL without the object entries
+                return
+            acl = PosixAcl(user_obj=user_obj & 7, group_obj=group_obj & 7, other=other & 7,
+                           mask=None if mask == F.NO_PERMS else mask & 7, users=users, groups=groups)
+            self._set_acl(target, ACL_XATTR_DEFAULT, acl.encode(), "default ACL")
+        elif target.getxattr(ACL_XATTR_DEFAULT) is not None:
+            self._drop_acl(target, ACL_XATTR_DEFAULT, "default ACL")
+
+    def _set_acl(self, target: _Target, xattr: str, value: bytes, what: str) -> None:
+        try:
+            target.setxattr(xattr, value)
+        except OSError as e:
+            self._problem(target.display, f"cannot set the {what}", e)
+
+    def _drop_acl(self, target: _Target, xattr: str, what: str) -> None:
+        try:
+            target.removexattr(xattr)
+        except OSError as e:
+            self._problem(target.display, f"cannot remove the {what}", e)
+
+
+def extract_archive(stream: Readable, target: str | bytes | os.PathLike[str], name: str = "archive",
+                    options: ExtractOptions | None = None,
+                    warn: Callable[[str], None] | None = None) -> list[str]:
+    """Decode the catar in `stream` and write it under `target`; returns the warnings."""
+    extractor = TreeExtractor(target, options, warn)
+    return extractor.extract(ArchiveDecoder(stream, name))
+
+
+__all__ = ["ExtractError", "ExtractOptions", "TreeExtractor", "current_umask", "extract_archive"]
