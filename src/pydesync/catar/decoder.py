@@ -21,6 +21,7 @@ from typing import Protocol
 from ..errors import PydesyncError
 from . import format as F
 
+READ_AHEAD = 1 << 20
 MAX_NAME = 255
 MAX_PATH = 4096
 MAX_XATTR_VALUE = 65536
@@ -159,35 +160,63 @@ class ArchiveDecoder:
         self.offset = 0
         self.flags: int | None = None
         self._payload_left = 0
+        self._buf = b""
+        self._pos = 0
 
     # ---- low level ---------------------------------------------------------------------------
     def error(self, message: str, offset: int | None = None) -> ArchiveError:
         at = self.offset if offset is None else offset
         return ArchiveError(f"{self.name}: invalid archive at offset {at}: {message}")
 
-    def _read(self, n: int) -> bytes:
-        data = self.stream.read(n)
-        while len(data) < n:
-            more = self.stream.read(n - len(data))
+    def _fill(self, n: int) -> bool:
+        """Make at least n bytes available in the look-ahead buffer; False at end of stream."""
+        have = len(self._buf) - self._pos
+        if have >= n:
+            return True
+        parts = [self._buf[self._pos:]]
+        while have < n:
+            more = self.stream.read(max(READ_AHEAD, n - have))
             if not more:
-                raise self.error(f"truncated (wanted {n} bytes, got {len(data)})")
-            data += more
+                self._buf, self._pos = b"".join(parts), 0
+                return False
+            parts.append(more)
+            have += len(more)
+        self._buf, self._pos = b"".join(parts), 0
+        return True
+
+    def _read(self, n: int) -> bytes:
+        if len(self._buf) - self._pos < n and not self._fill(n):
+            raise self.error(f"truncated (wanted {n} bytes, got {len(self._buf) - self._pos})")
+        data = self._buf[self._pos:self._pos + n]
+        self._pos += n
         self.offset += n
         return data
+
+    def _read_some(self, n: int) -> bytes:
+        """Up to n bytes (at least one): what is buffered first, then straight from the stream."""
+        if self._pos < len(self._buf):
+            data = self._buf[self._pos:self._pos + n]
+            self._pos += len(data)
+        else:
+            data = self.stream.read(n)
+            if not data:
+                raise self.error("truncated payload")
+        self.offset += len(data)
+        return data
+
+    def _at_end(self) -> bool:
+        return self._pos >= len(self._buf) and not self.stream.read(1)
 
     def _header(self) -> tuple[int, int, int] | None:
         """(offset, size, type) of the next record, or None at a clean end of stream."""
         start = self.offset
-        first = self.stream.read(16)
-        if not first:
-            return None
-        while len(first) < 16:
-            more = self.stream.read(16 - len(first))
-            if not more:
-                raise self.error("truncated record header")
-            first += more
+        if len(self._buf) - self._pos < 16 and not self._fill(16):
+            if self._pos >= len(self._buf):
+                return None
+            raise self.error("truncated record header")
+        size, kind = F.HEADER.unpack_from(self._buf, self._pos)
+        self._pos += 16
         self.offset += 16
-        size, kind = F.HEADER.unpack(first)
         if size < 16:
             raise self.error(f"record size {size} below 16", start)
         return start, size, kind
@@ -206,15 +235,12 @@ class ArchiveDecoder:
 
     def _skip_payload(self) -> None:
         while self._payload_left:
-            step = min(self._payload_left, 1 << 20)
-            self._read(step)
-            self._payload_left -= step
+            self._payload_left -= len(self._read_some(min(self._payload_left, 1 << 20)))
 
     def _payload(self, node: Node, block: int) -> Iterator[bytes]:
         while self._payload_left:
-            step = min(self._payload_left, block)
-            data = self._read(step)
-            self._payload_left -= step
+            data = self._read_some(min(self._payload_left, block))
+            self._payload_left -= len(data)
             yield data
 
     # ---- nodes -------------------------------------------------------------------------------
@@ -385,7 +411,7 @@ class ArchiveDecoder:
                 yield DirectoryEnd(frame.node)
                 header = None
                 if not stack:
-                    if self.stream.read(1):
+                    if not self._at_end():
                         raise self.error("data after the end of the archive")
                     return
                 stack[-1].items.append((frame_start(stack, frame), self.offset, F.name_hash(frame.node.name)))

@@ -55,6 +55,7 @@ from .fsmeta import (
     _libc,
     fs_magic,
     gid_of,
+    read_chattr,
     uid_of,
     write_chattr,
     write_projid,
@@ -63,6 +64,9 @@ from .fsmeta import (
 # chattr flags casync applies on the empty node, before any content (cadecoder.c APPLY_EARLY_FS_FL)
 FS_NOATIME_FL, FS_COMPR_FL, FS_NOCOW_FL = 0x80, 0x4, 0x800000
 FS_NOCOMP_FL, FS_PROJINHERIT_FL = 0x400, 0x20000000
+# Flags ext4/xfs/btrfs copy from a directory to new entries in it.
+INHERITED_CHATTR = 0x1 | 0x2 | 0x4 | 0x8 | 0x40 | 0x80 | 0x400 | 0x4000 | 0x8000 | 0x10000 | 0x800000 \
+    | 0x20000000 | 0x40000000
 EARLY_CHATTR = FS_NOATIME_FL | FS_COMPR_FL | FS_NOCOW_FL | FS_NOCOMP_FL | FS_PROJINHERIT_FL
 FAT_IOCTL_GET_ATTRIBUTES = 0x80047210
 FAT_IOCTL_SET_ATTRIBUTES = 0x40047211
@@ -102,6 +106,26 @@ class _Dir:
     display: str
     created: bool = True
     restore_mode: int | None = None  # mode to put back on a merged directory we had to make writable
+    _default_acl: bool | None = None
+    _inheritable: bool | None = None
+
+    def passes_on_flags(self) -> bool:
+        """Whether new entries here may inherit chattr flags (checked once per directory)."""
+        if self._inheritable is None:
+            try:
+                self._inheritable = self.fd is None or bool(read_chattr(self.fd) & INHERITED_CHATTR)
+            except OSError:
+                self._inheritable = True
+        return self._inheritable
+
+    def has_default_acl(self) -> bool:
+        """Whether new entries here inherit an ACL (checked once per directory)."""
+        if self._default_acl is None:
+            try:
+                self._default_acl = self.fd is not None and bool(os.getxattr(self.fd, ACL_XATTR_DEFAULT))
+            except OSError:
+                self._default_acl = False
+        return self._default_acl
 
 
 @dataclass
@@ -116,6 +140,8 @@ class _Target:
     created: bool = True
     restore_mode: int | None = None
     fresh: bool = True  # created by us just now: nothing stale to remove
+    may_inherit_acl: bool = True  # its directory has a default ACL, so a fresh node may carry one
+    may_inherit_flags: bool = True  # its directory has inheritable chattr flags
     st: os.stat_result | None = field(default=None, repr=False)
 
     @property
@@ -357,7 +383,8 @@ class TreeExtractor:
         if node.is_dir:
             self._stack.append(self._make_directory(parent.fd, node, display))
         else:
-            self._make_leaf(parent.fd, node, display)
+            self._make_leaf(parent.fd, node, display, parent.has_default_acl(), parent.passes_on_flags(),
+                            private=parent.created)
 
     def _make_directory(self, dir_fd: int, node: Node, display: str) -> _Dir:
         name = node.name
@@ -430,25 +457,34 @@ class TreeExtractor:
             os.close(frame.fd)
 
     # ---- everything but directories -----------------------------------------------------------
-    def _make_leaf(self, dir_fd: int, node: Node, display: str) -> None:
+    def _make_leaf(self, dir_fd: int, node: Node, display: str, may_inherit_acl: bool = True,
+                   may_inherit_flags: bool = True, private: bool = False) -> None:
+        """Create a non-directory node under a temporary name, then move it into place.
+
+        `private`: the directory was created by this extraction (mode 0700, names
+        unique in the archive), so nothing can be in the way of the final name.
+        """
         name = node.name
-        try:
-            existing: os.stat_result | None = os.lstat(name, dir_fd=dir_fd)
-        except FileNotFoundError:
-            existing = None
-        except OSError as e:
-            raise ExtractError(f"cannot access {display}: {_strerror(e)}") from None
+        existing: os.stat_result | None = None
+        if not private:
+            try:
+                existing = os.lstat(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                existing = None
+            except OSError as e:
+                raise ExtractError(f"cannot access {display}: {_strerror(e)}") from None
         if existing is not None and not self.options.overwrite:
             self._problem(display, "already exists (use --overwrite to replace it)")
             return
         temp = f".#pydesync.{secrets.token_hex(8)}".encode()
-        target = _Target(node, display, dir_fd, temp)
+        target = _Target(node, display, dir_fd, temp, may_inherit_acl=may_inherit_acl,
+                         may_inherit_flags=may_inherit_flags)
         pending = True  # the temporary node may exist and must go if we do not finish
         try:
             if not self._create(target):
                 return
             self._metadata(target)
-            installed = self._install(dir_fd, temp, name, display)
+            installed = self._install(dir_fd, temp, name, display, private)
             pending = False
             if installed:
                 target.name = name
@@ -496,9 +532,12 @@ class TreeExtractor:
                 raise ExtractError(f"cannot write {target.display}: {_strerror(e)}") from None
         return True
 
-    def _install(self, dir_fd: int, temp: bytes, name: bytes, display: str) -> bool:
+    def _install(self, dir_fd: int, temp: bytes, name: bytes, display: str, private: bool = False) -> bool:
         """Rename the finished node into place; False if something is in the way (best_effort)."""
         try:
+            if private:
+                os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                return True
             if not self.options.overwrite:
                 _rename_noreplace(dir_fd, temp, name)
                 return True
@@ -532,8 +571,10 @@ class TreeExtractor:
             return
         flags = node.feature_flags
         mask = _chattr_bits(flags & F.WITH_CHATTR) & EARLY_CHATTR
+        value = _chattr_bits(node.flags & flags)
+        if not value and not target.may_inherit_flags:
+            mask = 0
         if mask:
-            value = _chattr_bits(node.flags & flags)
             try:
                 write_chattr(fd, value, mask)
             except OSError as e:
@@ -551,8 +592,10 @@ class TreeExtractor:
             return
         flags = node.feature_flags
         mask = _chattr_bits(flags & F.WITH_CHATTR)
+        value = _chattr_bits(node.flags & flags)
+        if not value and not target.may_inherit_flags:
+            mask = 0  # a fresh node in a directory without inheritable flags has none to clear
         if mask:
-            value = _chattr_bits(node.flags & flags)
             try:
                 write_chattr(fd, value, mask)
             except OSError as e:
@@ -613,7 +656,7 @@ class TreeExtractor:
             self._acls(target)
         if flags & TIME_FLAGS:
             try:
-                atime = target.stat().st_atime_ns
+                atime = (target.st or target.stat()).st_atime_ns  # writing does not change atime
                 target.utime(atime, node.mtime)
             except OSError as e:
                 self._problem(target.display, "cannot set the modification time", e)
@@ -710,7 +753,7 @@ class TreeExtractor:
                            group_obj=group_bits if node.acl_group_obj is None else node.acl_group_obj,
                            mask=group_bits if node.acl_group_obj is not None or users or groups else None)
             self._set_acl(target, ACL_XATTR_ACCESS, acl.encode(), "ACL")
-        elif not target.fresh or target.getxattr(ACL_XATTR_ACCESS) is not None:
+        elif not target.fresh or (target.may_inherit_acl and target.getxattr(ACL_XATTR_ACCESS) is not None):
             self._drop_acl(target, ACL_XATTR_ACCESS, "ACL")
         if not node.is_dir:
             return
