@@ -9,6 +9,7 @@ ratios rather than absolute times, median of --repeat runs.
     python3 bench/bench.py --input random  # incompressible input
     python3 bench/bench.py --input sparse --size 8G --repeat 1   # peak RSS on a huge input
     python3 bench/bench.py --tree /usr/lib  # tar/untar rows on another tree (--no-tree: skip them)
+    python3 bench/bench.py --http           # + extract through our chunk-server on 127.0.0.1
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import filecmp
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -92,6 +94,60 @@ def run_case(name: str, repeat: int, prepare: Callable[[str], None],
     return row
 
 
+def start_chunk_server(ours: list[str], store: Path) -> tuple[subprocess.Popen, str]:
+    """`pydesync chunk-server -s STORE` on a free 127.0.0.1 port, once it answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([*ours, "chunk-server", "-s", str(store), "-l", f"127.0.0.1:{port}"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"chunk-server for {store} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc, f"http://127.0.0.1:{port}/"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit(f"chunk-server for {store} did not start")
+
+
+def http_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path, stores: dict[str, Path],
+              indexes: dict[str, Path], out: Path) -> tuple[dict[str, object], list[str]]:
+    """extract through our chunk-server: casync (its helper fetches one chunk at a time) from a server
+    over the casync-made store, pydesync (-n parallel requests) from one over the pydesync store.
+    Both servers are pydesync chunk-server processes on 127.0.0.1, on the same machine as the client,
+    so the wall time includes the server's work."""
+    procs: list[subprocess.Popen] = []
+    try:
+        urls = {}
+        for tool in ("casync", "pydesync"):
+            proc, urls[tool] = start_chunk_server(ours, stores[tool])
+            procs.append(proc)
+
+        def no_output(_tool: str) -> None:
+            out.unlink(missing_ok=True)
+
+        row = run_case("extract over HTTP", args.repeat, no_output,
+                       [casync, "extract", f"--store={urls['casync']}", str(indexes["casync"]), str(out)],
+                       [*ours, "extract", "-n", str(args.concurrency), "-s", urls["pydesync"],
+                        str(indexes["pydesync"]), str(out)])
+        same = filecmp.cmp(out, blob, shallow=False)  # the last run was pydesync's
+        out.unlink(missing_ok=True)
+        return row, [f"extract over HTTP: output identical to the input: {same} "
+                     f"(one chunk-server per tool on 127.0.0.1, pydesync -n {args.concurrency})"]
+    finally:
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 def tree_cases(args: argparse.Namespace, casync: str, ours: list[str],
                work: Path) -> tuple[list[dict[str, object]], list[str]]:
     """tar (casync make X.catar TREE) and untar (casync extract X.catar DIR) rows, plus notes."""
@@ -138,6 +194,8 @@ def main() -> int:
     ap.add_argument("--tree", default="/usr/share",
                     help="directory for the tar/untar rows (default /usr/share)")
     ap.add_argument("--no-tree", action="store_true", help="skip the tar/untar rows")
+    ap.add_argument("--http", action="store_true",
+                    help="add extract through pydesync chunk-server on 127.0.0.1 (casync vs pydesync client)")
     args = ap.parse_args()
     casync = shutil.which("casync")
     if not casync:
@@ -173,11 +231,17 @@ def main() -> int:
         ]
         same = ci.read_bytes() == pi.read_bytes()
         notes: list[str] = []
+        if args.http:
+            http_row, http_notes = http_case(args, casync, ours, blob, {"casync": cs, "pydesync": ps},
+                                             {"casync": ci, "pydesync": pi}, out)
+            rows.append(http_row)
+            notes += http_notes
         if not args.no_tree:
             empty_stores("")
             no_output("")
-            tree_rows, notes = tree_cases(args, casync, ours, work)
+            tree_rows, tree_notes = tree_cases(args, casync, ours, work)
             rows += tree_rows
+            notes += tree_notes
         print(f"input: {args.input}, {size} bytes; indexes identical: {same}; repeat {args.repeat}")
         # last: reading the input into this process would inflate the children's peak RSS (fork)
         print(f"C scan alone, one core: {scan_throughput(blob):.0f} MB/s")

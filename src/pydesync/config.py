@@ -15,6 +15,7 @@ from typing import Any
 
 from .errors import UsageError
 from .store import StoreOptions, location_scheme
+from .store.converters import encryption_key_fallback
 
 DEFAULT_CONFIG = os.path.join("~", ".config", "desync", "config.json")
 
@@ -85,9 +86,15 @@ class Config:
         return dict(self.store_options[matches[0]]) if matches else {}
 
     def options_for(self, location: str) -> StoreOptions:
-        """Store defaults, then the matching `store-options` entry (durations in nanoseconds)."""
+        """Store defaults, then the matching `store-options` entry (durations in nanoseconds).
+
+        The encryption settings are taken as given (with the key falling back to
+        $DESYNC_ENCRYPTION_KEY when encryption is on); chunk stores validate them
+        when they open (store.converters), index stores refuse them all.
+        """
         raw = self.raw_options_for(location)
         timeout = raw.get("timeout")
+        encryption = bool(_typed(raw, "encryption", bool, location))
         return StoreOptions().override(
             uncompressed=_bool(raw, "uncompressed"),
             skip_verify=_bool(raw, "skip-verify"),
@@ -102,12 +109,25 @@ class Config:
             client_key=raw.get("client-key"),
             http_auth=raw.get("http-auth"),
             http_cookie=raw.get("http-cookie"),
+            encryption=encryption,
+            encryption_key=encryption_key_fallback(
+                encryption, _typed(raw, "encryption-key", str, location) or None),
+            encryption_algorithm=_typed(raw, "encryption-algorithm", str, location) or None,
         )
 
     def as_json(self) -> dict[str, Any]:
         return {"s3-credentials": self.s3_credentials or None,
                 "oci-credentials": self.oci_credentials or None,
                 "store-options": self.store_options or None}
+
+
+def _typed(raw: dict[str, Any], key: str, kind: type, location: str) -> Any:
+    """raw[key] (None if absent or null), which must be of `kind` (as Go's JSON decoding insists)."""
+    value = raw.get(key)
+    if value is not None and type(value) is not kind:
+        raise UsageError(f"store-options for {location}: '{key}' must be a "
+                         f"{'boolean' if kind is bool else 'string'}")
+    return value
 
 
 def _bool(raw: dict[str, Any], key: str) -> bool | None:

@@ -13,7 +13,6 @@ from ..chunker import ChunkSizes
 from ..digest import SHA512_256, check_digest
 from ..errors import PydesyncError, UsageError
 from ..extract import BlobReader
-from ..index import read_index
 from .common import CommaList, Context, add_bool, add_store_options, add_stores
 
 TIME_FEATURES = ("nsec-time", "usec-time", "sec-time", "2sec-time")
@@ -91,6 +90,7 @@ def run_tar(ctx: Context) -> int:
         return 0
     if len(a.store) != 1:
         raise UsageError("-i needs exactly one target store (-s)")
+    ctx.index_options(a.output)  # index stores refuse encryption options
     store = ctx.target(a.store[0], create=True)
     with store:
         tar_to_index(a.source, a.output, store, flags, ChunkSizes.parse_kib(a.chunk_size),
@@ -118,7 +118,7 @@ def run_untar(ctx: Context) -> int:
     if a.index:
         if not a.store:
             raise UsageError("-i requires at least one store (-s <location>)")
-        index = read_index(a.input, ctx.requested_digest)
+        index = ctx.read_index(a.input)
         store = ctx.source()
         assert store is not None
         with store:

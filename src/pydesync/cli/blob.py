@@ -11,7 +11,6 @@ from ..chunker import ChunkSizes, iter_chunks
 from ..digest import check_digest, digest_of
 from ..errors import UsageError
 from ..extract import BlobReader, ExtractStats, extract
-from ..index import read_index, write_index
 from ..make import chunk_stream, open_input
 from ..storeops import chop, verify_index
 from .common import Context, add_ignore, add_store_options, add_stores
@@ -102,10 +101,11 @@ def run_make(ctx: Context) -> int:
     a = ctx.args
     sizes = ChunkSizes.parse_kib(a.chunk_size)
     digest = check_digest(ctx.digest)
+    ctx.index_options(a.index)  # an index store that refuses its options fails before any work
     with open_input(a.file) as reader:  # a bad input must not leave a new, empty store behind
         store = _single_target(ctx, create=True)
         index, stats = chunk_stream(reader, sizes, digest, store, ctx.concurrency)
-    write_index(index, a.index)
+    ctx.write_index(index, a.index)
     if a.print_stats:
         print(json.dumps({"ChunksAccepted": stats.chunks, "ChunksProduced": stats.chunks}), file=sys.stderr)
     return 0
@@ -119,7 +119,7 @@ def run_extract(ctx: Context) -> int:
         raise UsageError("seeds are not supported yet")
     if a.index != "-" and os.path.abspath(a.index) == os.path.abspath(a.output):
         raise UsageError("input and output filenames match")
-    index = read_index(a.index, ctx.requested_digest)
+    index = ctx.read_index(a.index)
     store = ctx.source()
     assert store is not None
     if a.index.endswith(".caidx") and a.output != "-" and not a.output.endswith(".catar"):
@@ -154,7 +154,7 @@ def run_cat(ctx: Context) -> int:
     a = ctx.args
     if a.offset < 0 or a.length < 0:
         raise UsageError("offset and length must not be negative")
-    index = read_index(a.index, ctx.requested_digest)
+    index = ctx.read_index(a.index)
     store = ctx.source()
     assert store is not None
     reader = BlobReader(index, store, ctx.concurrency)
@@ -189,7 +189,7 @@ def run_chop(ctx: Context) -> int:
     if not a.store:
         raise UsageError("no target store provided")
     store = _single_target(ctx, create=False)
-    index = read_index(a.index, ctx.requested_digest)
+    index = ctx.read_index(a.index)
     chop(index, a.file, store, ignore=ignored_ids(a.ignore, a.ignore_chunks, ctx.requested_digest),
          concurrency=ctx.concurrency)
     return 0
@@ -197,5 +197,5 @@ def run_chop(ctx: Context) -> int:
 
 def run_verify_index(ctx: Context) -> int:
     a = ctx.args
-    verify_index(read_index(a.index, ctx.requested_digest), a.file, concurrency=ctx.concurrency)
+    verify_index(ctx.read_index(a.index), a.file, concurrency=ctx.concurrency)
     return 0

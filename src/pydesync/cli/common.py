@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 from ..config import Config, load_config
 from ..digest import DIGESTS, SHA512_256, check_digest
 from ..errors import UsageError
+from ..index import Index, read_index, write_index
 from ..store import Store, StoreOptions, open_chain, open_store
 
 DEFAULT_CONCURRENCY = 10
@@ -155,6 +157,25 @@ class Context:
             error_retry_base=getattr(a, "error_retry_base_interval", None),
             concurrency=getattr(a, "concurrency", None),
         )
+
+    def index_options(self, location: str) -> StoreOptions:
+        """Options for the index store holding `location` (looked up by the part before the last
+        `/` or `\\`); encryption options there are an error, never silently plain indexes."""
+        cut = max(location.rfind("/"), location.rfind("\\") if "/" not in location else -1)
+        options = self.store_options(location[:cut] if cut >= 0 else "")
+        if options.encryption_configured:
+            raise UsageError(f"store options for {json.dumps(location)}: "
+                             "encryption is not supported by index stores")
+        return options
+
+    def read_index(self, location: str, check_digest: bool = True) -> Index:
+        """An index from a path, `-` or an index store URL, with that store's options; with
+        check_digest an explicit --digest must agree with the index."""
+        return read_index(location, self.requested_digest if check_digest else None,
+                          self.index_options(location))
+
+    def write_index(self, index: Index, location: str) -> None:
+        write_index(index, location, self.index_options(location))
 
     def source(self, required: bool = True) -> Store | None:
         """The `-s` stores as a chain, behind the `-c` cache if given."""

@@ -8,7 +8,6 @@ import os
 import sys
 
 from ..errors import UsageError
-from ..index import read_index
 from ..info import index_info, inspect_chunks
 from .common import CommaList, Context, add_bool, add_store_options, add_stores
 
@@ -49,7 +48,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
 
 def run_list_chunks(ctx: Context) -> int:
     out = sys.stdout
-    for chunk in read_index(ctx.args.index, ctx.requested_digest):
+    for chunk in ctx.read_index(ctx.args.index):
         out.write(f"{chunk.id}\n")
     return 0
 
@@ -79,8 +78,8 @@ def seed_index_location(spec: str) -> str:
 
 def run_info(ctx: Context) -> int:
     a = ctx.args
-    index = read_index(a.index, ctx.requested_digest)
-    seeds = [read_index(seed_index_location(s), ctx.requested_digest) for s in a.seed]
+    index = ctx.read_index(a.index)
+    seeds = [ctx.read_index(seed_index_location(s)) for s in a.seed]
     chunks_info = None
     if a.chunks_info:
         try:
@@ -103,7 +102,7 @@ def run_info(ctx: Context) -> int:
 
 def run_inspect_chunks(ctx: Context) -> int:
     a = ctx.args
-    index = read_index(a.index, ctx.requested_digest)
+    index = ctx.read_index(a.index)
     store = None
     if a.store:
         if len(a.store) != 1:

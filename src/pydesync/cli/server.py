@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import sys
+import threading
 from typing import TextIO
 
-from ..errors import UsageError
+from ..errors import PydesyncError, UsageError
 from ..server import ChunkServer, IndexServer, ServerOptions, serve_forever
+from ..server.common import make_servers
+from ..server.swap import SwapStore, swapping_handler
+from ..store import Store, open_chain
+from ..store.converters import wire_converters
 from .common import CommaList, Context, add_bool, add_store_options, add_stores
 
 
@@ -39,6 +46,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     add_bool(p, "--skip-verify-write", default=False,
              help="don't verify uploaded chunks against their id (default false)")
     p.add_argument("-u", "--uncompressed", action="store_true", help="serve and accept uncompressed chunks")
+    add_encryption_flags(p)
     add_store_options(p)
     p.set_defaults(func=run_chunk_server)
 
@@ -48,6 +56,17 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     add_server_flags(p)
     add_store_options(p)
     p.set_defaults(func=run_index_server)
+
+
+def add_encryption_flags(p: argparse.ArgumentParser) -> None:
+    add_bool(p, "--encryption", default=False,
+             help="serve chunks encrypted, expects the key in $DESYNC_ENCRYPTION_KEY unless "
+                  "--encryption-key is given")
+    p.add_argument("--encryption-key", default=None, metavar="HEX",
+                   help="serve chunks encrypted with this hex-encoded 256-bit key, implies --encryption")
+    p.add_argument("--encryption-algorithm", default=None, metavar="ALGORITHM",
+                   help="encryption algorithm, xchacha20-poly1305 (default) or aes-256-gcm, "
+                        "implies --encryption")
 
 
 def _log_stream(target: str | None) -> TextIO | None:
@@ -69,26 +88,86 @@ def server_options(ctx: Context) -> ServerOptions:
                          log=_log_stream(a.log))
 
 
+def read_store_file(path: str) -> tuple[list[str], str | None]:
+    """The stores and cache of a `--store-file`: {"stores": ["loc", "a|b"], "cache": "loc"}."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except OSError as e:
+        raise UsageError(f"failed to read store-file '{path}': {e.strerror or e}") from None
+    except ValueError as e:
+        raise UsageError(f"failed to read store-file '{path}': {e}") from None
+    stores = raw.get("stores") if isinstance(raw, dict) else None
+    cache = raw.get("cache") if isinstance(raw, dict) else None
+    if not isinstance(raw, dict) or not isinstance(stores or [], list) \
+            or not all(isinstance(s, str) for s in stores or []) or not isinstance(cache or "", str):
+        raise UsageError(f"failed to read store-file '{path}': expected "
+                         '{"stores": ["<location>", ...], "cache": "<location>"}')
+    return list(stores or []), cache or None
+
+
+def chunk_server_store(ctx: Context) -> Store:
+    """The upstream from -s/-c or the --store-file: one writable store with -w, else the chain."""
+    a = ctx.args
+    stores, cache = a.store, a.cache
+    if a.store_file:
+        if stores:
+            raise UsageError("--store and --store-file can't be used together")
+        if cache:
+            raise UsageError("--cache and --store-file can't be used together")
+        stores, cache = read_store_file(a.store_file)
+    if not stores:
+        raise UsageError("no store provided")
+    if a.writable:
+        if len(stores) != 1 or cache:
+            raise UsageError("Only one upstream store supported for writing and no cache")
+        return ctx.target(stores[0])
+    return open_chain(stores, cache, repair=a.cache_repair, options_for=ctx.store_options)
+
+
+def reload_on_sighup(ctx: Context, swap: SwapStore) -> None:
+    """Re-read the --store-file on every SIGHUP (in a thread); a bad file keeps the old stores."""
+    wanted = threading.Event()
+
+    def reloader() -> None:
+        while True:
+            wanted.wait()
+            wanted.clear()
+            try:
+                swap.swap(chunk_server_store(ctx))
+            except (PydesyncError, OSError) as e:
+                print(f"failed to reload configuration: {e}", file=sys.stderr, flush=True)
+
+    threading.Thread(target=reloader, name="store-file-reload", daemon=True).start()
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: wanted.set())
+
+
 def run_chunk_server(ctx: Context) -> int:
     a = ctx.args
-    if a.store_file:
-        raise UsageError("--store-file is not supported yet")
-    if not a.store:
-        raise UsageError("no store provided")
     options = server_options(ctx)
-    if a.writable:
-        if len(a.store) != 1 or a.cache:
-            raise UsageError("Only one upstream store supported for writing and no cache")
-        upstream = ctx.target(a.store[0])
+    # The format clients exchange, checked before any upstream store is opened.
+    wire = wire_converters(a.uncompressed, a.encryption, a.encryption_key, a.encryption_algorithm)
+    upstream = chunk_server_store(ctx)
+
+    def make_server(store: Store) -> ChunkServer:
+        return ChunkServer(store, writable=a.writable, uncompressed=a.uncompressed,
+                           skip_verify_read=a.skip_verify_read, skip_verify_write=a.skip_verify_write,
+                           wire=wire)
+
+    if a.store_file:
+        # reloadable: every request runs on the stores current when it starts
+        upstream = SwapStore(upstream, require_writable=a.writable)
+        servers = make_servers(swapping_handler(upstream, make_server), options)
+        reload_on_sighup(ctx, upstream)
     else:
-        upstream = ctx.source()
-    server = ChunkServer(upstream, writable=a.writable, uncompressed=a.uncompressed,
-                         skip_verify_read=a.skip_verify_read, skip_verify_write=a.skip_verify_write)
-    servers = server.servers(options)
+        servers = make_server(upstream).servers(options)
     where = ", ".join(f"{s.server_address[0]}:{s.server_address[1]}" for s in servers)
     print(f"chunk-server: serving {upstream.location} on {where} "
           f"({'read-write' if a.writable else 'read-only'}, one thread per connection)", file=sys.stderr)
-    serve_forever(servers)
+    try:
+        serve_forever(servers)
+    finally:
+        upstream.close()
     return 0
 
 
@@ -96,6 +175,7 @@ def run_index_server(ctx: Context) -> int:
     a = ctx.args
     if len(a.store) != 1:
         raise UsageError("index-server needs exactly one index store (-s)")
+    ctx.index_options(a.store[0] if a.store[0].endswith("/") else a.store[0] + "/")  # no encryption
     options = server_options(ctx)
     server = IndexServer(a.store[0], writable=a.writable)
     servers = server.servers(options)

@@ -6,7 +6,6 @@ import argparse
 import sys
 
 from ..errors import UsageError
-from ..index import read_index
 from ..store.local import LocalStore
 from ..storeops import copy_chunks, prune, referenced_ids, verify_store
 from .common import Context, add_bool, add_concurrency, add_ignore, add_store_options, add_stores
@@ -47,7 +46,7 @@ def run_cache(ctx: Context) -> int:
     if not a.store:
         raise UsageError("no source store provided")
     ignore = ignored_ids(a.ignore, a.ignore_chunks, ctx.requested_digest)
-    ids = [c.id for loc in a.index for c in read_index(loc, ctx.requested_digest) if c.id not in ignore]
+    ids = [c.id for loc in a.index for c in ctx.read_index(loc) if c.id not in ignore]
     target = ctx.target(a.cache, create=True)
     a.cache = None  # the source chain must not include the target
     source = ctx.source()
@@ -78,7 +77,7 @@ def run_prune(ctx: Context) -> int:
     if len(a.store) != 1:
         raise UsageError("prune needs exactly one store (-s)")
     store = ctx.target(a.store[0])
-    keep = referenced_ids(read_index(loc, ctx.requested_digest) for loc in a.index)
+    keep = referenced_ids(ctx.read_index(loc) for loc in a.index)
     if not a.yes and not _confirm(len(keep), a.store[0]):
         return 0
     prune(store, keep)

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from ..catar.decoder import DirectoryEnd, Node
 from ..digest import check_digest
 from ..errors import PydesyncError, UsageError
-from ..index import CA_FORMAT_INDEX, read_index
+from ..index import CA_FORMAT_INDEX
 from ..mtree import catar_items, index_items, mtree_lines, stream_items, tree_items
 from ..store import Store
 from ..treedigest import blob_digest, caibx_digest, caidx_digest, catar_digest, directory_digest, file_pieces
@@ -101,7 +101,7 @@ def run_mtree(ctx: Context) -> int:
         items = stream_items(sys.stdin.buffer, "<stdin>") if a.input == "-" else catar_items(a.input)
         _write_lines(mtree_lines(items, digest))
         return 0
-    index = read_index(a.input, ctx.requested_digest)
+    index = ctx.read_index(a.input)
     store = ctx.source()
     assert store is not None
     with store:
@@ -154,7 +154,7 @@ def run_digest(ctx: Context) -> int:
         return 0
     _no_features(ctx, f"a {what}")
     if what in ("archive-index", "blob-index"):
-        index = read_index(a.input)
+        index = ctx.read_index(a.input, check_digest=False)
         store = _index_store(ctx)
         with store:
             if what == "archive-index":

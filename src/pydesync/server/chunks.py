@@ -1,9 +1,12 @@
-"""chunk-server: a store (or a chain behind a cache) over HTTP at `/<4 hex>/<64 hex>.cacnk`.
+"""chunk-server: a store (or a chain behind a cache) over HTTP at `/<4 hex>/<64 hex><extension>`.
 
 GET and HEAD always; PUT with `writable`, where an upload is decoded and
-checked against its id before it is stored. With `uncompressed` the wire
-format is the raw chunk (no suffix); chunks are converted between the stored
-and the served encoding on the fly. casync's HTTP helper and desync's HTTP
+checked against its id before it is stored. The wire format is a converter
+stack (store.converters): `.cacnk` by default, the raw chunk (no suffix) with
+`uncompressed`, and an encryption layer on top with `--encryption*`. Chunks
+are converted between the stored and the served format on the fly, undoing
+and redoing only the layers after the ones both share (a compressed store
+served encrypted is only encrypted). casync's HTTP helper and desync's HTTP
 store both talk to this.
 """
 
@@ -14,10 +17,11 @@ import re
 import sys
 from urllib.parse import unquote, urlsplit
 
-from ..codec import CodecError, compress, decompress
+from ..codec import CodecError
 from ..digest import ChunkId, digest_of
 from ..errors import ChunkInvalid, ChunkMissing, PydesyncError
 from ..store.base import Store, verify_chunk
+from ..store.converters import COMPRESSED, PLAIN, Converters
 from ..store.local import LocalStore
 from .common import Exchange, ServerOptions, make_servers
 
@@ -28,11 +32,14 @@ class ChunkServer:
     """The request logic for every method; `servers()` binds it to listening sockets."""
 
     def __init__(self, upstream: Store, writable: bool = False, uncompressed: bool = False,
-                 skip_verify_read: bool = True, skip_verify_write: bool = False):
+                 skip_verify_read: bool = True, skip_verify_write: bool = False,
+                 wire: Converters | None = None):
+        """`wire` (the format clients exchange, e.g. with encryption) overrides `uncompressed`."""
         self.upstream = upstream
         self.writable = writable
-        self.wire_compressed = not uncompressed
-        self.suffix = "" if uncompressed else ".cacnk"
+        self.wire = wire if wire is not None else (PLAIN if uncompressed else COMPRESSED)
+        self.wire_compressed = self.wire.compressed
+        self.suffix = self.wire.extension
         self.skip_verify_read = skip_verify_read
         self.skip_verify_write = skip_verify_write
 
@@ -63,12 +70,17 @@ class ChunkServer:
 
     def _parse(self, req: Exchange) -> ChunkId | None:
         path = unquote(urlsplit(req.path).path)
-        match = _CHUNK_PATH.match(path)
-        if not match or match.group(1) != match.group(2)[:4]:
-            req.reply(400, f"expected format '/<prefix>/<chunkid>{self.suffix}'\n".encode())
-            return None
-        if match.group(3) != self.suffix:
+        if not path.endswith(self.suffix):
             req.reply(400, b"invalid chunk extension, verify compression and encryption settings\n")
+            return None
+        match = _CHUNK_PATH.match(path)
+        extra = match.group(3)[: len(match.group(3)) - len(self.suffix)] if match else ""
+        if "." in extra:  # another extension before (or instead of) ours: another format
+            req.reply(400, f"requested chunk with an unexpected file extension, this server expects "
+                           f"'<chunkid>{self.suffix}', verify compression and encryption settings\n".encode())
+            return None
+        if not match or extra or match.group(1) != match.group(2)[:4]:
+            req.reply(400, f"expected format '/<prefix>/<chunkid>{self.suffix}'\n".encode())
             return None
         return ChunkId(match.group(2))
 
@@ -76,9 +88,9 @@ class ChunkServer:
         """Serve a local store's file as it is (sendfile) when its format is the wire format."""
         if not isinstance(self.upstream, LocalStore) or not self.skip_verify_read:
             return False
-        fd, size, compressed = self.upstream.open_stored(chunk_id)
+        fd, size, stored_format = self.upstream.open_stored(chunk_id)
         try:
-            if compressed != self.wire_compressed:
+            if stored_format != self.wire:
                 return False
             req.reply_file(fd, size)
             return True
@@ -86,15 +98,17 @@ class ChunkServer:
             os.close(fd)
 
     def wire_bytes(self, chunk_id: ChunkId) -> bytes:
-        """The chunk as served: the stored file itself when formats agree and reads are trusted."""
+        """The chunk as served: the stored file itself when formats agree and reads are trusted,
+        else converted from the stored format through the layers the two do not share."""
         get_stored = getattr(self.upstream, "get_stored", None)
         if get_stored is not None and self.skip_verify_read:
-            stored, compressed = get_stored(chunk_id)
-            if compressed == self.wire_compressed:
-                return stored
-            return decompress(stored) if compressed else compress(stored)
-        data = self.upstream.get(chunk_id)
-        return compress(data) if self.wire_compressed else data
+            stored, stored_format = get_stored(chunk_id)
+            try:
+                return stored_format.convert(stored, self.wire)
+            except CodecError as e:
+                raise ChunkInvalid(chunk_id, f"invalid chunk {chunk_id}: {e}",
+                                   self.upstream.location) from None
+        return self.wire.encode(self.upstream.get(chunk_id))
 
     def _put(self, req: Exchange, chunk_id: ChunkId) -> None:
         if not self.writable:
@@ -104,7 +118,7 @@ class ChunkServer:
         if body is None:
             return
         try:
-            data = decompress(body) if self.wire_compressed else body
+            data = self.wire.decode(body)
             if not self.skip_verify_write:
                 verify_chunk(chunk_id, data, None, "upload")
         except CodecError as e:

@@ -16,6 +16,7 @@ import contextlib
 import os
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -194,8 +195,17 @@ class Connection:
                     dummy = Request("GET", "-", "HTTP/1.1", {}, self.client, self)
                     self.reply(dummy, e.status, f"{e}\n".encode())
                     return
-                self.app(req)
-                if req.method == "PUT" and not req.body_read:
+                try:
+                    self.app(req)
+                except (OSError, ssl.SSLError):
+                    raise
+                except Exception as e:  # a bug must cost one answer, not the connection silently
+                    sys.stderr.write(f"{req.method} {req.target}: internal error: {e!r}\n")
+                    self.keep_alive = False
+                    self.reply(req, 500, b"internal server error\n")
+                    return
+                if not req.body_read and (req.headers.get("content-length", "0") != "0"
+                                          or "transfer-encoding" in req.headers):
                     self.keep_alive = False  # an unread body would be taken for the next request
         except (OSError, TimeoutError, ssl.SSLError):
             return

@@ -3,7 +3,8 @@
 GET re-serialises a parsed index (a file that is not an index is 400), HEAD
 says whether it opens, PUT (with `writable`) stores a body only if it parses
 as an index (else 415). Names are plain file names: anything that could
-climb out of the directory is 400.
+climb out of the directory (a `..` segment anywhere in the path, a backslash,
+encoded or not) is 400.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class IndexServer:
             return
         raw = urlsplit(req.path).path
         name = unquote(raw.rsplit("/", 1)[-1])
-        if not valid_index_name(name) or "\\" in unquote(raw):
+        decoded = unquote(raw)
+        if not valid_index_name(name) or "\\" in decoded or ".." in decoded.split("/"):
             req.reply(400, b"invalid index name\n")
             return
         path = os.path.join(self.directory, name)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
-from ..codec import CodecError, decompress
+from ..codec import CodecError
 from ..digest import SHA512_256, ChunkId, digest_of, other_digest
 from ..errors import ChunkInvalid, StoreError
+from .converters import COMPRESSED, Converters
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,14 @@ class StoreOptions:
     http_auth: str | None = None        # sent verbatim as Authorization
     http_cookie: str | None = None      # sent verbatim as Cookie
     concurrency: int = 10               # connections / requests at once for network stores
+    encryption: bool = False            # AEAD layer on top of compression (see store.converters)
+    encryption_key: str | None = field(default=None, repr=False)  # 64 hex chars
+    encryption_algorithm: str | None = None  # xchacha20-poly1305 (default) or aes-256-gcm
+
+    @property
+    def encryption_configured(self) -> bool:
+        """Any encryption option set, valid or not (index stores refuse them all)."""
+        return bool(self.encryption or self.encryption_key or self.encryption_algorithm)
 
     def override(self, **changes: object) -> StoreOptions:
         """A copy with the given fields changed; None means 'not given' and keeps the current value."""
@@ -49,12 +58,15 @@ def verify_chunk(chunk_id: ChunkId, data: bytes, digest: str | None, location: s
     raise ChunkInvalid(chunk_id, f"chunk id {chunk_id} does not match its hash {actual}", location)
 
 
-def decode_chunk(chunk_id: ChunkId, stored: bytes, compressed: bool, location: str) -> bytes:
-    """Turn stored bytes back into chunk data, naming the chunk if they do not decode."""
-    if not compressed:
+def decode_chunk(chunk_id: ChunkId, stored: bytes, converters: Converters | bool, location: str) -> bytes:
+    """Turn stored bytes back into chunk data (decrypt, then decompress), naming the chunk if they
+    do not decode. `converters` True/False is shorthand for compressed/plain."""
+    if converters is True:
+        converters = COMPRESSED
+    if not converters:
         return stored
     try:
-        return decompress(stored)
+        return converters.decode(stored)  # type: ignore[union-attr]
     except CodecError as e:
         raise ChunkInvalid(chunk_id, f"invalid chunk {chunk_id}: {e}", location) from None
 

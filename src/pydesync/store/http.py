@@ -1,4 +1,7 @@
-"""HTTP(S) chunk stores: `<base>/<4 hex>/<64 hex>.cacnk` over pooled keep-alive connections.
+"""HTTP(S) chunk stores: `<base>/<4 hex>/<64 hex><extension>` over pooled keep-alive connections.
+
+The extension and the bytes follow the store's converters (`.cacnk`, none
+when uncompressed, `.<alg>-<keyid>` added when encrypted), as on disk.
 
 desync's client semantics: GET 200 is data and 404 is missing (so a chain falls
 through to the next store); HEAD answers `has`; PUT stores. Network errors and
@@ -16,10 +19,10 @@ from urllib.parse import quote
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from ..codec import compress
 from ..digest import ChunkId
 from ..errors import ChunkMissing, StoreError, UsageError
 from .base import Store, StoreOptions, decode_chunk, verify_chunk
+from .converters import Converters, converters_for
 from .http_fast import FastHttp, tls_context
 
 SUFFIX = ".cacnk"
@@ -163,9 +166,10 @@ class HttpStore(Store):
     def __init__(self, location: str, options: StoreOptions | None = None):
         self.location = location
         self.options = options or StoreOptions()
+        self.converters = converters_for(self.options)  # validates the encryption settings first
         base = location.split("?", 1)[0].split(";", 1)[0]
         self.client = HttpClient(base, self.options)
-        self._suffix = "" if self.options.uncompressed else SUFFIX
+        self._suffix = self.converters.extension
 
     def _name(self, chunk_id: ChunkId) -> str:
         h = chunk_id.hex()
@@ -176,16 +180,17 @@ class HttpStore(Store):
         if body is None:
             raise ChunkMissing(chunk_id, [self.location])
         where = self.client.url(self._name(chunk_id))
-        data = decode_chunk(chunk_id, body, not self.options.uncompressed, where)
+        data = decode_chunk(chunk_id, body, self.converters, where)
         if not self.options.skip_verify:
             verify_chunk(chunk_id, data, digest, where)
         return data
 
-    def get_stored(self, chunk_id: ChunkId) -> tuple[bytes, bool]:
+    def get_stored(self, chunk_id: ChunkId) -> tuple[bytes, Converters]:
+        """The bytes as served and the converters of their format (for servers)."""
         body = self.client.request("GET", self._name(chunk_id))
         if body is None:
             raise ChunkMissing(chunk_id, [self.location])
-        return body, not self.options.uncompressed
+        return body, self.converters
 
     def has(self, chunk_id: ChunkId) -> bool:
         return self.client.request("HEAD", self._name(chunk_id)) is not None
@@ -195,8 +200,7 @@ class HttpStore(Store):
         return True
 
     def put(self, chunk_id: ChunkId, data: bytes | memoryview) -> None:
-        encoded = bytes(data) if self.options.uncompressed else compress(data, self.options.compression)
-        self.put_stored(chunk_id, encoded)
+        self.put_stored(chunk_id, self.converters.encode(data))
 
     def put_stored(self, chunk_id: ChunkId, encoded: bytes) -> None:
         self.client.request("PUT", self._name(chunk_id), body=encoded, ok=(200, 201, 204), missing=())

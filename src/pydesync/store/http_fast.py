@@ -5,9 +5,10 @@ general-purpose stack (urllib3 over http.client, with its URL re-encoding and
 email-based header parsing) costs several hundred microseconds of CPU per
 request on these machines, more than decompressing and verifying the chunk.
 This client keeps one connection per thread, writes the request in one
-send, and parses just status, Content-Length / chunked framing and
-Connection. Anything unusual (a proxy, a redirect) is left to urllib3 by the
-caller (HttpClient).
+send, and parses just status, Content-Length / chunked / read-to-close
+framing and Connection (HTTP/1.0 answers close unless keep-alive).
+Anything unusual (a proxy, a redirect) is left to urllib3 by the caller
+(HttpClient).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import contextlib
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 MAX_HEAD = 64 * 1024
+MAX_BODY = 256 * 1024 * 1024  # an unframed body (read to close) larger than any chunk or index is refused
 
 
 class ProtocolError(OSError):
@@ -37,9 +40,18 @@ class _Conn:
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.buf = bytearray()
+        self.deadline: float | None = None  # monotonic time the current request must end by
+
+    def _recv(self) -> bytes:
+        if self.deadline is not None:  # a whole-request limit, not one per read: slow drips end too
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("timed out")
+            self.sock.settimeout(remaining)
+        return self.sock.recv(262144)
 
     def _fill(self) -> None:
-        data = self.sock.recv(262144)
+        data = self._recv()
         if not data:
             raise ConnectionResetError("connection closed by the server")
         self.buf += data
@@ -62,6 +74,16 @@ class _Conn:
             self._fill()
         out = bytes(self.buf[:n])
         del self.buf[:n]
+        return out
+
+    def read_to_close(self, limit: int) -> bytes:
+        """Everything until the server closes the connection (a body without framing)."""
+        while data := self._recv():
+            self.buf += data
+            if len(self.buf) > limit:
+                raise ProtocolError("response body too large")
+        out = bytes(self.buf)
+        self.buf.clear()
         return out
 
     def close(self) -> None:
@@ -129,18 +151,28 @@ class FastHttp:
         if body is not None:
             head += f"Content-Length: {len(body)}\r\nContent-Type: application/octet-stream\r\n"
         payload = (head + "\r\n").encode("latin-1")
+        if self.timeout is not None:
+            conn.deadline = time.monotonic() + self.timeout
+            conn.sock.settimeout(self.timeout)
         conn.sock.sendall(payload + body if body else payload)
         while True:
-            status, headers = self._read_head(conn)
+            status, headers, keep_alive = self._read_head(conn)
             if status >= 200 or status == 101:
                 break  # skip 100 Continue and other interim answers
-        data = b"" if method == "HEAD" or status in (204, 304) else self._read_body(conn, headers)
-        if headers.get("connection", "").lower() == "close":
+        if method == "HEAD" or status in (204, 304):
+            data = b""
+        elif "content-length" in headers or "chunked" in headers.get("transfer-encoding", "").lower():
+            data = self._read_body(conn, headers)
+        else:  # no framing: the body ends when the server closes the connection (HTTP/1.0 style)
+            data = conn.read_to_close(MAX_BODY)
+            keep_alive = False
+        if not keep_alive:
             self._drop(conn)
         return Response(status, headers, data)
 
     @staticmethod
-    def _read_head(conn: _Conn) -> tuple[int, dict[str, str]]:
+    def _read_head(conn: _Conn) -> tuple[int, dict[str, str], bool]:
+        """Status, headers, and whether the connection stays open afterwards."""
         head = conn.read_until(b"\r\n\r\n", MAX_HEAD).decode("latin-1")
         lines = head.split("\r\n")
         parts = lines[0].split(" ", 2)
@@ -150,7 +182,9 @@ class FastHttp:
         for line in lines[1:]:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
-        return int(parts[1]), headers
+        connection = headers.get("connection", "").lower()
+        keep_alive = "keep-alive" in connection if parts[0] == "HTTP/1.0" else "close" not in connection
+        return int(parts[1]), headers, keep_alive
 
     @staticmethod
     def _read_body(conn: _Conn, headers: dict[str, str]) -> bytes:
@@ -168,9 +202,7 @@ class FastHttp:
                     return b"".join(pieces)
                 pieces.append(conn.read_exact(size))
                 conn.read_exact(2)
-        length = headers.get("content-length")
-        if length is None:
-            raise ProtocolError("response without Content-Length")  # read-to-close: left to urllib3
+        length = headers.get("content-length", "")
         if not length.isdigit():
             raise ProtocolError("malformed Content-Length")
         return conn.read_exact(int(length))

@@ -1,4 +1,7 @@
-"""A chunk store in a local directory: `<dir>/<4 hex>/<64 hex>.cacnk` (or no suffix uncompressed).
+"""A chunk store in a local directory: `<dir>/<4 hex>/<64 hex><extension>`.
+
+The extension comes from the store's converters: `.cacnk` compressed, none
+uncompressed, `.<alg>-<keyid>` appended when encrypted (store.converters).
 
 Writes go to a temporary name in the prefix directory and are renamed into
 place, so no partial chunk is ever visible and concurrent writers are safe
@@ -16,14 +19,14 @@ import secrets
 import stat
 from collections.abc import Iterator
 
-from ..codec import compress
 from ..digest import ChunkId
 from ..errors import ChunkMissing, StoreError
 from .base import Store, StoreOptions, decode_chunk, verify_chunk
+from .converters import COMPRESSED, PLAIN, Converters, converters_for
 
 SUFFIX = ".cacnk"
 TEMP_PREFIX = ".tmp-cacnk"
-_CHUNK_NAME = re.compile(r"^[0-9a-f]{64}(\.cacnk)?$")
+_CHUNK_ID = re.compile(r"^[0-9a-f]{64}")
 
 
 class LocalStore(Store):
@@ -34,6 +37,7 @@ class LocalStore(Store):
         self.path = os.fspath(path)
         self.location = self.path
         self.options = options or StoreOptions()
+        self.converters = converters_for(self.options)  # validates the encryption settings first
         if create:
             try:
                 os.makedirs(self.path, exist_ok=True)
@@ -45,20 +49,27 @@ class LocalStore(Store):
             raise StoreError(f"store {self.path} does not exist")
         if not os.path.isdir(self.path):
             raise StoreError(f"store {self.path} is not a directory")
-        self._suffix = "" if self.options.uncompressed else SUFFIX
+        self._suffix = self.converters.extension
+        # Formats to look for, own first: casync also reads suffix-less raw chunks (and a plain
+        # store compressed ones). An encrypted store sees only its own extension.
+        if self.converters.encrypted:
+            self._formats: tuple[Converters, ...] = (self.converters,)
+        else:
+            self._formats = (self.converters, PLAIN if self.converters.compressed else COMPRESSED)
 
     # ---- paths -----------------------------------------------------------------------------
     def chunk_path(self, chunk_id: ChunkId, compressed: bool | None = None) -> str:
-        """Where the chunk lives in the store's own format (or the format asked for)."""
+        """Where the chunk lives in the store's own format (or plain / compressed if asked)."""
         if compressed is None:
-            compressed = not self.options.uncompressed
-        name = chunk_id.hex()
-        return f"{self.path}{os.sep}{name[:4]}{os.sep}{name}{SUFFIX if compressed else ''}"
+            return self._path(chunk_id, self._suffix)
+        return self._path(chunk_id, SUFFIX if compressed else "")
 
-    def _candidates(self) -> tuple[bool, bool]:
-        """Formats to look for, own format first: casync also reads suffix-less raw chunks."""
-        own = not self.options.uncompressed
-        return own, not own
+    def _path(self, chunk_id: ChunkId, extension: str) -> str:
+        name = chunk_id.hex()
+        return f"{self.path}{os.sep}{name[:4]}{os.sep}{name}{extension}"
+
+    def _candidates(self) -> tuple[Converters, ...]:
+        return self._formats
 
     # ---- reads -----------------------------------------------------------------------------
     def _read(self, path: str) -> bytes | None:
@@ -88,24 +99,24 @@ class LocalStore(Store):
             os.close(fd)
 
     def get(self, chunk_id: ChunkId, digest: str | None = None) -> bytes:
-        for compressed in self._candidates():
-            path = self.chunk_path(chunk_id, compressed)
+        for converters in self._candidates():
+            path = self._path(chunk_id, converters.extension)
             stored = self._read(path)
             if stored is None:
                 continue
-            data = decode_chunk(chunk_id, stored, compressed, path)
+            data = decode_chunk(chunk_id, stored, converters, path)
             if not self.options.skip_verify:
                 verify_chunk(chunk_id, data, digest, path)
             return data
         raise ChunkMissing(chunk_id, [self.location])
 
-    def open_stored(self, chunk_id: ChunkId) -> tuple[int, int, bool]:
-        """(open fd, size, compressed) of the chunk file, for serving it without copying.
+    def open_stored(self, chunk_id: ChunkId) -> tuple[int, int, Converters]:
+        """(open fd, size, converters of its format) of the chunk file, for serving it without copying.
 
         The caller closes the fd. Raises ChunkMissing when absent.
         """
-        for compressed in self._candidates():
-            path = self.chunk_path(chunk_id, compressed)
+        for converters in self._candidates():
+            path = self._path(chunk_id, converters.extension)
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except FileNotFoundError:
@@ -114,21 +125,21 @@ class LocalStore(Store):
                 if e.errno == errno.ELOOP:
                     continue
                 raise StoreError(f"cannot read {path}: {e.strerror}") from None
-            return fd, os.fstat(fd).st_size, compressed
+            return fd, os.fstat(fd).st_size, converters
         raise ChunkMissing(chunk_id, [self.location])
 
-    def get_stored(self, chunk_id: ChunkId) -> tuple[bytes, bool]:
-        """The chunk file's bytes and whether they are compressed (for servers)."""
-        for compressed in self._candidates():
-            stored = self._read(self.chunk_path(chunk_id, compressed))
+    def get_stored(self, chunk_id: ChunkId) -> tuple[bytes, Converters]:
+        """The chunk file's bytes and the converters of their format (for servers)."""
+        for converters in self._candidates():
+            stored = self._read(self._path(chunk_id, converters.extension))
             if stored is not None:
-                return stored, compressed
+                return stored, converters
         raise ChunkMissing(chunk_id, [self.location])
 
     def has(self, chunk_id: ChunkId) -> bool:
-        for compressed in self._candidates():
+        for converters in self._candidates():
             try:
-                st = os.lstat(self.chunk_path(chunk_id, compressed))
+                st = os.lstat(self._path(chunk_id, converters.extension))
             except OSError:
                 continue
             if not stat.S_ISLNK(st.st_mode):
@@ -147,8 +158,7 @@ class LocalStore(Store):
         return os.access(self.path, os.W_OK)
 
     def put(self, chunk_id: ChunkId, data: bytes | memoryview) -> None:
-        encoded = data if self.options.uncompressed else compress(data, self.options.compression)
-        self.put_stored(chunk_id, encoded)
+        self.put_stored(chunk_id, self.converters.encode(data) if self.converters else data)
 
     def put_stored(self, chunk_id: ChunkId, encoded: bytes | memoryview) -> None:
         """Install already-encoded chunk bytes under the store's own name, atomically.
@@ -184,8 +194,8 @@ class LocalStore(Store):
             return os.open(temp, flags, 0o644)
 
     def remove(self, chunk_id: ChunkId) -> None:
-        for compressed in (True, False):
-            _unlink_quietly(self.chunk_path(chunk_id, compressed))
+        for converters in self._candidates():
+            _unlink_quietly(self._path(chunk_id, converters.extension))
 
     # ---- listing ---------------------------------------------------------------------------
     def ids(self) -> Iterator[ChunkId]:
@@ -194,14 +204,13 @@ class LocalStore(Store):
             yield chunk_id
 
     def files(self) -> Iterator[tuple[str, ChunkId]]:
-        """(path, id) of each chunk file in the store's own format."""
+        """(path, id) of each chunk file in the store's own format (exactly its extension)."""
         for prefix in sorted(_listdir(self.path)):
             folder = os.path.join(self.path, prefix)
             if len(prefix) != 4 or not os.path.isdir(folder):
                 continue
             for name in sorted(_listdir(folder)):
-                if not _CHUNK_NAME.match(name) or not name.endswith(self._suffix) \
-                        or (not self._suffix and name.endswith(SUFFIX)):
+                if name[64:] != self._suffix or not _CHUNK_ID.match(name):
                     continue
                 if name[:4] == prefix:
                     yield os.path.join(folder, name), ChunkId(name[:64])
