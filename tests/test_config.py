@@ -72,3 +72,31 @@ def test_load_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     (default / "config.json").write_text(json.dumps({"store-options": {"/y": {}}}))
     assert "/y" in load_config(None).store_options
     os.unlink(default / "config.json")
+
+
+def test_own_config_location_wins_over_desyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    desync = tmp_path / ".config" / "desync"
+    desync.mkdir(parents=True)
+    (desync / "config.json").write_text(json.dumps({"store-options": {"/from-desync": {}}}))
+    assert "/from-desync" in load_config(None).store_options  # desync's file is read
+    own = tmp_path / ".config" / "pydesync"
+    own.mkdir(parents=True)
+    (own / "config.json").write_text(json.dumps({"store-options": {"/from-pydesync": {}}}))
+    assert list(load_config(None).store_options) == ["/from-pydesync"]
+
+
+def test_config_command_prints_and_writes(cli, tmp_path: Path):
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps({"store-options": {"/srv/store": {"uncompressed": True}}}))
+    r = cli("--config", src, "config")
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.out)
+    assert shown["store-options"] == {"/srv/store": {"uncompressed": True}}
+    assert shown["s3-credentials"] is None
+    r = cli("--config", src, "config", "-w")
+    assert r.returncode == 0 and f"Writing config to {src}" in r.out
+    r = cli("config", "-w", env={"HOME": str(tmp_path)})
+    assert r.returncode == 0
+    written = tmp_path / ".config" / "desync" / "config.json"
+    assert written.exists() and oct(written.stat().st_mode & 0o777) == "0o600"

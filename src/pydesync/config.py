@@ -17,7 +17,15 @@ from .errors import UsageError
 from .store import StoreOptions, location_scheme
 from .store.converters import encryption_key_fallback
 
-DEFAULT_CONFIG = os.path.join("~", ".config", "desync", "config.json")
+OWN_CONFIG = os.path.join("~", ".config", "pydesync", "config.json")
+DESYNC_CONFIG = os.path.join("~", ".config", "desync", "config.json")
+DEFAULT_CONFIG = DESYNC_CONFIG  # kept for callers that name desync's location
+
+
+def default_config_path() -> str:
+    """pydesync's own config if it exists, else desync's (so a desync setup keeps working)."""
+    own = os.path.expanduser(OWN_CONFIG)
+    return own if os.path.exists(own) else os.path.expanduser(DESYNC_CONFIG)
 
 
 def go_glob_regex(pattern: str) -> re.Pattern[str]:
@@ -137,7 +145,7 @@ def _bool(raw: dict[str, Any], key: str) -> bool | None:
 def load_config(path: str | None) -> Config:
     """Load the config; a missing default file is fine, a missing explicit one is an error."""
     explicit = path is not None
-    path = os.path.expanduser(path or DEFAULT_CONFIG)
+    path = os.path.expanduser(path) if path else default_config_path()
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)

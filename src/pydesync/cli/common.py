@@ -73,7 +73,8 @@ def add_global_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
     """--config, --digest, --verbose: accepted before and after the command name."""
     default = argparse.SUPPRESS if suppress else None
     parser.add_argument("--config", default=default,
-                        help="config file (default ~/.config/desync/config.json)")
+                        help="config file (default ~/.config/pydesync/config.json, else desync's "
+                             "~/.config/desync/config.json)")
     parser.add_argument("--digest", default=default,
                         help=f"digest algorithm: {' or '.join(DIGESTS)} (default {SHA512_256})")
     parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS if suppress else False,

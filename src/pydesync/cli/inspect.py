@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from ..config import default_config_path
 from ..errors import UsageError
 from ..info import index_info, inspect_chunks
 from .common import CommaList, Context, add_bool, add_store_options, add_stores
@@ -121,7 +122,7 @@ def run_config(ctx: Context) -> int:
     text = json.dumps(ctx.config.as_json(), indent=2)
     print(text)
     if ctx.args.write:
-        path = os.path.expanduser(ctx.args.config or os.path.join("~", ".config", "desync", "config.json"))
+        path = os.path.expanduser(ctx.args.config) if ctx.args.config else default_config_path()
         print(f"Writing config to {path}")
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
