@@ -17,6 +17,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "_buzhash_table.h"
 
@@ -300,7 +305,72 @@ static PyObject *siphash24(PyObject *self, PyObject *args)
     return result;
 }
 
+PyDoc_STRVAR(write_new_file_doc,
+"write_new_file(dir_fd, temp, name, data, mode, mtime_ns)\n\n"
+"Create `temp` in dir_fd (O_EXCL, never following symlinks), write data, set the mode and\n"
+"(mtime_ns >= 0) the modification time, and rename it to `name`: the common case of untar\n"
+"in one call with the GIL released. On failure the temporary file is removed and OSError\n"
+"raised.");
+
+static PyObject *write_new_file(PyObject *self, PyObject *args)
+{
+    int dir_fd;
+    const char *temp, *name; /* "y": bytes without NUL bytes inside, NUL-terminated */
+    Py_buffer data;
+    unsigned int mode;
+    long long mtime_ns;
+    if (!PyArg_ParseTuple(args, "iyyy*IL", &dir_fd, &temp, &name, &data, &mode, &mtime_ns))
+        return NULL;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    int fd = openat(dir_fd, temp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY, 0600);
+    if (fd < 0) {
+        err = errno;
+    } else {
+        const char *p = data.buf;
+        Py_ssize_t left = data.len;
+        while (left > 0 && !err) {
+            ssize_t n = write(fd, p, (size_t)left);
+            if (n < 0) {
+                if (errno != EINTR)
+                    err = errno;
+            } else {
+                p += n;
+                left -= n;
+            }
+        }
+        if (!err && fchmod(fd, (mode_t)mode) < 0)
+            err = errno;
+        if (!err && mtime_ns >= 0) {
+            struct timespec ts[2];
+            ts[0].tv_sec = 0;
+            ts[0].tv_nsec = UTIME_OMIT;
+            ts[1].tv_sec = (time_t)(mtime_ns / 1000000000LL);
+            ts[1].tv_nsec = (long)(mtime_ns % 1000000000LL);
+            if (futimens(fd, ts) < 0)
+                err = errno;
+        }
+        if (close(fd) < 0 && !err)
+            err = errno;
+        if (!err && renameat(dir_fd, temp, dir_fd, name) < 0)
+            err = errno;
+        if (err)
+            unlinkat(dir_fd, temp, 0);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&data);
+    if (err) {
+        errno = err;
+        PyObject *fname = PyBytes_FromString(name);
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, fname);
+        Py_XDECREF(fname);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"write_new_file", write_new_file, METH_VARARGS, write_new_file_doc},
     {"siphash24", siphash24, METH_VARARGS, siphash24_doc},
     {"is_zero", is_zero, METH_VARARGS, is_zero_doc},
     {"find_cuts", find_cuts, METH_VARARGS, find_cuts_doc},

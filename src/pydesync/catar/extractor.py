@@ -34,6 +34,7 @@ import ctypes
 import errno
 import fcntl
 import functools
+import itertools
 import os
 import secrets
 import shutil
@@ -42,6 +43,7 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from .. import _chunker as _native
 from ..errors import PydesyncError
 from . import format as F
 from .decoder import AclEntry, ArchiveDecoder, DirectoryEnd, Node, Readable
@@ -76,6 +78,7 @@ BTRFS_IOC_SUBVOL_SETFLAGS = 0x4008941A
 BTRFS_SUBVOL_RDONLY = 0x2
 RENAME_NOREPLACE = 0x1
 TIME_FLAGS = F.WITH_NSEC_TIME | F.WITH_USEC_TIME | F.WITH_SEC_TIME | F.WITH_2SEC_TIME
+PLAIN_LIMIT = 8 << 20  # files up to this size may take the one-call native path
 ID_FLAGS = F.WITH_16BIT_UIDS | F.WITH_32BIT_UIDS | F.WITH_USER_NAMES
 DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 WRITE_BLOCK = 1 << 20
@@ -297,6 +300,9 @@ class TreeExtractor:
         self._warn = warn
         self._stack: list[_Dir] = []
         self._root = os.geteuid() == 0
+        self._ids = (os.geteuid(), os.getegid())
+        self._owner_cache: dict[tuple, tuple[int | None, int | None]] = {}
+        self._temp_counter = itertools.count()
         self._umask = current_umask()
         self._magic: dict[int, int] = {}
 
@@ -382,9 +388,58 @@ class TreeExtractor:
         self._check_name(node, display)
         if node.is_dir:
             self._stack.append(self._make_directory(parent.fd, node, display))
+        elif self._plain(node, parent):
+            self._write_plain(parent.fd, node, display)
         else:
             self._make_leaf(parent.fd, node, display, parent.has_default_acl(), parent.passes_on_flags(),
                             private=parent.created)
+
+    # ---- the common case in one native call ----------------------------------------------------
+    def _plain(self, node: Node, parent: _Dir) -> bool:
+        """A small regular file in a directory we created, whose only metadata is mode and mtime
+        (no xattrs, ACLs, capabilities, label, project id or flags, and our own owner)."""
+        if not node.is_file or not parent.created or (node.size or 0) > PLAIN_LIMIT:
+            return False
+        flags = node.feature_flags
+        if (node.xattrs and flags & F.WITH_XATTRS) or (node.fcaps is not None and flags & F.WITH_FCAPS) \
+                or (node.selinux is not None and flags & F.WITH_SELINUX) or node.flags & flags \
+                or (node.quota_projid and flags & F.WITH_QUOTA_PROJID):
+            return False
+        if flags & F.WITH_ACL and (node.acl_users or node.acl_groups or node.acl_group_obj is not None):
+            return False
+        if parent.has_default_acl() or parent.passes_on_flags():
+            return False
+        if self.options.same_owner and flags & ID_FLAGS:
+            key = (node.user, node.group, node.uid, node.gid, flags & ID_FLAGS)
+            owner = self._owner_cache.get(key)
+            if owner is None:
+                numbers = bool(flags & (F.WITH_16BIT_UIDS | F.WITH_32BIT_UIDS))
+                names = flags & F.WITH_USER_NAMES
+                uid, _ = self._resolve(node.user if names else None, node.uid, numbers, True)
+                gid, _ = self._resolve(node.group if names else None, node.gid, numbers, False)
+                owner = self._owner_cache[key] = (uid, gid)
+            if owner != self._ids:
+                return False
+        return True
+
+    def _write_plain(self, dir_fd: int, node: Node, display: str) -> None:
+        flags = node.feature_flags
+        default = 0o666 & ~self._umask
+        if not self.options.same_permissions:
+            mode = default
+        elif flags & (F.WITH_PERMISSIONS | F.WITH_ACL):
+            mode = node.mode & 0o7777
+        elif flags & F.WITH_READ_ONLY:
+            mode = default | 0o200 if node.mode & 0o222 else default & ~0o222
+        else:
+            mode = default
+        data = b"".join(node.payload())
+        temp = b".#pydesync.%d" % next(self._temp_counter)  # private directory: no collisions
+        try:
+            mtime = node.mtime if flags & TIME_FLAGS else -1
+            _native.write_new_file(dir_fd, temp, node.name, data, mode, mtime)
+        except OSError as e:
+            raise ExtractError(f"cannot create {display}: {_strerror(e)}") from None
 
     def _make_directory(self, dir_fd: int, node: Node, display: str) -> _Dir:
         name = node.name
