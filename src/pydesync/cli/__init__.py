@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import PydesyncError
-from . import archive, blob, inspect, server, store, treeinfo
+from . import archive, blob, inspect, remote, server, store, treeinfo
 from .common import Context, add_global_flags, parse_bool
 
 
@@ -39,10 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pydesync", description="Content-addressed synchroniser compatible with "
                                                   "casync and desync.")
     add_global_flags(parser, suppress=False)
+    # casync's client may put these before the verb when it starts `pull` remotely; accepted, unused.
+    parser.add_argument("--log-level", help=argparse.SUPPRESS)
+    parser.add_argument("--rate-limit-bps", help=argparse.SUPPRESS)
     parent = argparse.ArgumentParser(add_help=False)
     add_global_flags(parent, suppress=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for module in (blob, archive, store, inspect, treeinfo, server):
+    for module in (blob, archive, store, inspect, treeinfo, server, remote):
         module.register(sub, parent)
     return parser
 

@@ -36,6 +36,14 @@ def open_store(location: str, options: StoreOptions | None = None, create: bool 
         from .http import HttpStore
 
         return HttpStore(location, options)
+    if scheme == "ssh":
+        from .ssh import SshStore
+
+        return SshStore(location, options)
+    if scheme == "sftp":
+        from .sftp import SftpStore
+
+        return SftpStore(location, options)
     if scheme in REMOTE_SCHEMES:
         raise UsageError(f"store kind '{scheme}://' is not supported yet ({location})")
     raise UsageError(f"unsupported store location '{location}'")
@@ -47,11 +55,18 @@ def open_chain(locations: Sequence[str], cache: str | None = None, repair: bool 
     if not locations:
         raise UsageError("no store provided")
     opts = options_for if callable(options_for) else (lambda _loc: None)
-    stores = [open_store(loc, opts(loc)) for loc in locations]
-    chain: Store = stores[0] if len(stores) == 1 else StoreRouter(stores)
-    if cache:
-        cache_store = open_store(cache, opts(cache), create=True)
-        chain = CachedStore(cache_store, chain, repair=repair)
+    stores: list[Store] = []
+    try:  # a store that fails to open must not leave the others' connections behind
+        for loc in locations:
+            stores.append(open_store(loc, opts(loc)))
+        chain: Store = stores[0] if len(stores) == 1 else StoreRouter(stores)
+        if cache:
+            cache_store = open_store(cache, opts(cache), create=True)
+            chain = CachedStore(cache_store, chain, repair=repair)
+    except BaseException:
+        for store in stores:
+            store.close()
+        raise
     return chain
 
 

@@ -1,0 +1,285 @@
+"""casync's remote protocol (FORMATS.md section 5): the `pull` server and a client session.
+
+Every message is {u64 size, u64 type, body}, 16 bytes to 16 MiB. Both sides send
+HELLO with their feature flags at once. A pull client then sends REQUESTs (one
+HIGH_PRIORITY id for what it needs now, big low-priority lists to prefetch;
+the same id may come again) and the server answers each id once with CHUNK
+(compressed .cacnk bytes, flag COMPRESSED) or MISSING. A casync client hangs up
+without GOODBYE; EOF and a broken pipe are a normal end.
+"""
+
+from __future__ import annotations
+
+import heapq
+import struct
+import threading
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from .codec import compress, detect
+from .digest import ChunkId
+from .errors import ChunkMissing, PydesyncError
+
+HELLO = 0x3C71D0948CA5FBEE
+INDEX = 0xB32A91DD2B3E27F8
+INDEX_EOF = 0x4F0932F1043718F5
+ARCHIVE = 0x95D6428A69EDDCC5
+ARCHIVE_EOF = 0x450BEF663F24CBAD
+REQUEST = 0x8AB427E0F89D9210
+CHUNK = 0x5213DD180A84BC8C
+MISSING = 0xD010F9FAC82B7B6C
+GOODBYE = 0xAD205DBF1A3686C3
+ABORT = 0xE7D9136B7EFEA352
+NAMES = {HELLO: "HELLO", INDEX: "INDEX", INDEX_EOF: "INDEX_EOF", ARCHIVE: "ARCHIVE",
+         ARCHIVE_EOF: "ARCHIVE_EOF", REQUEST: "REQUEST", CHUNK: "CHUNK", MISSING: "MISSING",
+         GOODBYE: "GOODBYE", ABORT: "ABORT"}
+
+READABLE_STORE, WRITABLE_STORE, READABLE_INDEX, WRITABLE_INDEX = 0x1, 0x2, 0x4, 0x8
+READABLE_ARCHIVE, WRITABLE_ARCHIVE = 0x10, 0x20
+PULL_CHUNKS, PULL_INDEX, PULL_ARCHIVE = 0x40, 0x80, 0x100
+PUSH_CHUNKS, PUSH_INDEX, PUSH_INDEX_CHUNKS, PUSH_ARCHIVE = 0x200, 0x400, 0x800, 0x1000
+FLAGS_MAX = 0x1FFF
+# Each operation a side wants, and the service the other side must offer for it.
+NEEDS = {PULL_CHUNKS: READABLE_STORE, PULL_INDEX: READABLE_INDEX, PULL_ARCHIVE: READABLE_ARCHIVE,
+         PUSH_CHUNKS: WRITABLE_STORE, PUSH_INDEX: WRITABLE_INDEX, PUSH_ARCHIVE: WRITABLE_ARCHIVE}
+
+REQUEST_HIGH_PRIORITY = 0x1
+CHUNK_COMPRESSED = 0x1
+MAX_MESSAGE = 16 * 1024 * 1024
+PIECE = 64 * 1024  # index/archive bytes per message, as casync sends them
+
+
+class ProtocolError(PydesyncError):
+    """The peer broke the protocol, or aborted."""
+
+
+def encode(kind: int, body: bytes = b"") -> bytes:
+    return struct.pack("<QQ", 16 + len(body), kind) + body
+
+
+class Channel:
+    """Messages over a pair of byte streams (pipes of ssh or of our own stdin/stdout)."""
+
+    def __init__(self, reader: BinaryIO, writer: BinaryIO, peer: str = "peer"):
+        self.reader = reader
+        self.writer = writer
+        self.peer = peer
+        self._send_lock = threading.Lock()
+
+    def _read_exact(self, n: int) -> bytes | None:
+        data = self.reader.read(n)
+        if not data:
+            return None
+        while len(data) < n:
+            more = self.reader.read(n - len(data))
+            if not more:
+                raise ProtocolError(f"{self.peer}: connection closed in the middle of a message")
+            data += more
+        return data
+
+    def receive(self) -> tuple[int, bytes] | None:
+        """(type, body) of the next message, or None when the peer closed the stream."""
+        head = self._read_exact(16)
+        if head is None:
+            return None
+        size, kind = struct.unpack("<QQ", head)
+        if not 16 <= size <= MAX_MESSAGE:
+            raise ProtocolError(f"{self.peer}: message of {size} bytes")
+        body = self._read_exact(size - 16) if size > 16 else b""
+        if body is None:
+            raise ProtocolError(f"{self.peer}: connection closed in the middle of a message")
+        if kind == ABORT:
+            errno_, = struct.unpack_from("<Q", body) if len(body) >= 8 else (0,)
+            reason = body[8:].rstrip(b"\0").decode("utf-8", "replace")
+            raise ProtocolError(f"{self.peer} aborted: {reason or f'error {errno_}'}")
+        return kind, body
+
+    def send(self, kind: int, body: bytes = b"") -> None:
+        with self._send_lock:
+            self.writer.write(encode(kind, body))
+            self.writer.flush()
+
+    def send_abort(self, errno_: int, reason: str) -> None:
+        text = "".join(c if " " <= c <= "~" else "?" for c in reason)[:4000]
+        self.send(ABORT, struct.pack("<Q", errno_) + text.encode() + b"\0")
+
+
+def check_hello(mine: int, theirs: int, peer: str) -> None:
+    """Both sides' flags valid, and every operation either side wants offered by the other."""
+    for flags, who in ((mine, "our"), (theirs, f"{peer}'s")):
+        if flags == 0 or flags & ~FLAGS_MAX:
+            raise ProtocolError(f"invalid {who} HELLO flags {flags:#x}")
+        if flags & PUSH_INDEX_CHUNKS and not (flags & PUSH_INDEX and flags & PUSH_CHUNKS):
+            raise ProtocolError(f"invalid {who} HELLO flags {flags:#x}")
+    for want, service in NEEDS.items():
+        if mine & want and not theirs & service:
+            raise ProtocolError(f"{peer} does not offer what we need (HELLO {theirs:#x})")
+        if theirs & want and not mine & service:
+            raise ProtocolError(f"{peer} wants a service we do not offer (HELLO {theirs:#x})")
+
+
+def read_hello(channel: Channel) -> int:
+    message = channel.receive()
+    if message is None:
+        raise ProtocolError(f"{channel.peer} closed the connection before HELLO")
+    kind, body = message
+    if kind != HELLO or len(body) != 8:
+        raise ProtocolError(f"{channel.peer}: expected HELLO, got {NAMES.get(kind, hex(kind))}")
+    return struct.unpack("<Q", body)[0]
+
+
+# ---- server (`pull`) -------------------------------------------------------------------------------
+class PullServer:
+    """Serve a store (and optionally an index or archive file) to one pull client.
+
+    A reader thread queues requested ids (high priority first, each id once);
+    the main loop answers them, so a chunk the client waits for overtakes a
+    long prefetch list.
+    """
+
+    def __init__(self, channel: Channel, store: object | None, index: str | None = None,
+                 archive: str | None = None):
+        self.channel = channel
+        self.store = store
+        self.index = index
+        self.archive = archive
+        self._queue: list[tuple[int, int, bytes]] = []
+        self._seq = 0
+        self._queued: set[bytes] = set()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._error: BaseException | None = None
+
+    def offer(self) -> int:
+        return ((READABLE_STORE if self.store is not None else 0) | (READABLE_INDEX if self.index else 0)
+                | (READABLE_ARCHIVE if self.archive else 0))
+
+    def serve(self) -> None:
+        self.channel.send(HELLO, struct.pack("<Q", self.offer()))
+        wanted = read_hello(self.channel)
+        check_hello(self.offer(), wanted, "client")
+        if wanted & PULL_INDEX and self.index:
+            self._send_file(self.index, INDEX, INDEX_EOF)
+        if wanted & PULL_ARCHIVE and self.archive:
+            self._send_file(self.archive, ARCHIVE, ARCHIVE_EOF)
+        reader = threading.Thread(target=self._read_requests, daemon=True)
+        reader.start()
+        while True:
+            chunk_id = self._next()
+            if chunk_id is None:
+                break
+            self._answer(ChunkId(chunk_id))
+        if self._error is not None:
+            raise self._error
+
+    def _send_file(self, path: str, kind: int, eof: int) -> None:
+        with open(path, "rb") as f:
+            while piece := f.read(PIECE):
+                self.channel.send(kind, piece)
+        self.channel.send(eof)
+
+    def _read_requests(self) -> None:
+        try:
+            while True:
+                message = self.channel.receive()
+                if message is None:
+                    break
+                kind, body = message
+                if kind == GOODBYE:
+                    break
+                if kind != REQUEST or len(body) < 40 or (len(body) - 8) % 32:
+                    raise ProtocolError(f"client sent an unexpected {NAMES.get(kind, hex(kind))} message")
+                flags, = struct.unpack_from("<Q", body)
+                if flags & ~REQUEST_HIGH_PRIORITY:
+                    raise ProtocolError(f"invalid REQUEST flags {flags:#x}")
+                priority = 0 if flags & REQUEST_HIGH_PRIORITY else 1
+                with self._cond:
+                    for off in range(8, len(body), 32):
+                        cid = body[off:off + 32]
+                        if cid not in self._queued:
+                            self._queued.add(cid)
+                            heapq.heappush(self._queue, (priority, self._seq, cid))
+                            self._seq += 1
+                    self._cond.notify()
+        except BaseException as e:
+            self._error = e
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify()
+
+    def _next(self) -> bytes | None:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if self._queue:
+                return heapq.heappop(self._queue)[2]
+            return None
+
+    def _answer(self, chunk_id: ChunkId) -> None:
+        try:
+            data, compressed = self._stored(chunk_id)
+        except ChunkMissing:
+            self.channel.send(MISSING, bytes(chunk_id))
+            return
+        self.channel.send(CHUNK, struct.pack("<Q", CHUNK_COMPRESSED if compressed else 0) + chunk_id + data)
+
+    def _stored(self, chunk_id: ChunkId) -> tuple[bytes, bool]:
+        """The chunk as sent: the stored .cacnk bytes, or zstd of a raw chunk (clients expect zstd)."""
+        get_stored = getattr(self.store, "get_stored", None)
+        if get_stored is not None:
+            data, converters = get_stored(chunk_id)
+            if not converters.encrypted:
+                return (data if converters.compressed else compress(data)), True
+        data = self.store.get(chunk_id)  # type: ignore[union-attr]  # decrypts and verifies
+        return compress(data), True
+
+
+# ---- client session -----------------------------------------------------------------------------
+class PullSession:
+    """One pull conversation: request chunks one at a time and wait for each answer."""
+
+    def __init__(self, channel: Channel):
+        self.channel = channel
+        self.channel.send(HELLO, struct.pack("<Q", PULL_CHUNKS))
+        theirs = read_hello(channel)
+        if not theirs & READABLE_STORE:
+            raise ProtocolError(f"{channel.peer}: server not offering chunks (HELLO {theirs:#x})")
+        check_hello(PULL_CHUNKS, theirs, channel.peer)
+
+    def fetch(self, chunk_id: ChunkId) -> tuple[bytes, bool] | None:
+        """(data, compressed) of the chunk, or None if the server says MISSING."""
+        self.channel.send(REQUEST, struct.pack("<Q", REQUEST_HIGH_PRIORITY) + bytes(chunk_id))
+        for kind, body in self._messages():
+            if kind == CHUNK:
+                if len(body) < 41:
+                    raise ProtocolError(f"{self.channel.peer}: malformed CHUNK")
+                flags, = struct.unpack_from("<Q", body)
+                if body[8:40] == chunk_id:
+                    return body[40:], bool(flags & CHUNK_COMPRESSED)
+            elif kind == MISSING:
+                if body[:32] == chunk_id:
+                    return None
+            else:
+                raise ProtocolError(f"{self.channel.peer}: unexpected {NAMES.get(kind, hex(kind))}")
+        raise ProtocolError(f"{self.channel.peer}: connection closed")
+
+    def _messages(self) -> Iterator[tuple[int, bytes]]:
+        while True:
+            message = self.channel.receive()
+            if message is None:
+                return
+            yield message
+
+    def goodbye(self) -> None:
+        self.channel.send(GOODBYE)
+
+
+def decode_payload(data: bytes, compressed: bool) -> bytes:
+    """A CHUNK body's data as chunk bytes (compressed with any codec casync knows)."""
+    if not compressed:
+        return data
+    from .codec import decompress
+
+    detect(data)
+    return decompress(data)

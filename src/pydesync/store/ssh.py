@@ -1,0 +1,167 @@
+"""`ssh://[user@]host[:port]/path` stores: casync's pull protocol over ssh.
+
+Each session runs `$CASYNC_SSH_PATH` (default ssh) with the remote command
+`$CASYNC_REMOTE_PATH pull - - - '<path>'` (default casync; `pydesync` or
+`desync` work too). Up to `concurrency` sessions run at once, started on
+demand; every chunk received is verified. Sessions end on close(), on errors
+and at interpreter exit, so no ssh process outlives the command.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import queue
+import shlex
+import subprocess
+import threading
+import weakref
+from urllib.parse import unquote, urlsplit
+
+from ..codec import CodecError
+from ..digest import ChunkId
+from ..errors import ChunkInvalid, ChunkMissing, StoreError, UsageError
+from ..protocol import Channel, ProtocolError, PullSession, decode_payload
+from .base import Store, StoreOptions, verify_chunk
+
+_live: weakref.WeakSet[SshStore] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for store in list(_live):
+        store.close()
+
+
+class _Session:
+    def __init__(self, argv: list[str], peer: str):
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, bufsize=0)
+        except OSError as e:
+            raise StoreError(f"cannot run {argv[0]}: {e.strerror}") from None
+        self.errors: list[bytes] = []
+        threading.Thread(target=self._drain_stderr, daemon=True).start()
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        self.channel = Channel(self.proc.stdout, self.proc.stdin, peer)  # type: ignore[arg-type]
+        try:
+            self.pull = PullSession(self.channel)
+        except (ProtocolError, OSError) as e:
+            self.end(kill=True)
+            raise StoreError(f"{peer}: {e}{self.stderr_text()}") from None
+
+    def _drain_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.errors.append(line)
+            del self.errors[:-5]
+
+    def stderr_text(self) -> str:
+        text = b" ".join(line.strip() for line in self.errors).decode("utf-8", "replace").strip()
+        return f" ({text})" if text else ""
+
+    def end(self, kill: bool = False) -> None:
+        """Say goodbye (unless killing), close the pipes, and make sure the process is gone."""
+        if not kill:
+            with contextlib.suppress(OSError, ProtocolError, AttributeError):
+                self.pull.goodbye()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                if pipe is not None:
+                    pipe.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=0.5 if kill else 5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class SshStore(Store):
+    """Read-only chunk store on the far side of an ssh connection."""
+
+    remote = True
+
+    def __init__(self, location: str, options: StoreOptions | None = None):
+        self.location = location
+        self.options = options or StoreOptions()
+        if getattr(self.options, "encryption", False):
+            raise UsageError(f"encryption is not supported by ssh stores ({location})")
+        parts = urlsplit(location)
+        host = parts.hostname or ""
+        if not host or host.startswith("-"):
+            raise UsageError(f"invalid ssh store location '{location}'")
+        self.destination = f"{parts.username}@{host}" if parts.username else host
+        self.port = parts.port
+        self.path = unquote(parts.path) or "/"
+        self._idle: queue.SimpleQueue[_Session] = queue.SimpleQueue()
+        self._sessions: list[_Session] = []
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max(1, self.options.concurrency))
+        _live.add(self)
+
+    def _argv(self) -> list[str]:
+        ssh = os.environ.get("CASYNC_SSH_PATH", "ssh")
+        remote = os.environ.get("CASYNC_REMOTE_PATH", "casync")
+        command = f"{remote} pull - - - {shlex.quote(self.path)}"
+        return [ssh, *(["-p", str(self.port)] if self.port else []), "--", self.destination, command]
+
+    def _acquire(self) -> _Session:
+        self._slots.acquire()
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            pass
+        try:
+            session = _Session(self._argv(), f"ssh {self.destination}")
+        except BaseException:
+            self._slots.release()
+            raise
+        with self._lock:
+            self._sessions.append(session)
+        return session
+
+    def _release(self, session: _Session, broken: bool) -> None:
+        if broken:
+            session.end(kill=True)
+            with self._lock:
+                if session in self._sessions:
+                    self._sessions.remove(session)
+        else:
+            self._idle.put(session)
+        self._slots.release()
+
+    def get(self, chunk_id: ChunkId, digest: str | None = None) -> bytes:
+        session = self._acquire()
+        broken = True
+        try:
+            answer = session.pull.fetch(chunk_id)
+            broken = False
+        except (ProtocolError, OSError) as e:
+            raise StoreError(f"{self.location}: {e}{session.stderr_text()}") from None
+        finally:
+            self._release(session, broken)
+        if answer is None:
+            raise ChunkMissing(chunk_id, [self.location])
+        data, compressed = answer
+        try:
+            chunk = decode_payload(data, compressed)
+        except CodecError as e:
+            raise ChunkInvalid(chunk_id, f"invalid chunk {chunk_id}: {e}", self.location) from None
+        verify_chunk(chunk_id, chunk, digest, self.location)  # always: the protocol carries no guarantee
+        return chunk
+
+    def has(self, chunk_id: ChunkId) -> bool:
+        try:
+            self.get(chunk_id)
+        except ChunkMissing:
+            return False
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.end()
