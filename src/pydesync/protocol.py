@@ -13,7 +13,6 @@ from __future__ import annotations
 import heapq
 import struct
 import threading
-from collections.abc import Iterator
 from typing import BinaryIO
 
 from .codec import compress, detect
@@ -236,8 +235,18 @@ class PullServer:
 
 
 # ---- client session -----------------------------------------------------------------------------
+class _Waiter:
+    __slots__ = ("error", "event", "result")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.result: tuple[bytes, bool] | None = None
+        self.error: BaseException | None = None
+
+
 class PullSession:
-    """One pull conversation: request chunks one at a time and wait for each answer."""
+    """One pull conversation shared by many threads: each sends its REQUEST and waits for
+    its answer, which a reader thread hands over as it arrives (many requests in flight)."""
 
     def __init__(self, channel: Channel):
         self.channel = channel
@@ -246,30 +255,58 @@ class PullSession:
         if not theirs & READABLE_STORE:
             raise ProtocolError(f"{channel.peer}: server not offering chunks (HELLO {theirs:#x})")
         check_hello(PULL_CHUNKS, theirs, channel.peer)
+        self._waiting: dict[bytes, list[_Waiter]] = {}
+        self._lock = threading.Lock()
+        self.broken: BaseException | None = None
+        threading.Thread(target=self._read_answers, daemon=True).start()
 
     def fetch(self, chunk_id: ChunkId) -> tuple[bytes, bool] | None:
         """(data, compressed) of the chunk, or None if the server says MISSING."""
-        self.channel.send(REQUEST, struct.pack("<Q", REQUEST_HIGH_PRIORITY) + bytes(chunk_id))
-        for kind, body in self._messages():
-            if kind == CHUNK:
-                if len(body) < 41:
-                    raise ProtocolError(f"{self.channel.peer}: malformed CHUNK")
-                flags, = struct.unpack_from("<Q", body)
-                if body[8:40] == chunk_id:
-                    return body[40:], bool(flags & CHUNK_COMPRESSED)
-            elif kind == MISSING:
-                if body[:32] == chunk_id:
-                    return None
-            else:
-                raise ProtocolError(f"{self.channel.peer}: unexpected {NAMES.get(kind, hex(kind))}")
-        raise ProtocolError(f"{self.channel.peer}: connection closed")
+        waiter = _Waiter()
+        key = bytes(chunk_id)
+        with self._lock:
+            if self.broken is not None:
+                raise ProtocolError(f"{self.channel.peer}: {self.broken}")
+            first = key not in self._waiting
+            self._waiting.setdefault(key, []).append(waiter)
+        if first:
+            self.channel.send(REQUEST, struct.pack("<Q", REQUEST_HIGH_PRIORITY) + key)
+        waiter.event.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.result
 
-    def _messages(self) -> Iterator[tuple[int, bytes]]:
-        while True:
-            message = self.channel.receive()
-            if message is None:
-                return
-            yield message
+    def _read_answers(self) -> None:
+        error: BaseException = ProtocolError(f"{self.channel.peer}: connection closed")
+        try:
+            while True:
+                message = self.channel.receive()
+                if message is None:
+                    break
+                kind, body = message
+                if kind == CHUNK and len(body) >= 41:
+                    flags, = struct.unpack_from("<Q", body)
+                    self._resolve(body[8:40], (body[40:], bool(flags & CHUNK_COMPRESSED)))
+                elif kind == MISSING and len(body) == 32:
+                    self._resolve(body, None)
+                else:
+                    raise ProtocolError(f"{self.channel.peer}: unexpected {NAMES.get(kind, hex(kind))}")
+        except BaseException as e:
+            error = e
+        with self._lock:
+            self.broken = error
+            waiting, self._waiting = self._waiting, {}
+        for waiters in waiting.values():
+            for w in waiters:
+                w.error = error
+                w.event.set()
+
+    def _resolve(self, key: bytes, result: tuple[bytes, bool] | None) -> None:
+        with self._lock:
+            waiters = self._waiting.pop(key, [])
+        for w in waiters:
+            w.result = result
+            w.event.set()
 
     def goodbye(self) -> None:
         self.channel.send(GOODBYE)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import os
-import queue
 import shlex
 import subprocess
 import threading
@@ -26,6 +26,7 @@ from ..protocol import Channel, ProtocolError, PullSession, decode_payload
 from .base import Store, StoreOptions, verify_chunk
 
 _live: weakref.WeakSet[SshStore] = weakref.WeakSet()
+MAX_SESSIONS = 2
 
 
 @atexit.register
@@ -96,10 +97,11 @@ class SshStore(Store):
         self.destination = f"{parts.username}@{host}" if parts.username else host
         self.port = parts.port
         self.path = unquote(parts.path) or "/"
-        self._idle: queue.SimpleQueue[_Session] = queue.SimpleQueue()
         self._sessions: list[_Session] = []
         self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(max(1, self.options.concurrency))
+        self._turn = itertools.count()
+        # Sessions carry many requests at once; a few suffice, each is a process on the remote.
+        self._max_sessions = max(1, min(self.options.concurrency, MAX_SESSIONS))
         _live.add(self)
 
     def _argv(self) -> list[str]:
@@ -108,41 +110,30 @@ class SshStore(Store):
         command = f"{remote} pull - - - {shlex.quote(self.path)}"
         return [ssh, *(["-p", str(self.port)] if self.port else []), "--", self.destination, command]
 
-    def _acquire(self) -> _Session:
-        self._slots.acquire()
-        try:
-            return self._idle.get_nowait()
-        except queue.Empty:
-            pass
-        try:
-            session = _Session(self._argv(), f"ssh {self.destination}")
-        except BaseException:
-            self._slots.release()
-            raise
+    def _session(self) -> _Session:
+        """A live session, starting another while fewer than the maximum run."""
+        with self._lock:
+            self._sessions = [x for x in self._sessions if x.pull.broken is None]
+            if len(self._sessions) >= self._max_sessions:
+                return self._sessions[next(self._turn) % len(self._sessions)]
+        session = _Session(self._argv(), f"ssh {self.destination}")
         with self._lock:
             self._sessions.append(session)
         return session
 
-    def _release(self, session: _Session, broken: bool) -> None:
-        if broken:
-            session.end(kill=True)
-            with self._lock:
-                if session in self._sessions:
-                    self._sessions.remove(session)
-        else:
-            self._idle.put(session)
-        self._slots.release()
+    def _drop(self, session: _Session) -> None:
+        with self._lock:
+            if session in self._sessions:
+                self._sessions.remove(session)
+        session.end(kill=True)
 
     def get(self, chunk_id: ChunkId, digest: str | None = None) -> bytes:
-        session = self._acquire()
-        broken = True
+        session = self._session()
         try:
             answer = session.pull.fetch(chunk_id)
-            broken = False
         except (ProtocolError, OSError) as e:
+            self._drop(session)
             raise StoreError(f"{self.location}: {e}{session.stderr_text()}") from None
-        finally:
-            self._release(session, broken)
         if answer is None:
             raise ChunkMissing(chunk_id, [self.location])
         data, compressed = answer
