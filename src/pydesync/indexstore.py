@@ -18,7 +18,7 @@ def split_location(location: str) -> tuple[str, str]:
 
 
 def fetch_index_bytes(location: str, options: StoreOptions | None = None) -> bytes:
-    """The bytes of a remote index (HTTP(S) for now)."""
+    """The bytes of a remote index (HTTP(S), SFTP)."""
     scheme = location_scheme(location)
     if scheme in ("http", "https"):
         from .store.http import HttpClient
@@ -29,6 +29,13 @@ def fetch_index_bytes(location: str, options: StoreOptions | None = None) -> byt
             data = client.request("GET", name)
         finally:
             client.close()
+        if data is None:
+            raise IndexFormatError(f"index {location} does not exist")
+        return data
+    if scheme == "sftp":
+        from .store.sftp import read_index_bytes
+
+        data = read_index_bytes(location, options)
         if data is None:
             raise IndexFormatError(f"index {location} does not exist")
         return data
@@ -46,6 +53,11 @@ def store_index_bytes(location: str, data: bytes, options: StoreOptions | None =
             client.request("PUT", name, body=data, ok=(200, 201, 204), missing=())
         finally:
             client.close()
+        return
+    if scheme == "sftp":
+        from .store.sftp import write_index_bytes
+
+        write_index_bytes(location, data, options)
         return
     raise IndexFormatError(f"cannot write an index to '{location}': unsupported location")
 

@@ -26,13 +26,13 @@ class VerifyResult:
     removed: list[ChunkId] = field(default_factory=list)
 
 
-def verify_store(store: LocalStore, repair: bool = False, concurrency: int = DEFAULT_CONCURRENCY,
+def verify_store(store: Store, repair: bool = False, concurrency: int = DEFAULT_CONCURRENCY,
                  on_invalid: Callable[[ChunkId, str, bool], None] | None = None) -> VerifyResult:
-    """Decode and hash every chunk in a local store; with repair, delete the bad ones."""
+    """Decode and hash every chunk of a store that can list them (local, sftp); with repair,
+    delete the bad ones."""
     result = VerifyResult()
 
-    def check(item: tuple[str, ChunkId]) -> None:
-        _path, chunk_id = item
+    def check(chunk_id: ChunkId) -> None:
         try:
             store.get(chunk_id)
         except ChunkInvalid as e:
@@ -46,7 +46,7 @@ def verify_store(store: LocalStore, repair: bool = False, concurrency: int = DEF
             pass  # removed while we walked the store
         result.checked += 1
 
-    for_each(check, list(store.files()), workers_for(concurrency, store.remote))
+    for_each(check, list(store.ids()), workers_for(concurrency, store.remote))
     return result
 
 
@@ -68,6 +68,9 @@ def prune(store: Store, keep: set[ChunkId]) -> int:
         for temp in store.temp_files():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
+    elif hasattr(store, "temp_files") and hasattr(store, "remove_file"):  # sftp
+        for temp in list(getattr(store, "temp_files")()):  # noqa: B009
+            getattr(store, "remove_file")(temp)  # noqa: B009
     return removed
 
 

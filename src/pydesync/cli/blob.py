@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from contextlib import nullcontext
 
 from ..chunker import ChunkSizes, iter_chunks
 from ..digest import check_digest, digest_of
@@ -102,8 +103,8 @@ def run_make(ctx: Context) -> int:
     sizes = ChunkSizes.parse_kib(a.chunk_size)
     digest = check_digest(ctx.digest)
     ctx.index_options(a.index)  # an index store that refuses its options fails before any work
-    with open_input(a.file) as reader:  # a bad input must not leave a new, empty store behind
-        store = _single_target(ctx, create=True)
+    # A bad input must not leave a new, empty store behind: open it first.
+    with open_input(a.file) as reader, _single_target(ctx, create=True) or nullcontext() as store:
         index, stats = chunk_stream(reader, sizes, digest, store, ctx.concurrency)
     ctx.write_index(index, a.index)
     if a.print_stats:
@@ -188,10 +189,10 @@ def run_chop(ctx: Context) -> int:
     a = ctx.args
     if not a.store:
         raise UsageError("no target store provided")
-    store = _single_target(ctx, create=False)
-    index = ctx.read_index(a.index)
-    chop(index, a.file, store, ignore=ignored_ids(a.ignore, a.ignore_chunks, ctx.requested_digest),
-         concurrency=ctx.concurrency)
+    with _single_target(ctx, create=False) or nullcontext() as store:
+        index = ctx.read_index(a.index)
+        chop(index, a.file, store, ignore=ignored_ids(a.ignore, a.ignore_chunks, ctx.requested_digest),
+             concurrency=ctx.concurrency)
     return 0
 
 

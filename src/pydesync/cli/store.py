@@ -7,6 +7,7 @@ import sys
 
 from ..errors import UsageError
 from ..store.local import LocalStore
+from ..store.sftp import SftpStore
 from ..storeops import copy_chunks, prune, referenced_ids, verify_store
 from .common import Context, add_bool, add_concurrency, add_ignore, add_store_options, add_stores
 from .ignore import ignored_ids
@@ -30,10 +31,10 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     add_store_options(p)
     p.set_defaults(func=run_prune)
 
-    p = sub.add_parser("verify", parents=[parent], help="check every chunk in a local store",
+    p = sub.add_parser("verify", parents=[parent], help="check every chunk in a local or sftp store",
                        description="Read, decompress and hash every chunk in the -s store; report "
                                    "invalid ones on stderr (and delete them with -r).")
-    add_stores(p, help="local store to verify", cache=False)
+    add_stores(p, help="local or sftp store to verify", cache=False)
     add_concurrency(p)
     add_bool(p, "-r", "--repair", default=False, help="remove invalid chunks from the store")
     p.set_defaults(func=run_verify)
@@ -77,10 +78,11 @@ def run_prune(ctx: Context) -> int:
     if len(a.store) != 1:
         raise UsageError("prune needs exactly one store (-s)")
     store = ctx.target(a.store[0])
-    keep = referenced_ids(ctx.read_index(loc) for loc in a.index)
-    if not a.yes and not _confirm(len(keep), a.store[0]):
-        return 0
-    prune(store, keep)
+    with store:
+        keep = referenced_ids(ctx.read_index(loc) for loc in a.index)
+        if not a.yes and not _confirm(len(keep), a.store[0]):
+            return 0
+        prune(store, keep)
     return 0
 
 
@@ -89,11 +91,12 @@ def run_verify(ctx: Context) -> int:
     if len(a.store) != 1:
         raise UsageError("verify needs exactly one local store (-s)")
     store = ctx.open(a.store[0])
-    if not isinstance(store, LocalStore):
-        raise UsageError("verify only works with local stores")
+    with store:
+        if not isinstance(store, (LocalStore, SftpStore)):
+            raise UsageError("verify only works with local and sftp stores")
 
-    def report(chunk_id: object, message: str, removed: bool) -> None:
-        print(message + (": removed" if removed else ""), file=sys.stderr)
+        def report(chunk_id: object, message: str, removed: bool) -> None:
+            print(message + (": removed" if removed else ""), file=sys.stderr)
 
-    verify_store(store, repair=a.repair, concurrency=ctx.concurrency, on_invalid=report)
+        verify_store(store, repair=a.repair, concurrency=ctx.concurrency, on_invalid=report)
     return 0
