@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .digest import ChunkId, digest_of
-from .errors import ChunkInvalid, PydesyncError
+from .errors import ChunkInvalid, ChunkMissing, PydesyncError
 from .fsutil import temp_name_for
 from .index import Index, IndexChunk
 from .parallel import DEFAULT_CONCURRENCY, for_each, ordered_map, workers_for
@@ -188,8 +188,26 @@ def extract(index: Index, output: str, store: Store, concurrency: int = DEFAULT_
             target.write(data, c.start)
         stats.add("chunks_from_store", len(need))
 
+    def stream() -> None:
+        """Remote stores that can stream (ssh): ask for everything at once, write as chunks arrive."""
+        wanted = [i for i in positions if not (i == null_id and positions[i][0].size == index.sizes.max)]
+        for i in positions:
+            if i not in wanted:
+                assemble(i)
+        for chunk_id, data in store.fetch_many(wanted, digest):  # type: ignore[attr-defined]
+            if data is None:
+                raise ChunkMissing(chunk_id, [store.location])
+            todo = positions[chunk_id]
+            check_size(todo[0], data)
+            for c in todo:
+                target.write(data, c.start)
+            stats.add("chunks_from_store", len(todo))
+
     try:
-        for_each(assemble, list(positions), workers_for(concurrency, store.remote))
+        if store.remote and target.blank and hasattr(store, "fetch_many"):
+            stream()
+        else:
+            for_each(assemble, list(positions), workers_for(concurrency, store.remote))
     except BaseException:
         target.abort()
         raise

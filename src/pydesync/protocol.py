@@ -11,8 +11,10 @@ without GOODBYE; EOF and a broken pipe are a normal end.
 from __future__ import annotations
 
 import heapq
+import queue
 import struct
 import threading
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from .codec import compress, detect
@@ -46,6 +48,7 @@ REQUEST_HIGH_PRIORITY = 0x1
 CHUNK_COMPRESSED = 0x1
 MAX_MESSAGE = 16 * 1024 * 1024
 PIECE = 64 * 1024  # index/archive bytes per message, as casync sends them
+STREAM_BATCH = 1024  # ids per REQUEST when prefetching
 
 
 class ProtocolError(PydesyncError):
@@ -256,9 +259,39 @@ class PullSession:
             raise ProtocolError(f"{channel.peer}: server not offering chunks (HELLO {theirs:#x})")
         check_hello(PULL_CHUNKS, theirs, channel.peer)
         self._waiting: dict[bytes, list[_Waiter]] = {}
+        self._streams: dict[bytes, queue.Queue[tuple[bytes, tuple[bytes, bool] | BaseException | None]]] = {}
         self._lock = threading.Lock()
         self.broken: BaseException | None = None
         threading.Thread(target=self._read_answers, daemon=True).start()
+
+    def stream(self, ids: list[bytes], window: int = 64) -> Iterator[tuple[bytes, tuple[bytes, bool] | None]]:
+        """Request all ids at once (casync's prefetch) and yield (id, answer) as answers arrive.
+
+        At most `window` answers wait unconsumed; beyond that the reader stops
+        reading and the server blocks on its pipe (backpressure, flat memory).
+        """
+        answers: queue.Queue[tuple[bytes, tuple[bytes, bool] | BaseException | None]] = queue.Queue(window)
+        unique = list(dict.fromkeys(ids))
+        with self._lock:
+            if self.broken is not None:
+                raise ProtocolError(f"{self.channel.peer}: {self.broken}")
+            for key in unique:
+                self._streams[key] = answers
+
+        def send_requests() -> None:
+            try:
+                for i in range(0, len(unique), STREAM_BATCH):
+                    batch = unique[i:i + STREAM_BATCH]
+                    self.channel.send(REQUEST, struct.pack("<Q", 0) + b"".join(batch))
+            except OSError as e:
+                answers.put((b"", e))
+
+        threading.Thread(target=send_requests, daemon=True).start()
+        for _ in range(len(unique)):
+            key, answer = answers.get()
+            if isinstance(answer, BaseException):
+                raise ProtocolError(f"{self.channel.peer}: {answer}")
+            yield key, answer
 
     def fetch(self, chunk_id: ChunkId) -> tuple[bytes, bool] | None:
         """(data, compressed) of the chunk, or None if the server says MISSING."""
@@ -296,6 +329,9 @@ class PullSession:
         with self._lock:
             self.broken = error
             waiting, self._waiting = self._waiting, {}
+            streams, self._streams = self._streams, {}
+        for q in {id(q): q for q in streams.values()}.values():
+            q.put((b"", error))
         for waiters in waiting.values():
             for w in waiters:
                 w.error = error
@@ -304,6 +340,9 @@ class PullSession:
     def _resolve(self, key: bytes, result: tuple[bytes, bool] | None) -> None:
         with self._lock:
             waiters = self._waiting.pop(key, [])
+            stream = self._streams.pop(key, None)
+        if stream is not None:
+            stream.put((key, result))
         for w in waiters:
             w.result = result
             w.event.set()

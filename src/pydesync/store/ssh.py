@@ -17,11 +17,13 @@ import shlex
 import subprocess
 import threading
 import weakref
+from collections.abc import Iterator
 from urllib.parse import unquote, urlsplit
 
 from ..codec import CodecError
 from ..digest import ChunkId
 from ..errors import ChunkInvalid, ChunkMissing, StoreError, UsageError
+from ..parallel import ordered_map, workers_for
 from ..protocol import Channel, ProtocolError, PullSession, decode_payload
 from .base import Store, StoreOptions, verify_chunk
 
@@ -143,6 +145,35 @@ class SshStore(Store):
             raise ChunkInvalid(chunk_id, f"invalid chunk {chunk_id}: {e}", self.location) from None
         verify_chunk(chunk_id, chunk, digest, self.location)  # always: the protocol carries no guarantee
         return chunk
+
+    def fetch_many(self, ids: list[ChunkId],
+                   digest: str | None = None) -> Iterator[tuple[ChunkId, bytes | None]]:
+        """Every chunk of `ids` (in arrival order), verified; None for the ones the remote lacks.
+
+        One session streams them all (casync's prefetch); decompressing and
+        verifying runs on one thread per core. A MISSING answer is final: the
+        remote answers each id once per session.
+        """
+        session = self._session()
+
+        def decode(item: tuple[bytes, tuple[bytes, bool] | None]) -> tuple[ChunkId, bytes | None]:
+            key, answer = item
+            chunk_id = ChunkId(key)
+            if answer is None:
+                return chunk_id, None
+            try:
+                chunk = decode_payload(*answer)
+            except CodecError as e:
+                raise ChunkInvalid(chunk_id, f"invalid chunk {chunk_id}: {e}", self.location) from None
+            verify_chunk(chunk_id, chunk, digest, self.location)
+            return chunk_id, chunk
+
+        try:
+            yield from ordered_map(decode, session.pull.stream([bytes(i) for i in dict.fromkeys(ids)]),
+                                   workers_for(self.options.concurrency, False))
+        except (ProtocolError, OSError) as e:
+            self._drop(session)
+            raise StoreError(f"{self.location}: {e}{session.stderr_text()}") from None
 
     def has(self, chunk_id: ChunkId) -> bool:
         try:
