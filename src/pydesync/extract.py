@@ -204,7 +204,7 @@ def extract(index: Index, output: str, store: Store, concurrency: int = DEFAULT_
             stats.add("chunks_from_store", len(todo))
 
     try:
-        if store.remote and target.blank and hasattr(store, "fetch_many"):
+        if store.remote and target.blank and getattr(store, "streams", False):
             stream()
         else:
             for_each(assemble, list(positions), workers_for(concurrency, store.remote))

@@ -146,6 +146,8 @@ class SshStore(Store):
         verify_chunk(chunk_id, chunk, digest, self.location)  # always: the protocol carries no guarantee
         return chunk
 
+    streams = True
+
     def fetch_many(self, ids: list[ChunkId],
                    digest: str | None = None) -> Iterator[tuple[ChunkId, bytes | None]]:
         """Every chunk of `ids` (in arrival order), verified; None for the ones the remote lacks.
