@@ -96,6 +96,11 @@ class Channel:
             raise ProtocolError(f"{self.peer} aborted: {reason or f'error {errno_}'}")
         return kind, body
 
+    def messages(self) -> Iterator[tuple[int, bytes]]:
+        """Messages until the peer closes the stream."""
+        while (message := self.receive()) is not None:
+            yield message
+
     def send(self, kind: int, body: bytes = b"") -> None:
         with self._send_lock:
             self.writer.write(encode(kind, body))
@@ -182,11 +187,7 @@ class PullServer:
 
     def _read_requests(self) -> None:
         try:
-            while True:
-                message = self.channel.receive()
-                if message is None:
-                    break
-                kind, body = message
+            for kind, body in self.channel.messages():
                 if kind == GOODBYE:
                     break
                 if kind != REQUEST or len(body) < 40 or (len(body) - 8) % 32:
@@ -312,11 +313,7 @@ class PullSession:
     def _read_answers(self) -> None:
         error: BaseException = ProtocolError(f"{self.channel.peer}: connection closed")
         try:
-            while True:
-                message = self.channel.receive()
-                if message is None:
-                    break
-                kind, body = message
+            for kind, body in self.channel.messages():
                 if kind == CHUNK and len(body) >= 41:
                     flags, = struct.unpack_from("<Q", body)
                     self._resolve(body[8:40], (body[40:], bool(flags & CHUNK_COMPRESSED)))

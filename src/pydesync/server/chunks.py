@@ -23,12 +23,12 @@ from ..errors import ChunkInvalid, ChunkMissing, PydesyncError
 from ..store.base import Store, verify_chunk
 from ..store.converters import COMPRESSED, PLAIN, Converters
 from ..store.local import LocalStore
-from .common import Exchange, ServerOptions, make_servers
+from .common import App, Exchange
 
 _CHUNK_PATH = re.compile(r"^/([0-9a-f]{4})/([0-9a-f]{64})(.*)$")
 
 
-class ChunkServer:
+class ChunkServer(App):
     """The request logic for every method; `servers()` binds it to listening sockets."""
 
     def __init__(self, upstream: Store, writable: bool = False, uncompressed: bool = False,
@@ -43,14 +43,8 @@ class ChunkServer:
         self.skip_verify_read = skip_verify_read
         self.skip_verify_write = skip_verify_write
 
-    def servers(self, options: ServerOptions) -> list:
-        return make_servers(self.handle, options)
-
     # ---- requests ------------------------------------------------------------------------------
     def handle(self, req: Exchange) -> None:
-        if req.command not in ("GET", "HEAD", "PUT"):
-            req.reply(405, b"only GET, PUT and HEAD are supported\n")
-            return
         chunk_id = self._parse(req)
         if chunk_id is None:
             return

@@ -93,6 +93,26 @@ class Exchange:
         return self.req.read_body(MAX_BODY)
 
 
+class App:
+    """Request logic for one server kind; `servers()` binds it to the listening sockets.
+
+    Both servers speak GET, HEAD and PUT only; anything else is 405 before the
+    subclass sees it.
+    """
+
+    def servers(self, options: ServerOptions) -> list[Http11Server]:
+        return make_servers(self._dispatch, options)
+
+    def _dispatch(self, req: Exchange) -> None:
+        if req.command not in ("GET", "HEAD", "PUT"):
+            req.reply(405, b"only GET, PUT and HEAD are supported\n")
+            return
+        self.handle(req)
+
+    def handle(self, req: Exchange) -> None:
+        raise NotImplementedError
+
+
 def make_app(handle: Callable[[Exchange], None], options: ServerOptions) -> Callable[[Request], None]:
     """The request entry point: the Authorization check, then the handler."""
     expected = options.authorization.encode() if options.authorization else None

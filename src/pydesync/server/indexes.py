@@ -16,27 +16,21 @@ from urllib.parse import unquote, urlsplit
 from ..errors import IndexFormatError
 from ..fsutil import write_bytes_atomic
 from ..index import parse_index
-from .common import Exchange, ServerOptions, make_servers
+from .common import App, Exchange
 
 
 def valid_index_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
 
 
-class IndexServer:
+class IndexServer(App):
     def __init__(self, directory: str, writable: bool = False):
         if not os.path.isdir(directory):
             raise IndexFormatError(f"index store {directory} is not a directory")
         self.directory = directory
         self.writable = writable
 
-    def servers(self, options: ServerOptions) -> list:
-        return make_servers(self.handle, options)
-
     def handle(self, req: Exchange) -> None:
-        if req.command not in ("GET", "HEAD", "PUT"):
-            req.reply(405, b"only GET, PUT and HEAD are supported\n")
-            return
         raw = urlsplit(req.path).path
         name = unquote(raw.rsplit("/", 1)[-1])
         decoded = unquote(raw)

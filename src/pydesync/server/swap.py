@@ -114,7 +114,7 @@ class SwapStore(Store):
 def swapping_handler(swap: SwapStore, make_server: Callable[[Store], object]) -> Callable[[Exchange], None]:
     """A request handler running each request on a server built for the store current at its start.
 
-    `make_server(store)` returns an object with `handle(exchange)` (a ChunkServer).
+    `make_server(store)` returns a server App (a ChunkServer); its `_dispatch` answers.
     """
     lock = threading.Lock()
     latest: list[tuple[Store, object]] = []
@@ -129,6 +129,6 @@ def swapping_handler(swap: SwapStore, make_server: Callable[[Store], object]) ->
 
     def handle(req: Exchange) -> None:
         with swap.borrow() as store:
-            server_for(store).handle(req)  # type: ignore[attr-defined]
+            server_for(store)._dispatch(req)  # type: ignore[attr-defined]  # method check included
 
     return handle
