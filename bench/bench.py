@@ -10,6 +10,7 @@ ratios rather than absolute times, median of --repeat runs.
     python3 bench/bench.py --input sparse --size 8G --repeat 1   # peak RSS on a huge input
     python3 bench/bench.py --tree /usr/lib  # tar/untar rows on another tree (--no-tree: skip them)
     python3 bench/bench.py --http           # + extract through our chunk-server on 127.0.0.1
+    python3 bench/bench.py --ssh            # + extract over casync's protocol (stand-in ssh)
 """
 
 from __future__ import annotations
@@ -148,6 +149,48 @@ def http_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path
                 proc.wait()
 
 
+FAKE_SSH = """#!/bin/sh
+# Stand-in for ssh: skip options, drop the host, run the remote command here (pipes, no cipher).
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --) shift; break;;
+    -p|-l|-o|-i|-F) shift 2;;
+    -*) shift;;
+    *) break;;
+  esac
+done
+shift
+exec sh -c "$*"
+"""
+
+
+def ssh_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path, stores: dict[str, Path],
+             indexes: dict[str, Path], out: Path, work: Path) -> tuple[dict[str, object], list[str]]:
+    """extract over casync's protocol: casync's client against `casync pull`, pydesync's client against
+    `pydesync pull`, through a stand-in ssh that runs the remote command locally (so the transport is
+    two pipes and no cipher: what remains is each tool's protocol handling)."""
+    fake = work / "fake-ssh"
+    fake.write_text(FAKE_SSH)
+    fake.chmod(0o755)
+    remote = " ".join(ours)
+
+    def no_output(_tool: str) -> None:
+        out.unlink(missing_ok=True)
+
+    env_casync = {**os.environ, "CASYNC_SSH_PATH": str(fake)}
+    env_ours = {**os.environ, "CASYNC_SSH_PATH": str(fake), "CASYNC_REMOTE_PATH": remote}
+    row = run_case("extract over ssh", args.repeat, no_output,
+                   ["env", *[f"{k}={v}" for k, v in env_casync.items() if k.startswith("CASYNC")], casync,
+                    "extract", f"--store=localhost:{stores['casync']}", str(indexes["casync"]), str(out)],
+                   ["env", *[f"{k}={v}" for k, v in env_ours.items() if k.startswith("CASYNC")], *ours,
+                    "extract", "-n", str(args.concurrency), "-s", f"ssh://localhost{stores['pydesync']}",
+                    str(indexes["pydesync"]), str(out)])
+    same = filecmp.cmp(out, blob, shallow=False)
+    out.unlink(missing_ok=True)
+    return row, [f"extract over ssh: output identical to the input: {same} (stand-in ssh: local pipes, "
+                 f"each client against its own tool's `pull`)"]
+
+
 def tree_cases(args: argparse.Namespace, casync: str, ours: list[str],
                work: Path) -> tuple[list[dict[str, object]], list[str]]:
     """tar (casync make X.catar TREE) and untar (casync extract X.catar DIR) rows, plus notes."""
@@ -194,6 +237,8 @@ def main() -> int:
     ap.add_argument("--tree", default="/usr/share",
                     help="directory for the tar/untar rows (default /usr/share)")
     ap.add_argument("--no-tree", action="store_true", help="skip the tar/untar rows")
+    ap.add_argument("--ssh", action="store_true",
+                    help="add extract over casync's protocol (stand-in ssh; casync pull vs pydesync pull)")
     ap.add_argument("--http", action="store_true",
                     help="add extract through pydesync chunk-server on 127.0.0.1 (casync vs pydesync client)")
     args = ap.parse_args()
@@ -236,6 +281,11 @@ def main() -> int:
                                              {"casync": ci, "pydesync": pi}, out)
             rows.append(http_row)
             notes += http_notes
+        if args.ssh:
+            ssh_row, ssh_notes = ssh_case(args, casync, ours, blob, {"casync": cs, "pydesync": ps},
+                                          {"casync": ci, "pydesync": pi}, out, work)
+            rows.append(ssh_row)
+            notes += ssh_notes
         if not args.no_tree:
             empty_stores("")
             no_output("")
