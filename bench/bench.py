@@ -149,29 +149,15 @@ def http_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path
                 proc.wait()
 
 
-FAKE_SSH = """#!/bin/sh
-# Stand-in for ssh: skip options, drop the host, run the remote command here (pipes, no cipher).
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --) shift; break;;
-    -p|-l|-o|-i|-F) shift 2;;
-    -*) shift;;
-    *) break;;
-  esac
-done
-shift
-exec sh -c "$*"
-"""
+FAKE_SSH = Path(__file__).resolve().parent.parent / "scripts" / "fake-ssh"
 
 
 def ssh_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path, stores: dict[str, Path],
-             indexes: dict[str, Path], out: Path, work: Path) -> tuple[dict[str, object], list[str]]:
+             indexes: dict[str, Path], out: Path) -> tuple[dict[str, object], list[str]]:
     """extract over casync's protocol: casync's client against `casync pull`, pydesync's client against
     `pydesync pull`, through a stand-in ssh that runs the remote command locally (so the transport is
     two pipes and no cipher: what remains is each tool's protocol handling)."""
-    fake = work / "fake-ssh"
-    fake.write_text(FAKE_SSH)
-    fake.chmod(0o755)
+    fake = FAKE_SSH
     remote = " ".join(ours)
 
     def no_output(_tool: str) -> None:
@@ -283,7 +269,7 @@ def main() -> int:
             notes += http_notes
         if args.ssh:
             ssh_row, ssh_notes = ssh_case(args, casync, ours, blob, {"casync": cs, "pydesync": ps},
-                                          {"casync": ci, "pydesync": pi}, out, work)
+                                          {"casync": ci, "pydesync": pi}, out)
             rows.append(ssh_row)
             notes += ssh_notes
         if not args.no_tree:

@@ -19,27 +19,12 @@ from conftest import assert_clean_error
 
 from pydesync import protocol as P
 
-FAKE_SSH = """#!/bin/sh
-# Stand-in for ssh: skip options, drop the host, run the remote command here.
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --) shift; break;;
-    -p|-l|-o|-i|-F) shift 2;;
-    -*) shift;;
-    *) break;;
-  esac
-done
-shift
-exec sh -c "$*"
-"""
+FAKE_SSH = Path(__file__).resolve().parent.parent / "scripts" / "fake-ssh"
 
 
 @pytest.fixture
-def fake_ssh(tmp_path: Path) -> Path:
-    path = tmp_path / "fake-ssh"
-    path.write_text(FAKE_SSH)
-    path.chmod(0o755)
-    return path
+def fake_ssh() -> Path:
+    return FAKE_SSH
 
 
 def remote_env(fake_ssh: Path, remote: str | None = None) -> dict[str, str]:

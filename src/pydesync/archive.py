@@ -5,42 +5,20 @@ Data flows one way: tree -> encoder -> (file | chunker -> hasher -> compressor -
 
 from __future__ import annotations
 
-import io
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import BinaryIO
 
 from .catar.encoder import TreeEncoder
 from .chunker import DEFAULT_SIZES, ChunkSizes
-from .digest import SHA512_256, digest_of, hasher
+from .digest import SHA512_256, hasher
 from .errors import PydesyncError
 from .fsutil import atomic_write
 from .index import Index, write_index
 from .make import MakeStats, chunk_stream
 from .parallel import DEFAULT_CONCURRENCY
 from .store.base import Store
-
-
-class StreamReader(io.RawIOBase):
-    """A readable raw stream over an iterator of byte strings (feeds the chunker)."""
-
-    def __init__(self, pieces: Iterable[bytes]):
-        self._pieces: Iterator[bytes] = iter(pieces)
-        self._buf = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: memoryview) -> int:  # type: ignore[override]
-        while not self._buf:
-            piece = next(self._pieces, None)
-            if piece is None:
-                return 0
-            self._buf = memoryview(piece)
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
+from .streams import IterReader
 
 
 def _check_source(source: str) -> None:
@@ -66,7 +44,7 @@ def tar_to_index(source: str, index_path: str, store: Store, flags: int,
                  concurrency: int = DEFAULT_CONCURRENCY) -> tuple[Index, MakeStats]:
     """Chunk the catar of `source` into `store` and write its .caidx (flags = the archive's)."""
     _check_source(source)
-    reader: BinaryIO = StreamReader(TreeEncoder(source, flags))  # type: ignore[assignment]
+    reader: BinaryIO = IterReader(TreeEncoder(source, flags))  # type: ignore[assignment]
     index, stats = chunk_stream(reader, sizes, digest, store, concurrency, flags=flags)
     write_index(index, index_path)
     return index, stats
@@ -80,4 +58,4 @@ def stream_digest(pieces: Iterable[bytes], digest: str = SHA512_256) -> str:
     return h.hexdigest()
 
 
-__all__ = ["StreamReader", "digest_of", "stream_digest", "tar_to_file", "tar_to_index"]
+__all__ = ["stream_digest", "tar_to_file", "tar_to_index"]

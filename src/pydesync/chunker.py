@@ -16,7 +16,6 @@ from typing import BinaryIO
 from . import _chunker
 from .errors import UsageError
 
-WINDOW_SIZE = 48
 CHUNK_SIZE_LIMIT = 128 * 1024 * 1024  # casync's hard upper limit for min/avg/max
 DEFAULT_AVG = 64 * 1024
 DEFAULT_BLOCK = 8 * 1024 * 1024
@@ -82,11 +81,6 @@ class ChunkSizes:
     @property
     def discriminator(self) -> int:
         return discriminator(self.min, self.avg, self.max)
-
-    @property
-    def fixed(self) -> bool:
-        """True when every chunk is exactly `max` bytes (the last may be shorter)."""
-        return self.min == self.avg == self.max
 
     def __str__(self) -> str:
         return f"{self.min}:{self.avg}:{self.max}"

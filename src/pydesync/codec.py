@@ -21,7 +21,6 @@ ZSTD = "zstd"
 XZ = "xz"
 GZIP = "gzip"
 NONE = "none"
-COMPRESSIONS = (ZSTD, XZ, GZIP, NONE)
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 XZ_MAGIC = b"\xfd7zXZ\x00"

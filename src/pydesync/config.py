@@ -19,7 +19,6 @@ from .store.converters import encryption_key_fallback
 
 OWN_CONFIG = os.path.join("~", ".config", "pydesync", "config.json")
 DESYNC_CONFIG = os.path.join("~", ".config", "desync", "config.json")
-DEFAULT_CONFIG = DESYNC_CONFIG  # kept for callers that name desync's location
 
 
 def default_config_path() -> str:

@@ -190,10 +190,10 @@ def extract(index: Index, output: str, store: Store, concurrency: int = DEFAULT_
 
     def stream() -> None:
         """Remote stores that can stream (ssh): ask for everything at once, write as chunks arrive."""
-        wanted = [i for i in positions if not (i == null_id and positions[i][0].size == index.sizes.max)]
-        for i in positions:
-            if i not in wanted:
-                assemble(i)
+        nulls = {i for i in positions if i == null_id and positions[i][0].size == index.sizes.max}
+        for i in nulls:
+            assemble(i)
+        wanted = [i for i in positions if i not in nulls]
         for chunk_id, data in store.fetch_many(wanted, digest):  # type: ignore[attr-defined]
             if data is None:
                 raise ChunkMissing(chunk_id, [store.location])
@@ -235,7 +235,7 @@ class BlobReader:
         self._ends = [c.end for c in index]
 
     def _fetch(self, chunk: IndexChunk) -> bytes:
-        if chunk.id == null_chunk_id(chunk.size, self.index.digest) and chunk.size == self.index.sizes.max:
+        if chunk.size == self.index.sizes.max and chunk.id == null_chunk_id(chunk.size, self.index.digest):
             return bytes(chunk.size)
         data = self.store.get(chunk.id, self.index.digest)
         check_size(chunk, data)

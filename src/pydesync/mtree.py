@@ -17,13 +17,14 @@ import os
 import stat
 from collections.abc import Iterable, Iterator
 
-from .catar.decoder import ArchiveDecoder, DirectoryEnd, IterReader, Node, Readable
+from .catar.decoder import ArchiveDecoder, DirectoryEnd, Node, Readable
 from .catar.encoder import TreeEncoder
 from .digest import SHA256, SHA512_256, check_digest, hasher
 from .extract import BlobReader
 from .index import Index
 from .parallel import DEFAULT_CONCURRENCY
 from .store.base import Store
+from .streams import IterReader
 
 HEADER = "#mtree v1.0"
 DIGEST_KEYWORD = {SHA512_256: "sha512256digest", SHA256: "sha256digest"}

@@ -20,10 +20,6 @@ R = TypeVar("R")
 DEFAULT_CONCURRENCY = 10
 
 
-def default_workers() -> int:
-    return max(2, os.cpu_count() or 2)
-
-
 def workers_for(concurrency: int, remote: bool) -> int:
     """Threads for a job: all of -n when waiting on a network, at most one per core for CPU work."""
     return max(1, concurrency if remote else min(concurrency, os.cpu_count() or 1))
@@ -88,8 +84,3 @@ def for_each(fn: Callable[[T], object], items: Sequence[T], workers: int) -> Non
         raise
     if failures:
         raise failures[0]
-
-
-def run_all(fn: Callable[[T], object], items: Iterable[T], workers: int) -> None:
-    """for_each over any iterable (materialised first)."""
-    for_each(fn, items if isinstance(items, Sequence) else list(items), workers)

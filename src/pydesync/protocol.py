@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from .codec import compress, detect
+from .codec import compress, decompress
 from .digest import ChunkId
 from .errors import ChunkMissing, PydesyncError
 
@@ -352,7 +352,4 @@ def decode_payload(data: bytes, compressed: bool) -> bytes:
     """A CHUNK body's data as chunk bytes (compressed with any codec casync knows)."""
     if not compressed:
         return data
-    from .codec import decompress
-
-    detect(data)
     return decompress(data)

@@ -20,7 +20,7 @@ from typing import Any
 
 from .archive import stream_digest
 from .catar import format as F
-from .catar.decoder import ArchiveDecoder, IterReader, Readable
+from .catar.decoder import ArchiveDecoder, Readable
 from .catar.encoder import TreeEncoder
 from .digest import SHA256, SHA512_256, hasher
 from .errors import PydesyncError
@@ -28,6 +28,7 @@ from .extract import BlobReader
 from .index import Index
 from .parallel import DEFAULT_CONCURRENCY
 from .store.base import Store
+from .streams import IterReader
 
 BLOCK = 1 << 20
 

@@ -1,6 +1,7 @@
 """The catar archive: encoder (tree -> stream), decoder (stream -> nodes) and the format itself."""
 
-from .decoder import ArchiveDecoder, ArchiveError, DirectoryEnd, IterReader, Node
+from ..streams import IterReader
+from .decoder import ArchiveDecoder, ArchiveError, DirectoryEnd, Node
 from .encoder import EncodeError, TreeEncoder
 from .format import archive_flags, format_flags, normalize_flags
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import stat
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -57,28 +57,6 @@ class ArchiveError(PydesyncError):
 
 class Readable(Protocol):
     def read(self, n: int, /) -> bytes: ...
-
-
-class IterReader:
-    """A read(n) view of an iterator of byte strings (e.g. an index's chunks)."""
-
-    def __init__(self, pieces: Iterable[bytes]):
-        self._pieces = iter(pieces)
-        self._buf = memoryview(b"")
-
-    def read(self, n: int) -> bytes:
-        out = []
-        while n > 0:
-            if not self._buf:
-                piece = next(self._pieces, None)
-                if piece is None:
-                    break
-                self._buf = memoryview(piece)
-            take = self._buf[:n]
-            out.append(bytes(take))
-            self._buf = self._buf[len(take):]
-            n -= len(take)
-        return b"".join(out)
 
 
 @dataclass
@@ -414,7 +392,7 @@ class ArchiveDecoder:
                     if not self._at_end():
                         raise self.error("data after the end of the archive")
                     return
-                stack[-1].items.append((frame_start(stack, frame), self.offset, F.name_hash(frame.node.name)))
+                stack[-1].items.append((frame_start(frame), self.offset, F.name_hash(frame.node.name)))
             else:
                 raise self.error(f"unexpected {F.RECORD_NAMES.get(kind, hex(kind))} record in a directory",
                                  start)
@@ -433,6 +411,6 @@ class ArchiveDecoder:
             raise self.error("GOODBYE table does not match the directory's entries", start)
 
 
-def frame_start(stack: list[_Frame], frame: _Frame) -> int:
+def frame_start(frame: _Frame) -> int:
     """Offset of the FILENAME record that introduced a directory (its parent's last child)."""
     return frame.node.offset - (16 + len(frame.node.name) + 1)

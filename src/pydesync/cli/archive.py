@@ -7,12 +7,13 @@ import sys
 
 from ..archive import tar_to_file, tar_to_index
 from ..catar import format as F
-from ..catar.decoder import ArchiveDecoder, IterReader, Readable
+from ..catar.decoder import ArchiveDecoder, Readable
 from ..catar.extractor import ExtractOptions, TreeExtractor
 from ..chunker import ChunkSizes
 from ..digest import SHA512_256, check_digest
 from ..errors import PydesyncError, UsageError
 from ..extract import BlobReader
+from ..streams import IterReader
 from .common import CommaList, Context, add_bool, add_store_options, add_stores
 
 TIME_FEATURES = ("nsec-time", "usec-time", "sec-time", "2sec-time")

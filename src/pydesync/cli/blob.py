@@ -14,6 +14,7 @@ from ..errors import UsageError
 from ..extract import BlobReader, ExtractStats, extract
 from ..make import chunk_stream, open_input
 from ..storeops import chop, verify_index
+from ..streams import IterReader
 from .common import Context, add_ignore, add_store_options, add_stores
 from .ignore import ignored_ids
 
@@ -135,7 +136,6 @@ def run_extract(ctx: Context) -> int:
 def _extract_tree(ctx: Context, index, store) -> int:  # type: ignore[no-untyped-def]
     """An archive index: unpack the tree into the output directory, as `casync extract` does
     (existing entries are replaced, like a blob's output file is)."""
-    from ..catar.decoder import IterReader
     from ..catar.extractor import ExtractOptions
     from .archive import extract_tree
 

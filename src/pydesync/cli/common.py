@@ -178,14 +178,14 @@ class Context:
     def write_index(self, index: Index, location: str) -> None:
         write_index(index, location, self.index_options(location))
 
-    def source(self, required: bool = True) -> Store | None:
-        """The `-s` stores as a chain, behind the `-c` cache if given."""
+    def source(self, required: bool = True, cache: bool = True) -> Store | None:
+        """The `-s` stores as a chain, behind the `-c` cache if given (and `cache`)."""
         stores: Sequence[str] = self.args.store
         if not stores:
             if required:
                 raise UsageError("no store provided")
             return None
-        return open_chain(stores, getattr(self.args, "cache", None),
+        return open_chain(stores, getattr(self.args, "cache", None) if cache else None,
                           repair=getattr(self.args, "cache_repair", True), options_for=self.store_options)
 
     def open(self, location: str) -> Store:

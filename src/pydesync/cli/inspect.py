@@ -88,10 +88,8 @@ def run_info(ctx: Context) -> int:
                 chunks_info = json.load(f)
         except (OSError, ValueError) as e:
             raise UsageError(f"cannot read chunks info {a.chunks_info}: {e}") from None
-    cache_location = a.cache
-    a.cache = None
-    store = ctx.source(required=False)
-    cache = ctx.open(cache_location) if cache_location else None
+    store = ctx.source(required=False, cache=False)  # info counts the cache separately
+    cache = ctx.open(a.cache) if a.cache else None
     info = index_info(index, store, seeds, cache, chunks_info, ctx.concurrency)
     if a.format == "plain":
         for key, label in _PLAIN_LABELS:

@@ -49,8 +49,7 @@ def run_cache(ctx: Context) -> int:
     ignore = ignored_ids(a.ignore, a.ignore_chunks, ctx.requested_digest)
     ids = [c.id for loc in a.index for c in ctx.read_index(loc) if c.id not in ignore]
     target = ctx.target(a.cache, create=True)
-    a.cache = None  # the source chain must not include the target
-    source = ctx.source()
+    source = ctx.source(cache=False)  # the -c store is the target here, not part of the chain
     assert source is not None
     with source, target:
         copy_chunks(ids, source, target, concurrency=ctx.concurrency)

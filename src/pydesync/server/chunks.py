@@ -38,7 +38,6 @@ class ChunkServer(App):
         self.upstream = upstream
         self.writable = writable
         self.wire = wire if wire is not None else (PLAIN if uncompressed else COMPRESSED)
-        self.wire_compressed = self.wire.compressed
         self.suffix = self.wire.extension
         self.skip_verify_read = skip_verify_read
         self.skip_verify_write = skip_verify_write

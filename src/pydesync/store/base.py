@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ..codec import CodecError
 from ..digest import SHA512_256, ChunkId, digest_of, other_digest
@@ -69,6 +72,21 @@ def decode_chunk(chunk_id: ChunkId, stored: bytes, converters: Converters | bool
         return converters.decode(stored)  # type: ignore[union-attr]
     except CodecError as e:
         raise ChunkInvalid(chunk_id, f"invalid chunk {chunk_id}: {e}", location) from None
+
+
+_open_at_exit: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_leftovers() -> None:
+    for item in list(_open_at_exit):
+        item.close()
+
+
+def close_at_exit(item: Any) -> None:
+    """Close `item` (a store or connection owning processes) at exit if nobody did: no ssh child
+    outlives the command, even when a caller forgets close()."""
+    _open_at_exit.add(item)
 
 
 class Store(ABC):

@@ -187,9 +187,6 @@ class Converters(tuple):
         plainer = Converters(self[n:]).decode(stored)
         return Converters(target[n:]).encode(plainer)
 
-    def without_compression(self) -> Converters:
-        return Converters([layer for layer in self if not isinstance(layer, Compression)])
-
     def __repr__(self) -> str:
         return f"Converters({list(self)!r})"
 

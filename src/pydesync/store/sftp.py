@@ -17,7 +17,6 @@ walks the tree with one connection.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import re
@@ -27,14 +26,13 @@ import stat
 import subprocess
 import tempfile
 import threading
-import weakref
 from collections.abc import Callable, Iterator
 from typing import IO, Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from ..digest import ChunkId
 from ..errors import ChunkMissing, StoreError, UsageError
-from .base import Store, StoreOptions, decode_chunk, verify_chunk
+from .base import Store, StoreOptions, close_at_exit, decode_chunk, verify_chunk
 from .converters import converters_for
 
 _CHUNK_ID = re.compile(r"^[0-9a-f]{64}")
@@ -87,14 +85,7 @@ class _Pipe:
             self._proc.stdin.close()  # type: ignore[union-attr]  # ssh sees EOF and ends the session
 
 
-# Every live connection, so none outlives the process even if a caller forgets close().
-_live: weakref.WeakSet[SftpConnection] = weakref.WeakSet()
 
-
-@atexit.register
-def _close_all() -> None:
-    for conn in list(_live):
-        conn.close()
 
 
 def ssh_command(host: str, port: int | None, user: str | None) -> list[str]:
@@ -127,7 +118,7 @@ class SftpConnection:
             hint = " (install OpenSSH or set CASYNC_SSH_PATH)" if isinstance(e, FileNotFoundError) \
                 and not os.environ.get("CASYNC_SSH_PATH") else ""
             raise StoreError(f"{label}: cannot run {argv[0]}: {e.strerror}{hint}") from None
-        _live.add(self)
+        close_at_exit(self)
         try:
             self._sftp = paramiko.SFTPClient(_Pipe(self._proc, timeout))
         except (paramiko.SSHException, EOFError, OSError) as e:
@@ -230,7 +221,6 @@ class SftpConnection:
         if self._closed:
             return
         self._closed = True
-        _live.discard(self)
         if self._sftp is not None:
             with contextlib.suppress(Exception):
                 self._sftp.close()

@@ -9,14 +9,12 @@ and at interpreter exit, so no ssh process outlives the command.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import itertools
 import os
 import shlex
 import subprocess
 import threading
-import weakref
 from collections.abc import Iterator
 from urllib.parse import unquote, urlsplit
 
@@ -25,16 +23,10 @@ from ..digest import ChunkId
 from ..errors import ChunkInvalid, ChunkMissing, StoreError, UsageError
 from ..parallel import ordered_map, workers_for
 from ..protocol import Channel, ProtocolError, PullSession, decode_payload
-from .base import Store, StoreOptions, verify_chunk
+from .base import Store, StoreOptions, close_at_exit, verify_chunk
 
-_live: weakref.WeakSet[SshStore] = weakref.WeakSet()
 MAX_SESSIONS = 2
 
-
-@atexit.register
-def _close_all() -> None:
-    for store in list(_live):
-        store.close()
 
 
 class _Session:
@@ -104,7 +96,7 @@ class SshStore(Store):
         self._turn = itertools.count()
         # Sessions carry many requests at once; a few suffice, each is a process on the remote.
         self._max_sessions = max(1, min(self.options.concurrency, MAX_SESSIONS))
-        _live.add(self)
+        close_at_exit(self)
 
     def _argv(self) -> list[str]:
         ssh = os.environ.get("CASYNC_SSH_PATH", "ssh")
