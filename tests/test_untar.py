@@ -10,6 +10,7 @@ target. Non-root behaviour is tested in a forked child that drops to `nobody`.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -19,6 +20,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -737,3 +739,80 @@ def test_cli_errors(cli, casync_data, desync_cmd, wdir):
                            casync_data / "tree-portable.caidx", wdir / "o2"), "in-place")
     assert_clean_error(cli("untar", "-i", "-s", wdir / "nostore", desync_cmd / "tree.caidx", wdir / "o3"))
     assert not (wdir / "o.tar").exists()
+
+
+# ---- the batched writer behind untar's fast path ------------------------------------------------
+def test_batch_writer_finishes_deferred_work_after_earlier_files(wdir):
+    """Deferred work (a directory's times) runs only once every file queued before it exists,
+    across batch boundaries and the writer thread; files keep their data, mode and mtime."""
+    from pydesync.catar import filewriter
+
+    fd = os.open(wdir, os.O_RDONLY | os.O_DIRECTORY)
+    seen: list[tuple[int, int]] = []
+    writer = filewriter.BatchWriter(lambda n: seen.append((n, len(os.listdir(wdir)))), umask=0o022)
+    total = filewriter.BATCH_FILES * 2 + 7
+    try:
+        for i in range(total):
+            writer.add(fd, b".tmp%d" % i, b"f%05d" % i, memoryview(b"x" * i), 0o640, i * 10**9 + 5, i)
+            if i % 100 == 99:
+                writer.defer(i + 1)
+        writer.flush()
+    finally:
+        os.close(fd)
+    assert [n for n, _ in seen] == list(range(100, total, 100))
+    assert all(count >= n for n, count in seen)
+    assert len(os.listdir(wdir)) == total
+    st = os.stat(wdir / "f00123")
+    assert (st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (123, 0o640, 123 * 10**9 + 5)
+
+
+def test_batch_writer_failure_names_the_file_and_returns_pending_work(wdir):
+    """A file that cannot be created is reported by its label; later files are not written, the
+    deferred work that never ran comes back so its descriptors can be closed, nothing is left."""
+    from pydesync.catar import filewriter
+
+    fd = os.open(wdir, os.O_RDONLY | os.O_DIRECTORY)
+    (wdir / "taken").mkdir()
+    writer = filewriter.BatchWriter(lambda n: None, umask=0o022)
+    try:
+        writer.add(fd, b".t0", b"a", b"1", 0o644, -1, "a")
+        writer.add(fd, b".t1", b"taken", b"2", 0o644, -1, "taken")  # rename onto a directory
+        writer.defer("after-taken")
+        writer.add(fd, b".t2", b"z", b"3", 0o644, -1, "z")
+        with pytest.raises(filewriter.WriteFailed) as failure:
+            writer.flush()
+        assert failure.value.label == "taken" and failure.value.error.errno == errno.EISDIR
+        assert writer.abandon() == ["after-taken"]
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(wdir)) == ["a", "taken"]
+
+
+def test_untar_write_failure_is_one_clean_error(cli, wdir):
+    """A file of the fast path that cannot be written (here: the name is taken by a directory
+    created by a racing process) gives one Error line naming it."""
+    src = wdir / "src"
+    (src / "d").mkdir(parents=True)
+    for i in range(600):
+        (src / "d" / f"f{i:03d}").write_bytes(b"%d" % i)
+    assert cli("tar", wdir / "a.catar", src).returncode == 0
+    # the writer creates f599 last; a FIFO feeding the archive lets the test act before that
+    data = (wdir / "a.catar").read_bytes()
+    cut = data.index(b"f599\0")
+    fifo = wdir / "fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([sys.executable, "-m", "pydesync", "untar", str(fifo), str(wdir / "out")],
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    with open(fifo, "wb") as f:
+        f.write(data[:cut])
+        f.flush()
+        for _ in range(200):
+            if (wdir / "out" / "d").is_dir():
+                break
+            time.sleep(0.01)
+        (wdir / "out" / "d" / "f599").mkdir()
+        f.write(data[cut:])
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert err.strip().splitlines() == [f"Error: cannot create {wdir}/out/d/f599: Is a directory"]
+    assert not [n for n in os.listdir(wdir / "out" / "d") if n.startswith(".#")]

@@ -47,8 +47,9 @@ META_FEATURE = {
     F.FCAPS: F.WITH_FCAPS, F.QUOTA_PROJID: F.WITH_QUOTA_PROJID,
 }
 _ENTRY_BODY = struct.Struct("<6Q")
-KNOWN_TYPES = (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
-               stat.S_IFSOCK)
+_IFMT, _IFDIR, _IFREG = 0o170000, stat.S_IFDIR, stat.S_IFREG
+KNOWN_TYPES = frozenset((stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
+                         stat.S_IFSOCK))
 
 
 class ArchiveError(PydesyncError):
@@ -66,9 +67,11 @@ class AclEntry:
     name: bytes | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
-    """One archive entry with its metadata (fields absent from the archive are None/empty)."""
+    """One archive entry with its metadata (fields absent from the archive are None/empty).
+
+    Slots and shared empty tuples keep the tens of thousands of nodes of an OS tree cheap."""
 
     path: bytes
     name: bytes
@@ -81,13 +84,13 @@ class Node:
     mtime: int
     user: bytes | None = None
     group: bytes | None = None
-    xattrs: list[tuple[bytes, bytes]] = field(default_factory=list)
-    acl_users: list[AclEntry] = field(default_factory=list)
-    acl_groups: list[AclEntry] = field(default_factory=list)
+    xattrs: tuple[tuple[bytes, bytes], ...] = ()
+    acl_users: tuple[AclEntry, ...] = ()
+    acl_groups: tuple[AclEntry, ...] = ()
     acl_group_obj: int | None = None
     acl_default: tuple[int, int, int, int] | None = None
-    acl_default_users: list[AclEntry] = field(default_factory=list)
-    acl_default_groups: list[AclEntry] = field(default_factory=list)
+    acl_default_users: tuple[AclEntry, ...] = ()
+    acl_default_groups: tuple[AclEntry, ...] = ()
     selinux: bytes | None = None
     fcaps: bytes | None = None
     quota_projid: int | None = None
@@ -98,11 +101,11 @@ class Node:
 
     @property
     def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
+        return self.mode & _IFMT == _IFDIR
 
     @property
     def is_file(self) -> bool:
-        return stat.S_ISREG(self.mode)
+        return self.mode & _IFMT == _IFREG
 
     @property
     def is_symlink(self) -> bool:
@@ -113,6 +116,12 @@ class Node:
         if self._decoder is None or self.size is None:
             return iter(())
         return self._decoder._payload(self, block)
+
+    def read_payload(self) -> bytes | memoryview:
+        """The whole (remaining) payload at once, without copying it (a view that stays valid)."""
+        if self._decoder is None or self.size is None:
+            return b""
+        return self._decoder._read_payload()
 
 
 @dataclass
@@ -134,11 +143,14 @@ class ArchiveDecoder:
 
     def __init__(self, stream: Readable, name: str = "archive"):
         self.stream = stream
+        # read1 (one read of what a pipe has) keeps a streamed archive moving; read otherwise
+        self._read_more = getattr(stream, "read1", stream.read)
         self.name = name
         self.offset = 0
         self.flags: int | None = None
         self._payload_left = 0
         self._buf = b""
+        self._view = memoryview(self._buf)  # payload slices without a copy
         self._pos = 0
 
     # ---- low level ---------------------------------------------------------------------------
@@ -151,16 +163,16 @@ class ArchiveDecoder:
         have = len(self._buf) - self._pos
         if have >= n:
             return True
-        parts = [self._buf[self._pos:]]
+        parts = [self._buf[self._pos:]] if have else []
         while have < n:
-            more = self.stream.read(max(READ_AHEAD, n - have))
+            more = self._read_more(max(READ_AHEAD, n - have))
             if not more:
-                self._buf, self._pos = b"".join(parts), 0
-                return False
+                break
             parts.append(more)
             have += len(more)
-        self._buf, self._pos = b"".join(parts), 0
-        return True
+        self._buf = parts[0] if len(parts) == 1 else b"".join(parts)  # one part: no copy
+        self._view, self._pos = memoryview(self._buf), 0
+        return have >= n
 
     def _read(self, n: int) -> bytes:
         if len(self._buf) - self._pos < n and not self._fill(n):
@@ -176,7 +188,7 @@ class ArchiveDecoder:
             data = self._buf[self._pos:self._pos + n]
             self._pos += len(data)
         else:
-            data = self.stream.read(n)
+            data = self._read_more(n)
             if not data:
                 raise self.error("truncated payload")
         self.offset += len(data)
@@ -215,6 +227,16 @@ class ArchiveDecoder:
         while self._payload_left:
             self._payload_left -= len(self._read_some(min(self._payload_left, 1 << 20)))
 
+    def _read_payload(self) -> bytes | memoryview:
+        """The rest of the payload; a view into the read-ahead buffer when it is all there."""
+        n, self._payload_left = self._payload_left, 0
+        if len(self._buf) - self._pos < n and not self._fill(n):
+            raise self.error(f"truncated (wanted {n} bytes, got {len(self._buf) - self._pos})")
+        data = self._view[self._pos:self._pos + n]
+        self._pos += n
+        self.offset += n
+        return data
+
     def _payload(self, node: Node, block: int) -> Iterator[bytes]:
         while self._payload_left:
             data = self._read_some(min(self._payload_left, block))
@@ -230,8 +252,9 @@ class ArchiveDecoder:
         if size != F.ENTRY_SIZE:
             raise self.error(f"ENTRY of size {size}", start)
         flags, mode, eflags, uid, gid, mtime = _ENTRY_BODY.unpack(self._read(48))
-        self._check_flags(flags, start)
-        if mode > 0o177777 or stat.S_IFMT(mode) not in KNOWN_TYPES or mode & ~(stat.S_IFMT(mode) | 0o7777):
+        if flags != self.flags:
+            self._check_flags(flags, start)
+        if mode > 0o177777 or mode & _IFMT not in KNOWN_TYPES:  # (type bits | 0o7777 == 0o177777)
             raise self.error(f"bad mode {mode:o}", start)
         if uid >= 2**32 - 1 or gid >= 2**32 - 1:
             raise self.error("uid/gid out of range", start)
@@ -280,7 +303,7 @@ class ArchiveDecoder:
                 raise self.error("malformed XATTR record", start)
             if node.xattrs and name <= node.xattrs[-1][0]:
                 raise self.error("XATTR records not in strictly increasing name order", start)
-            node.xattrs.append((name, value))
+            node.xattrs += ((name, value),)
         elif kind in (F.ACL_USER, F.ACL_GROUP, F.ACL_DEFAULT_USER, F.ACL_DEFAULT_GROUP):
             if len(body) < 16:
                 raise self.error(f"malformed {what} record", start)
@@ -292,10 +315,15 @@ class ArchiveDecoder:
                     raise self.error(f"malformed {what} record", start)
             if perm & ~7 or ident >= 2**32 - 1:
                 raise self.error(f"malformed {what} record", start)
-            target = {F.ACL_USER: node.acl_users, F.ACL_GROUP: node.acl_groups,
-                      F.ACL_DEFAULT_USER: node.acl_default_users,
-                      F.ACL_DEFAULT_GROUP: node.acl_default_groups}[kind]
-            target.append(AclEntry(ident, perm, name))
+            entry = (AclEntry(ident, perm, name),)
+            if kind == F.ACL_USER:
+                node.acl_users += entry
+            elif kind == F.ACL_GROUP:
+                node.acl_groups += entry
+            elif kind == F.ACL_DEFAULT_USER:
+                node.acl_default_users += entry
+            else:
+                node.acl_default_groups += entry
         elif kind == F.ACL_GROUP_OBJ:
             if len(body) != 8:
                 raise self.error("malformed ACL_GROUP_OBJ record", start)
@@ -315,6 +343,10 @@ class ArchiveDecoder:
 
     def _content(self, node: Node, header: tuple[int, int, int] | None) -> tuple | None:
         """Read a non-directory node's content record; returns the next header (fifo/socket: unchanged)."""
+        kind_bits = node.mode & _IFMT
+        if kind_bits == _IFREG and header is not None and header[2] == F.PAYLOAD:  # the common case
+            node.size = self._payload_left = header[1] - 16
+            return None
         mode = node.mode
         if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
             return header

@@ -40,13 +40,13 @@ import secrets
 import shutil
 import stat
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .. import _chunker as _native
 from ..errors import PydesyncError
 from . import format as F
 from .decoder import AclEntry, ArchiveDecoder, DirectoryEnd, Node, Readable
+from .filewriter import BatchWriter, WriteFailed
 from .fsmeta import (
     ACL_XATTR_ACCESS,
     ACL_XATTR_DEFAULT,
@@ -305,10 +305,12 @@ class TreeExtractor:
         self._temp_counter = itertools.count()
         self._umask = current_umask()
         self._magic: dict[int, int] = {}
+        self._writer: BatchWriter[_Dir, Node] = BatchWriter(self._finish_directory, self._umask)
 
     # ---- driving -----------------------------------------------------------------------------
     def extract(self, items: Iterable[Node | DirectoryEnd]) -> list[str]:
         """Write every item; returns the warnings (best_effort). Raises ExtractError/ArchiveError."""
+        writer = self._writer = BatchWriter(self._finish_directory, self._umask)
         try:
             for item in items:
                 if isinstance(item, DirectoryEnd):
@@ -317,11 +319,15 @@ class TreeExtractor:
                     self._open_root(item)
                 else:
                     self._child(item)
+            writer.flush()
+        except WriteFailed as e:
+            raise ExtractError(f"cannot create {self._display(e.label)}: {_strerror(e.error)}") from None
         finally:
-            while self._stack:
-                frame = self._stack.pop()
+            # the writer thread may still use these descriptors: stop it first
+            for frame in writer.abandon() + self._stack[::-1]:
                 if frame.fd is not None:
                     os.close(frame.fd)
+            self._stack.clear()
         return self.warnings
 
     def _display(self, node: Node) -> str:
@@ -373,23 +379,25 @@ class TreeExtractor:
         os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
         return stat.S_IMODE(st.st_mode)
 
-    def _check_name(self, node: Node, display: str) -> None:
+    def _check_name(self, node: Node) -> None:
         name = node.name
         if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
-            raise ExtractError(f"{display}: invalid file name {name!r} in the archive")
+            raise ExtractError(f"{self._display(node)}: invalid file name {name!r} in the archive")
 
     def _child(self, node: Node) -> None:
         parent = self._stack[-1]
+        if parent.fd is not None and self._plain(node, parent):  # the common case: no display name
+            self._check_name(node)
+            self._write_plain(parent.fd, node)
+            return
         display = self._display(node)
         if parent.fd is None:  # inside a skipped directory
             if node.is_dir:
                 self._stack.append(_Dir(node, None, display))
             return
-        self._check_name(node, display)
+        self._check_name(node)
         if node.is_dir:
             self._stack.append(self._make_directory(parent.fd, node, display))
-        elif self._plain(node, parent):
-            self._write_plain(parent.fd, node, display)
         else:
             self._make_leaf(parent.fd, node, display, parent.has_default_acl(), parent.passes_on_flags(),
                             private=parent.created)
@@ -422,7 +430,7 @@ class TreeExtractor:
                 return False
         return True
 
-    def _write_plain(self, dir_fd: int, node: Node, display: str) -> None:
+    def _write_plain(self, dir_fd: int, node: Node) -> None:
         flags = node.feature_flags
         default = 0o666 & ~self._umask
         if not self.options.same_permissions:
@@ -433,13 +441,9 @@ class TreeExtractor:
             mode = default | 0o200 if node.mode & 0o222 else default & ~0o222
         else:
             mode = default
-        data = b"".join(node.payload())
         temp = b".#pydesync.%d" % next(self._temp_counter)  # private directory: no collisions
-        try:
-            mtime = node.mtime if flags & TIME_FLAGS else -1
-            _native.write_new_file(dir_fd, temp, node.name, data, mode, mtime)
-        except OSError as e:
-            raise ExtractError(f"cannot create {display}: {_strerror(e)}") from None
+        mtime = node.mtime if flags & TIME_FLAGS else -1
+        self._writer.add(dir_fd, temp, node.name, node.read_payload(), mode, mtime, node)
 
     def _make_directory(self, dir_fd: int, node: Node, display: str) -> _Dir:
         name = node.name
@@ -501,8 +505,12 @@ class TreeExtractor:
         if not self._stack or self._stack[-1].node is not node:
             raise ExtractError(f"{self._display(node)}: directory end out of order")
         frame = self._stack.pop()
-        if frame.fd is None:
-            return
+        if frame.fd is not None:
+            self._writer.defer(frame)  # after the files queued in it are written
+
+    def _finish_directory(self, frame: _Dir) -> None:
+        """A directory's own metadata, once everything inside it exists; closes its descriptor."""
+        node = frame.node
         try:
             target = _Target(node, frame.display, None, None, frame.fd, created=frame.created,
                              restore_mode=frame.restore_mode, fresh=frame.created)
@@ -782,7 +790,8 @@ class TreeExtractor:
             return default | 0o200 if node.mode & 0o222 else default & ~0o222
         return default if target.created else target.restore_mode
 
-    def _acl_ids(self, target: _Target, entries: list[AclEntry], user: bool) -> list[tuple[int, int]] | None:
+    def _acl_ids(self, target: _Target, entries: Sequence[AclEntry],
+                 user: bool) -> list[tuple[int, int]] | None:
         flags = target.node.feature_flags
         numbers = bool(flags & (F.WITH_16BIT_UIDS | F.WITH_32BIT_UIDS))
         out = []
