@@ -714,7 +714,8 @@ def test_keep_alive_and_unread_bodies(blob1_server, desync_cmd, first_chunk):
     assert reply.count(b"HTTP/1.1 ") == 1 and reply.startswith(b"HTTP/1.1 200 ")
 
 
-def test_handler_bug_is_a_500_not_a_dropped_connection():
+@pytest.mark.parametrize("loop", [False, True], ids=["threads", "event-loop"])
+def test_handler_bug_is_a_500_not_a_dropped_connection(loop):
     from pydesync.server.http11 import Http11Server
 
     calls = []
@@ -725,7 +726,7 @@ def test_handler_bug_is_a_500_not_a_dropped_connection():
             raise RuntimeError("bug")
         req._conn.reply(req, 200, b"ok")
 
-    server = Http11Server(("127.0.0.1", 0), app)
+    server = Http11Server(("127.0.0.1", 0), app, quick=(lambda req: True) if loop else None)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -737,6 +738,43 @@ def test_handler_bug_is_a_500_not_a_dropped_connection():
         thread.join(5)
         server.server_close()
     assert calls == ["/boom", "/fine"]
+
+
+def test_event_loop_connection_moves_to_a_thread_for_an_upload(serve, desync_cmd, first_chunk, tmp_path):
+    """GETs from a local store are answered on the event loop; a PUT on the same connection moves
+    it to a thread, and the answers still come in order."""
+    store = tmp_path / "store"
+    shutil.copytree(desync_cmd / "blob1.store", store)
+    stored = store / first_chunk[:4] / f"{first_chunk}.cacnk"
+    body = stored.read_bytes()
+    stored.unlink()
+    other = next(p for p in store.rglob("*.cacnk"))
+    server = serve("chunk-server", "-w", "-s", store)
+    get = f"GET /{other.parent.name}/{other.name} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    put = (f"PUT {chunk_path(first_chunk)} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+           .encode() + body)
+    last = get.replace(b"Host: x", b"Host: x\r\nConnection: close")
+    reply = raw_exchange(server.port, get + put + last)
+    assert [status_of(b"HTTP/1.1" + r) for r in reply.split(b"HTTP/1.1")[1:] if r[:1] == b" "] == [200] * 3
+    assert reply.count(other.read_bytes()) == 2
+    assert stored.read_bytes() == body
+
+
+def test_client_that_does_not_read_does_not_stall_others(blob1_server, desync_cmd, first_chunk):
+    """One client pipelines thousands of GETs and reads nothing: its answers wait in its own queue
+    while the event loop goes on answering another client."""
+    get = f"GET {chunk_path(first_chunk)} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", blob1_server.port), timeout=SERVE_TIMEOUT) as stuck:
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.settimeout(5)
+        with contextlib.suppress(TimeoutError):  # the server stops reading once its answers back up
+            for _ in range(3000):
+                stuck.sendall(get)
+        started = time.monotonic()
+        status, data = request(blob1_server.port, "GET", chunk_path(first_chunk))
+        assert status == 200 and data == (desync_cmd / "blob1.store" / first_chunk[:4]
+                                          / f"{first_chunk}.cacnk").read_bytes()
+        assert time.monotonic() - started < 5
 
 
 @pytest.mark.parametrize("via_env", [False, True])

@@ -14,14 +14,14 @@ import errno
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .digest import ChunkId, digest_of
 from .errors import ChunkInvalid, ChunkMissing, PydesyncError
 from .fsutil import temp_name_for
 from .index import Index, IndexChunk
-from .parallel import DEFAULT_CONCURRENCY, for_each, ordered_map, workers_for
+from .parallel import DEFAULT_CONCURRENCY, for_each_pipelined, ordered_map, pipeline_shape, workers_for
 from .store.base import Store
 
 
@@ -173,26 +173,31 @@ def extract(index: Index, output: str, store: Store, concurrency: int = DEFAULT_
         target.abort()
         raise
 
-    def assemble(chunk_id: ChunkId) -> None:
+    def begin(chunk_id: ChunkId) -> Callable[[], None]:
+        """Decide what a chunk needs and start fetching it; the call returned writes it."""
         todo = positions[chunk_id]
         if chunk_id == null_id and todo[0].size == index.sizes.max:
             _write_zeros(target, todo, stats, digest)
-            return
+            return _nothing
         need = [c for c in todo if not target.holds(c, digest)]
         stats.add("chunks_in_place", len(todo) - len(need))
         if not need:
-            return
-        data = store.get(chunk_id, digest)
-        check_size(need[0], data)
-        for c in need:
-            target.write(data, c.start)
-        stats.add("chunks_from_store", len(need))
+            return _nothing
+        fetch = store.begin_get(chunk_id, digest)
+
+        def finish() -> None:
+            data = fetch()
+            check_size(need[0], data)
+            for c in need:
+                target.write(data, c.start)
+            stats.add("chunks_from_store", len(need))
+        return finish
 
     def stream() -> None:
         """Remote stores that can stream (ssh): ask for everything at once, write as chunks arrive."""
         nulls = {i for i in positions if i == null_id and positions[i][0].size == index.sizes.max}
         for i in nulls:
-            assemble(i)
+            begin(i)()
         wanted = [i for i in positions if i not in nulls]
         for chunk_id, data in store.fetch_many(wanted, digest):  # type: ignore[attr-defined]
             if data is None:
@@ -207,12 +212,17 @@ def extract(index: Index, output: str, store: Store, concurrency: int = DEFAULT_
         if store.remote and target.blank and getattr(store, "streams", False):
             stream()
         else:
-            for_each(assemble, list(positions), workers_for(concurrency, store.remote))
+            threads, depth = pipeline_shape(concurrency, store.remote)
+            for_each_pipelined(begin, list(positions), threads, depth)
     except BaseException:
         target.abort()
         raise
     target.commit()
     return stats
+
+
+def _nothing() -> None:
+    pass
 
 
 def _write_zeros(target: _Target, chunks: list[IndexChunk], stats: ExtractStats, digest: str) -> None:

@@ -25,6 +25,18 @@ def workers_for(concurrency: int, remote: bool) -> int:
     return max(1, concurrency if remote else min(concurrency, os.cpu_count() or 1))
 
 
+def pipeline_shape(concurrency: int, remote: bool) -> tuple[int, int]:
+    """(threads, depth) for for_each_pipelined: one thread per core at most, each keeping enough
+    requests in flight that -n are outstanding in all (depth 1 for local stores).
+
+    Why: -n threads on few cores spend their time handing the GIL and the CPUs to each other;
+    a thread per core that starts the next requests before decoding the current chunk keeps
+    the network as busy with far fewer wake-ups."""
+    threads = max(1, min(concurrency, os.cpu_count() or 1))
+    depth = -(-max(1, concurrency) // threads) if remote else 1
+    return threads, depth
+
+
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
                 window: int | None = None) -> Iterator[R]:
     """Like map(), run in `workers` threads, results in input order, at most `window` pending."""
@@ -45,6 +57,36 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
         finally:
             for f in pending:
                 f.cancel()
+
+
+def for_each_pipelined(begin: Callable[[T], Callable[[], object]], items: Sequence[T], workers: int,
+                       depth: int) -> None:
+    """Like for_each, but each thread calls begin(item) up to `depth` items ahead and then the
+    callable it returned, oldest first: begin sends a request, the callable finishes the work."""
+    if depth <= 1:
+        for_each(lambda item: begin(item)(), items, workers)
+        return
+    counter = itertools.count()
+    total = len(items)
+    failed: list[bool] = []
+
+    def run(_: int) -> None:
+        pending: deque[Callable[[], object]] = deque()
+        try:
+            while not failed:
+                i = next(counter)
+                if i < total:
+                    pending.append(begin(items[i]))
+                    if len(pending) < depth:
+                        continue
+                if not pending:
+                    return
+                pending.popleft()()
+        except BaseException:
+            failed.append(True)  # the other threads stop at their next step
+            raise
+
+    for_each(run, range(max(1, min(workers, total))), workers)
 
 
 def for_each(fn: Callable[[T], object], items: Sequence[T], workers: int) -> None:

@@ -163,7 +163,7 @@ def run_chunk_server(ctx: Context) -> int:
         servers = make_server(upstream).servers(options)
     where = ", ".join(f"{s.server_address[0]}:{s.server_address[1]}" for s in servers)
     print(f"chunk-server: serving {upstream.location} on {where} "
-          f"({'read-write' if a.writable else 'read-only'}, one thread per connection)", file=sys.stderr)
+          f"({'read-write' if a.writable else 'read-only'}; {servers[0].describe()})", file=sys.stderr)
     try:
         serve_forever(servers)
     finally:

@@ -24,6 +24,7 @@ from ..store.base import Store, verify_chunk
 from ..store.converters import COMPRESSED, PLAIN, Converters
 from ..store.local import LocalStore
 from .common import App, Exchange
+from .http11 import Request
 
 _CHUNK_PATH = re.compile(r"^/([0-9a-f]{4})/([0-9a-f]{64})(.*)$")
 
@@ -43,6 +44,10 @@ class ChunkServer(App):
         self.skip_verify_write = skip_verify_write
 
     # ---- requests ------------------------------------------------------------------------------
+    def quick(self, req: Request) -> bool:
+        """Reads from a local store are answered on the event loop (a stat, or a file read)."""
+        return req.method in ("GET", "HEAD") and isinstance(self.upstream, LocalStore)
+
     def handle(self, req: Exchange) -> None:
         chunk_id = self._parse(req)
         if chunk_id is None:

@@ -101,7 +101,12 @@ class App:
     """
 
     def servers(self, options: ServerOptions) -> list[Http11Server]:
-        return make_servers(self._dispatch, options)
+        return make_servers(self._dispatch, options, self.quick)
+
+    def quick(self, req: Request) -> bool:
+        """Whether a request (without a body) can be answered without blocking for long, so
+        on the event loop's thread (see Http11Server). Default: no."""
+        return False
 
     def _dispatch(self, req: Exchange) -> None:
         if req.command not in ("GET", "HEAD", "PUT"):
@@ -129,8 +134,9 @@ def make_app(handle: Callable[[Exchange], None], options: ServerOptions) -> Call
     return app
 
 
-def make_servers(handle: Callable[[Exchange], None], options: ServerOptions) -> list[Http11Server]:
-    """Bind every listen address."""
+def make_servers(handle: Callable[[Exchange], None], options: ServerOptions,
+                 quick: Callable[[Request], bool] | None = None) -> list[Http11Server]:
+    """Bind every listen address; `quick` as in Http11Server."""
     options.validate()
     context = options.ssl_context()
     app = make_app(handle, options)
@@ -138,7 +144,7 @@ def make_servers(handle: Callable[[Exchange], None], options: ServerOptions) -> 
     for address in options.listen:
         host, port = parse_listen(address)
         try:
-            servers.append(Http11Server((host, port), app, context, options.log))
+            servers.append(Http11Server((host, port), app, context, options.log, quick))
         except OSError as e:
             raise UsageError(f"cannot listen on {address}: {e.strerror}") from None
     return servers

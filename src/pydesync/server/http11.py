@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import selectors
 import socket
 import ssl
 import sys
@@ -23,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TextIO
+
+from ..netio import SocketReader, send_parts, set_timeouts
 
 MAX_HEAD = 64 * 1024
 MAX_HEADERS = 100
@@ -83,41 +86,33 @@ class Connection:
         self.app = app
         self.log = log
         self.log_lock = log_lock
-        self.buf = bytearray()
+        self.reader = SocketReader(sock)
         self.keep_alive = True
+        self.queued: list[bytes | bytearray | memoryview] | None = None  # loop mode: replies wait here
+        self.writing = False  # loop mode: waiting for the socket to drain
+        self.last_active = time.monotonic()
         self.tls = isinstance(sock, ssl.SSLSocket)
 
     # ---- input ---------------------------------------------------------------------------------
-    def _fill(self) -> bool:
-        data = self.sock.recv(65536)
-        if not data:
-            return False
-        self.buf += data
-        return True
-
-    def read_exact(self, n: int) -> bytes | None:
-        while len(self.buf) < n:
-            if not self._fill():
-                return None
-        data = bytes(self.buf[:n])
-        del self.buf[:n]
-        return data
+    def read_exact(self, n: int) -> bytearray | None:
+        return self.reader.read_exact(n)
 
     def _read_head(self) -> bytes | None:
-        self.sock.settimeout(IDLE_TIMEOUT)
-        while True:
-            end = self.buf.find(b"\r\n\r\n")
-            if end >= 0:
-                head = bytes(self.buf[:end])
-                del self.buf[: end + 4]
-                return head
-            if len(self.buf) > MAX_HEAD:
-                raise BadRequest(431, "request head too large")
-            if not self._fill():
-                if self.buf.strip():
-                    raise BadRequest(400, "incomplete request")
-                return None
-            self.sock.settimeout(HEAD_TIMEOUT)
+        """The next request's head; None when the client closes between requests. A started head
+        must be complete within HEAD_TIMEOUT (a deadline checked between reads)."""
+        reader = self.reader
+        reader.deadline = None
+        if not reader.buffered() and not reader.fill():  # idle: up to IDLE_TIMEOUT
+            return None
+        reader.deadline = time.monotonic() + HEAD_TIMEOUT
+        try:
+            head = reader.read_until(b"\r\n\r\n", MAX_HEAD)
+        except ValueError:
+            raise BadRequest(431, "request head too large") from None
+        if head is None and reader.buffered() and bytes(reader.peek()).strip():
+            raise BadRequest(400, "incomplete request")
+        reader.deadline = None
+        return head
 
     def _parse(self, head: bytes) -> Request:
         try:
@@ -156,21 +151,31 @@ class Connection:
     def reply(self, req: Request, status: int, body: bytes = b"",
               content_type: str = "text/plain; charset=utf-8") -> None:
         head = self._head(status, len(body), content_type)
-        self.sock.sendall(head if req.method == "HEAD" else head + body)
+        self._send(head, b"" if req.method == "HEAD" else body)
         self._log(req, status)
+
+    def _send(self, head: bytes, body: bytes | bytearray | memoryview) -> None:
+        if self.queued is not None:
+            self.queued += (head, body) if body else (head,)
+        else:
+            send_parts(self.sock, head, body)
 
     def reply_file(self, req: Request, fd: int, size: int,
                    content_type: str = "application/octet-stream") -> None:
         """200 with a file's bytes, sent by the kernel (sendfile) where the socket allows."""
         head = self._head(200, size, content_type)
         if req.method == "HEAD":
-            self.sock.sendall(head)
-        elif self.tls or size <= INLINE_FILE:
-            self.sock.sendall(head + os.pread(fd, size, 0))
+            self._send(head, b"")
+        elif self.tls or size <= INLINE_FILE or self.queued is not None:
+            self._send(head, os.pread(fd, size, 0))
         else:
             self.sock.sendall(head)
-            with os.fdopen(os.dup(fd), "rb") as f:
-                self.sock.sendfile(f, 0, size)
+            self.sock.settimeout(IDLE_TIMEOUT)  # socket.sendfile needs Python's timeout to honour one
+            try:
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    self.sock.sendfile(f, 0, size)
+            finally:
+                set_timeouts(self.sock, IDLE_TIMEOUT)
         self._log(req, 200)
 
     def _log(self, req: Request, status: int) -> None:
@@ -182,44 +187,77 @@ class Connection:
                            f"Request: {req.method} {req.target}, Response: {status}\n")
             self.log.flush()
 
-    # ---- loop ----------------------------------------------------------------------------------
-    def serve(self) -> None:
+    # ---- serving -------------------------------------------------------------------------------
+    def next_request(self) -> Request | None:
+        """Read and parse the next request head (blocking); None when the client is done.
+        A malformed head is answered here (and ends the connection)."""
         try:
+            head = self._read_head()
+            if head is None:
+                return None
+            return self._parse(head)
+        except BadRequest as e:
+            self.refuse(e)
+            return None
+
+    def refuse(self, e: BadRequest) -> None:
+        self.keep_alive = False
+        dummy = Request("GET", "-", "HTTP/1.1", {}, self.client, self)
+        self.reply(dummy, e.status, f"{e}\n".encode())
+
+    def answer(self, req: Request) -> None:
+        """Run the app on one request; afterwards keep_alive says whether another may follow."""
+        try:
+            self.app(req)
+        except (OSError, ssl.SSLError):
+            raise
+        except Exception as e:  # a bug must cost one answer, not the connection silently
+            sys.stderr.write(f"{req.method} {req.target}: internal error: {e!r}\n")
+            self.keep_alive = False
+            self.reply(req, 500, b"internal server error\n")
+            return
+        if not req.body_read and has_body(req):
+            self.keep_alive = False  # an unread body would be taken for the next request
+
+    def serve(self, first: Request | None = None) -> None:
+        """Serve requests on this thread (blocking) until the connection ends; `first` is a
+        request already read (by the event loop that handed the connection over)."""
+        try:
+            req = first
             while self.keep_alive:
-                try:
-                    head = self._read_head()
-                    if head is None:
+                if req is None:
+                    req = self.next_request()
+                    if req is None:
                         return
-                    req = self._parse(head)
-                except BadRequest as e:
-                    self.keep_alive = False
-                    dummy = Request("GET", "-", "HTTP/1.1", {}, self.client, self)
-                    self.reply(dummy, e.status, f"{e}\n".encode())
-                    return
-                try:
-                    self.app(req)
-                except (OSError, ssl.SSLError):
-                    raise
-                except Exception as e:  # a bug must cost one answer, not the connection silently
-                    sys.stderr.write(f"{req.method} {req.target}: internal error: {e!r}\n")
-                    self.keep_alive = False
-                    self.reply(req, 500, b"internal server error\n")
-                    return
-                if not req.body_read and (req.headers.get("content-length", "0") != "0"
-                                          or "transfer-encoding" in req.headers):
-                    self.keep_alive = False  # an unread body would be taken for the next request
+                self.answer(req)
+                req = None
         except (OSError, TimeoutError, ssl.SSLError):
             return
         finally:
-            with contextlib.suppress(OSError):
-                self.sock.close()
+            self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def has_body(req: Request) -> bool:
+    return req.headers.get("content-length", "0") != "0" or "transfer-encoding" in req.headers
 
 
 class Http11Server:
-    """Listens on one address; one thread per connection (daemon threads)."""
+    """Listens on one address.
+
+    Plain HTTP runs an event loop: requests that `quick(req)` accepts (a chunk read from a local
+    store: no body, nothing that blocks for long) are answered on the loop thread, with no
+    thread hand-offs, which on a few cores costs less than the work itself. The first request
+    that is not quick moves its connection to a thread of its own for the rest of its life
+    (uploads, proxied or converted chunks). TLS connections always get a thread each.
+    """
 
     def __init__(self, address: tuple[str, int], app: Callable[[Request], None],
-                 context: ssl.SSLContext | None = None, log: TextIO | None = None):
+                 context: ssl.SSLContext | None = None, log: TextIO | None = None,
+                 quick: Callable[[Request], bool] | None = None):
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -230,9 +268,13 @@ class Http11Server:
         self.context = context
         self.log = log
         self.log_lock = threading.Lock()
+        self.quick = quick
         self._stop = threading.Event()
 
     def serve_forever(self) -> None:
+        if self.context is None and self.quick is not None:
+            _EventLoop(self).run()
+            return
         self.sock.settimeout(0.5)
         while not self._stop.is_set():
             try:
@@ -254,10 +296,171 @@ class Http11Server:
             except (OSError, ssl.SSLError):
                 client.close()
                 return
-        Connection(client, address[:2], self.app, self.log, self.log_lock).serve()
+        set_timeouts(client, IDLE_TIMEOUT)
+        self.connection(client, address).serve()
+
+    def describe(self) -> str:
+        """How connections are served, for the start-up line."""
+        if self.context is None and self.quick is not None:
+            return "local chunk reads on one event loop, a thread per connection that needs more"
+        return "a thread per connection"
+
+    def connection(self, client: socket.socket, address: tuple[str, int]) -> Connection:
+        return Connection(client, address[:2], self.app, self.log, self.log_lock)
 
     def shutdown(self) -> None:
         self._stop.set()
 
     def server_close(self) -> None:
         self.sock.close()
+
+
+class _EventLoop:
+    """One thread multiplexing every connection of a plain-HTTP server (see Http11Server)."""
+
+    SWEEP = 5.0  # seconds between checks for idle or stalled connections
+
+    def __init__(self, server: Http11Server):
+        self.server = server
+        self.selector = selectors.DefaultSelector()
+        self.conns: set[Connection] = set()
+
+    def run(self) -> None:
+        server = self.server
+        server.sock.setblocking(False)
+        self.selector.register(server.sock, selectors.EVENT_READ, None)
+        next_sweep = time.monotonic() + self.SWEEP
+        try:
+            while not server._stop.is_set():
+                for key, events in self.selector.select(0.5):
+                    if key.data is None:
+                        self._accept()
+                    elif events & selectors.EVENT_WRITE:
+                        self._writable(key.data)
+                    else:
+                        self._readable(key.data)
+                if time.monotonic() >= next_sweep:
+                    self._sweep()
+                    next_sweep = time.monotonic() + self.SWEEP
+        finally:
+            for conn in list(self.conns):
+                self._close(conn)
+            self.selector.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, address = self.server.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                if self.server._stop.is_set():
+                    return
+                raise
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client.setblocking(False)
+            conn = self.server.connection(client, address)
+            conn.queued = []
+            self.conns.add(conn)
+            self.selector.register(client, selectors.EVENT_READ, conn)
+
+    def _readable(self, conn: Connection) -> None:
+        try:
+            got = conn.reader.fill_nowait()
+        except OSError:
+            got = False
+        if got is None:
+            return
+        if not got:
+            self._close(conn)
+            return
+        conn.last_active = time.monotonic()
+        self._answer_buffered(conn)
+
+    def _answer_buffered(self, conn: Connection) -> None:
+        """Answer every complete request in conn's buffer, in order; hand the connection to a
+        thread at the first request that is not quick."""
+        while conn.keep_alive:
+            try:
+                head = conn.reader.take_until(b"\r\n\r\n", MAX_HEAD)
+                if head is None:
+                    return
+                req = conn._parse(head)
+            except (BadRequest, ValueError) as e:
+                conn.refuse(e if isinstance(e, BadRequest) else BadRequest(431, "request head too large"))
+                break
+            quick = self.server.quick
+            if has_body(req) or quick is None or not quick(req):
+                self._to_thread(conn, req)
+                return
+            try:
+                conn.answer(req)
+            except OSError:
+                self._close(conn)
+                return
+            if not self._send_queued(conn):
+                return  # the rest goes out (and later requests are read) when the socket drains
+        if self._send_queued(conn):
+            self._close(conn)
+
+    def _send_queued(self, conn: Connection) -> bool:
+        """Send conn's queued answers without blocking; True when all went out. Otherwise the
+        connection waits for writability and reads nothing more until then."""
+        queued = conn.queued
+        assert queued is not None
+        try:
+            while queued:
+                sent = conn.sock.sendmsg(queued[:64])
+                while sent:
+                    first = queued[0]
+                    if sent >= len(first):
+                        sent -= len(first)
+                        queued.pop(0)
+                    else:
+                        queued[0] = memoryview(first)[sent:]
+                        sent = 0
+        except (BlockingIOError, InterruptedError):
+            if not conn.writing:
+                conn.writing = True
+                self.selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
+            return False
+        except OSError:
+            self._close(conn)
+            return False
+        conn.last_active = time.monotonic()
+        return True
+
+    def _writable(self, conn: Connection) -> None:
+        if not self._send_queued(conn):
+            return
+        conn.writing = False
+        if not conn.keep_alive:
+            self._close(conn)
+            return
+        self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
+        self._answer_buffered(conn)  # requests that arrived meanwhile
+
+    def _to_thread(self, conn: Connection, req: Request) -> None:
+        """From now on this connection is served, blocking, by a thread of its own."""
+        self.selector.unregister(conn.sock)
+        self.conns.discard(conn)
+        conn.queued = None
+        conn.sock.setblocking(True)
+        set_timeouts(conn.sock, IDLE_TIMEOUT)
+        threading.Thread(target=conn.serve, args=(req,), daemon=True).start()
+
+    def _sweep(self) -> None:
+        """Close connections idle past IDLE_TIMEOUT, or stuck in a request head or an answer
+        past HEAD_TIMEOUT."""
+        now = time.monotonic()
+        for conn in list(self.conns):
+            busy = conn.reader.buffered() or conn.queued
+            if now - conn.last_active > (HEAD_TIMEOUT if busy else IDLE_TIMEOUT):
+                self._close(conn)
+
+    def _close(self, conn: Connection) -> None:
+        if conn in self.conns:
+            self.conns.discard(conn)
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(conn.sock)
+        conn.close()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -101,6 +102,13 @@ class Store(ABC):
     @abstractmethod
     def get(self, chunk_id: ChunkId, digest: str | None = None) -> bytes:
         """Chunk data; ChunkMissing if absent, ChunkInvalid if it fails to decode or verify."""
+
+    def begin_get(self, chunk_id: ChunkId, digest: str | None = None) -> Callable[[], bytes]:
+        """Start fetching a chunk; the returned call finishes it (same result and errors as get).
+
+        Network stores send the request now so that several are in flight from one thread while
+        it decodes another chunk; the default simply defers to get()."""
+        return functools.partial(self.get, chunk_id, digest)
 
     @abstractmethod
     def has(self, chunk_id: ChunkId) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ssl
 import time
 import urllib.request
+from collections.abc import Callable
 from urllib.parse import quote
 
 import urllib3
@@ -23,7 +24,7 @@ from ..digest import ChunkId
 from ..errors import ChunkMissing, StoreError, UsageError
 from .base import Store, StoreOptions, decode_chunk, verify_chunk
 from .converters import Converters, converters_for
-from .http_fast import FastHttp, tls_context
+from .http_fast import FastHttp, Response, tls_context
 
 SUFFIX = ".cacnk"
 
@@ -109,12 +110,21 @@ class HttpClient:
     def quoted(name: str) -> str:
         return quote(name, safe="/.-_~")
 
+    def path_of(self, name: str) -> str:
+        """The request target for `name` (the base URL's path included)."""
+        return self._path_prefix + self.quoted(name)
+
     def url(self, name: str) -> str:
         return self.base + self.quoted(name)
 
-    def _once(self, method: str, name: str, body: bytes | None) -> tuple[int, bytes]:
+    def _once(self, method: str, name: str, body: bytes | None,
+              started: Callable[[], Response] | None = None) -> tuple[int, bytes]:
+        """One attempt; `started` finishes a request already sent (FastHttp.begin)."""
         if self.fast is not None:
-            response = self.fast.request(method, self._path_prefix + self.quoted(name), body)
+            if started is not None:
+                response = started()
+            else:
+                response = self.fast.request(method, self.path_of(name), body)
             if not (300 <= response.status < 400 and "location" in response.headers):
                 return response.status, response.data
         answer = self.pool.request(method, self.url(name), body=body, headers=self.headers, retries=False,
@@ -122,14 +132,16 @@ class HttpClient:
         return answer.status, answer.data
 
     def request(self, method: str, name: str, body: bytes | None = None, ok: tuple[int, ...] = (200,),
-                missing: tuple[int, ...] = (404,)) -> bytes | None:
-        """The body for an `ok` status, None for a `missing` one; raises HttpError otherwise."""
+                missing: tuple[int, ...] = (404,),
+                started: Callable[[], Response] | None = None) -> bytes | None:
+        """The body for an `ok` status, None for a `missing` one; raises HttpError otherwise.
+        `started`: the first attempt was already sent (FastHttp.begin), this finishes it."""
         url = self.url(name)
         attempts = max(1, self.options.error_retry)
         last: HttpError | None = None
         for attempt in range(1, attempts + 1):
             try:
-                status, data = self._once(method, name, body)
+                status, data = self._once(method, name, body, started if attempt == 1 else None)
             except (Urllib3Error, OSError, ssl.SSLError) as e:
                 last = HttpError(f"{method} {url}: {_reason(e)}")
             else:
@@ -179,6 +191,28 @@ class HttpStore(Store):
         body = self.client.request("GET", self._name(chunk_id))
         if body is None:
             raise ChunkMissing(chunk_id, [self.location])
+        return self._decoded(chunk_id, body, digest)
+
+    def begin_get(self, chunk_id: ChunkId, digest: str | None = None) -> Callable[[], bytes]:
+        """Send the GET now; the call returned reads, decodes and verifies the answer, with the
+        same retries as get() (the request sent counts as the first attempt)."""
+        fast = self.client.fast
+        if fast is None:
+            return super().begin_get(chunk_id, digest)
+        name = self._name(chunk_id)
+        try:
+            started = fast.begin("GET", self.client.path_of(name))
+        except (OSError, ssl.SSLError):
+            return super().begin_get(chunk_id, digest)
+
+        def finish() -> bytes:
+            body = self.client.request("GET", name, started=started)
+            if body is None:
+                raise ChunkMissing(chunk_id, [self.location])
+            return self._decoded(chunk_id, body, digest)
+        return finish
+
+    def _decoded(self, chunk_id: ChunkId, body: bytes | bytearray, digest: str | None) -> bytes:
         where = self.client.url(self._name(chunk_id))
         data = decode_chunk(chunk_id, body, self.converters, where)
         if not self.options.skip_verify:

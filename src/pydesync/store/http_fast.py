@@ -14,12 +14,16 @@ Anything unusual (a proxy, a redirect) is left to urllib3 by the caller
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+from ..netio import SocketReader, set_timeouts
 
 MAX_HEAD = 64 * 1024
 MAX_BODY = 256 * 1024 * 1024  # an unframed body (read to close) larger than any chunk or index is refused
@@ -33,58 +37,41 @@ class ProtocolError(OSError):
 class Response:
     status: int
     headers: dict[str, str]
-    data: bytes
+    data: bytes | bytearray
 
 
 class _Conn:
     def __init__(self, sock: socket.socket):
         self.sock = sock
-        self.buf = bytearray()
-        self.deadline: float | None = None  # monotonic time the current request must end by
-
-    def _recv(self) -> bytes:
-        if self.deadline is not None:  # a whole-request limit, not one per read: slow drips end too
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("timed out")
-            self.sock.settimeout(remaining)
-        return self.sock.recv(262144)
-
-    def _fill(self) -> None:
-        data = self._recv()
-        if not data:
-            raise ConnectionResetError("connection closed by the server")
-        self.buf += data
+        self.reader = SocketReader(sock)
 
     def read_until(self, marker: bytes, limit: int) -> bytes:
-        start = 0
-        while True:
-            end = self.buf.find(marker, start)
-            if end >= 0:
-                out = bytes(self.buf[:end])
-                del self.buf[: end + len(marker)]
-                return out
-            if len(self.buf) > limit:
-                raise ProtocolError("response head too large")
-            start = max(0, len(self.buf) - len(marker) + 1)
-            self._fill()
+        try:
+            out = self.reader.read_until(marker, limit)
+        except ValueError:
+            raise ProtocolError("response head too large") from None
+        if out is None:
+            raise ConnectionResetError("connection closed by the server")
+        return out
 
-    def read_exact(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self._fill()
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
+    def read_exact(self, n: int) -> bytearray:
+        out = self.reader.read_exact(n)
+        if out is None:
+            raise ConnectionResetError("connection closed by the server")
         return out
 
     def read_to_close(self, limit: int) -> bytes:
         """Everything until the server closes the connection (a body without framing)."""
-        while data := self._recv():
-            self.buf += data
-            if len(self.buf) > limit:
-                raise ProtocolError("response body too large")
-        out = bytes(self.buf)
-        self.buf.clear()
-        return out
+        try:
+            return self.reader.read_to_close(limit)
+        except ValueError:
+            raise ProtocolError("response body too large") from None
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except BlockingIOError:  # SO_SNDTIMEO expired
+            raise TimeoutError("timed out") from None
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -115,58 +102,101 @@ class FastHttp:
         if self.https:
             assert self.context is not None
             sock = self.context.wrap_socket(sock, server_hostname=self.host)
+        set_timeouts(sock, self.timeout)
         conn = _Conn(sock)
         with self._lock:
             self._all.append(conn)
         return conn
 
+    def _idle(self) -> list[_Conn]:
+        """This thread's open connections with nothing in flight."""
+        idle = getattr(self._local, "idle", None)
+        if idle is None:
+            idle = self._local.idle = []
+        return idle
+
     def request(self, method: str, path: str, body: bytes | None = None) -> Response:
         """One request; a reused connection that turns out closed is reopened once."""
-        conn: _Conn | None = getattr(self._local, "conn", None)
-        fresh = conn is None
-        if conn is None:
-            conn = self._local.conn = self._connect()
+        idle = self._idle()
+        fresh = not idle
+        conn = idle.pop() if idle else self._connect()
         try:
-            return self._exchange(conn, method, path, body)
+            self._send(conn, method, path, body)
+            return self._receive(conn, method)
         except (ConnectionError, ProtocolError, ssl.SSLError, OSError) as e:
             self._drop(conn)
             if fresh or isinstance(e, TimeoutError):
                 raise
-            conn = self._local.conn = self._connect()
+            conn = self._connect()
             try:
-                return self._exchange(conn, method, path, body)
+                self._send(conn, method, path, body)
+                return self._receive(conn, method)
             except BaseException:
                 self._drop(conn)
                 raise
 
+    def begin(self, method: str, path: str) -> Callable[[], Response]:
+        """Send a request now on one of this thread's connections (a new one if all are busy);
+        the returned call reads its answer. Lets one thread keep several requests in flight.
+        No retry here: the caller falls back to request() on errors."""
+        idle = self._idle()
+        fresh = not idle
+        conn = idle.pop() if idle else self._connect()
+        try:
+            self._send(conn, method, path, None)
+        except (ConnectionError, ssl.SSLError, OSError):
+            self._drop(conn)
+            if fresh:
+                raise
+            return functools.partial(self.request, method, path)  # it was stale: start over
+        except BaseException:
+            self._drop(conn)
+            raise
+
+        def finish() -> Response:
+            try:
+                return self._receive(conn, method)
+            except (ConnectionError, ProtocolError, ssl.SSLError, OSError) as e:
+                self._drop(conn)
+                if fresh or isinstance(e, TimeoutError):
+                    raise
+                return self.request(method, path)  # a kept-alive connection the server had closed
+            except BaseException:
+                self._drop(conn)
+                raise
+        return finish
+
     def _drop(self, conn: _Conn) -> None:
         conn.close()
-        self._local.conn = None
         with self._lock:
             if conn in self._all:
                 self._all.remove(conn)
 
-    def _exchange(self, conn: _Conn, method: str, path: str, body: bytes | None) -> Response:
+    def _send(self, conn: _Conn, method: str, path: str, body: bytes | None) -> None:
         head = f"{method} {path} HTTP/1.1\r\n{self._fixed}"
         if body is not None:
             head += f"Content-Length: {len(body)}\r\nContent-Type: application/octet-stream\r\n"
         payload = (head + "\r\n").encode("latin-1")
-        if self.timeout is not None:
-            conn.deadline = time.monotonic() + self.timeout
-            conn.sock.settimeout(self.timeout)
-        conn.sock.sendall(payload + body if body else payload)
+        if self.timeout is not None:  # a whole-request limit, not one per read: slow drips end too
+            conn.reader.deadline = time.monotonic() + self.timeout
+        conn.send(payload + body if body else payload)
+
+    def _receive(self, conn: _Conn, method: str) -> Response:
+        """The answer to the request sent on conn; conn goes back to this thread's idle list."""
         while True:
             status, headers, keep_alive = self._read_head(conn)
             if status >= 200 or status == 101:
                 break  # skip 100 Continue and other interim answers
         if method == "HEAD" or status in (204, 304):
-            data = b""
+            data: bytes | bytearray = b""
         elif "content-length" in headers or "chunked" in headers.get("transfer-encoding", "").lower():
             data = self._read_body(conn, headers)
         else:  # no framing: the body ends when the server closes the connection (HTTP/1.0 style)
             data = conn.read_to_close(MAX_BODY)
             keep_alive = False
-        if not keep_alive:
+        if keep_alive:
+            self._idle().append(conn)
+        else:
             self._drop(conn)
         return Response(status, headers, data)
 
@@ -187,7 +217,7 @@ class FastHttp:
         return int(parts[1]), headers, keep_alive
 
     @staticmethod
-    def _read_body(conn: _Conn, headers: dict[str, str]) -> bytes:
+    def _read_body(conn: _Conn, headers: dict[str, str]) -> bytes | bytearray:
         if "chunked" in headers.get("transfer-encoding", "").lower():
             pieces = []
             while True:

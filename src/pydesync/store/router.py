@@ -7,7 +7,7 @@ because a store that answers wrongly must not be papered over by the next.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from ..digest import ChunkId
 from ..errors import ChunkInvalid, ChunkMissing, PydesyncError
@@ -30,6 +30,11 @@ class StoreRouter(Store):
             except ChunkMissing as e:
                 tried.extend(e.stores or [store.location])
         raise ChunkMissing(chunk_id, tried)
+
+    def begin_get(self, chunk_id: ChunkId, digest: str | None = None) -> Callable[[], bytes]:
+        if len(self.stores) == 1:  # the common `-s URL`: keep the store's own pipelining
+            return self.stores[0].begin_get(chunk_id, digest)
+        return super().begin_get(chunk_id, digest)
 
     def has(self, chunk_id: ChunkId) -> bool:
         return any(store.has(chunk_id) for store in self.stores)
