@@ -11,6 +11,7 @@ ratios rather than absolute times, median of --repeat runs.
     python3 bench/bench.py --tree /usr/lib  # tar/untar rows on another tree (--no-tree: skip them)
     python3 bench/bench.py --http           # + extract through our chunk-server on 127.0.0.1
     python3 bench/bench.py --ssh            # + extract over casync's protocol (stand-in ssh)
+    python3 bench/bench.py --sshd           # + extract over a real sshd on 127.0.0.1
 """
 
 from __future__ import annotations
@@ -177,6 +178,36 @@ def ssh_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path,
                  f"each client against its own tool's `pull`)"]
 
 
+def sshd_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path, stores: dict[str, Path],
+              indexes: dict[str, Path], out: Path, work: Path) -> tuple[dict[str, object], list[str]]:
+    """extract over a real sshd on 127.0.0.1 (tests/sshd_util.py: keys made for the run): casync's
+    client against `casync pull`, pydesync's against `pydesync pull`, both paying ssh's cipher."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from sshd_util import throwaway_sshd
+
+    d = work / "sshd"
+    d.mkdir()
+
+    def no_output(_tool: str) -> None:
+        out.unlink(missing_ok=True)
+
+    with throwaway_sshd(d) as (_port, wrapper):
+        remote = " ".join(ours)  # absolute interpreter: the remote shell's PATH may lack pydesync
+        row = run_case("extract over sshd", args.repeat, no_output,
+                       ["env", f"CASYNC_SSH_PATH={wrapper}", casync, "extract",
+                        f"--store=127.0.0.1:{stores['casync']}", str(indexes["casync"]), str(out)],
+                       ["env", f"CASYNC_SSH_PATH={wrapper}", f"CASYNC_REMOTE_PATH={remote}", *ours,
+                        "extract", "-n", str(args.concurrency), "-s", f"ssh://127.0.0.1{stores['pydesync']}",
+                        str(indexes["pydesync"]), str(out)])
+        cipher = subprocess.run([wrapper, "-G", "127.0.0.1"], capture_output=True, text=True).stdout
+        ciphers = next((line.split(" ", 1)[1] for line in cipher.splitlines() if line.startswith("ciphers ")),
+                       "?")
+    same = filecmp.cmp(out, blob, shallow=False)
+    out.unlink(missing_ok=True)
+    return row, [f"extract over sshd: output identical to the input: {same} (real sshd on 127.0.0.1, "
+                 f"client ciphers {ciphers.split(',')[0]} first; each client against its own tool's `pull`)"]
+
+
 def tree_cases(args: argparse.Namespace, casync: str, ours: list[str],
                work: Path) -> tuple[list[dict[str, object]], list[str]]:
     """tar (casync make X.catar TREE) and untar (casync extract X.catar DIR) rows, plus notes."""
@@ -225,6 +256,8 @@ def main() -> int:
     ap.add_argument("--no-tree", action="store_true", help="skip the tar/untar rows")
     ap.add_argument("--ssh", action="store_true",
                     help="add extract over casync's protocol (stand-in ssh; casync pull vs pydesync pull)")
+    ap.add_argument("--sshd", action="store_true",
+                    help="add extract over a real sshd on 127.0.0.1 (keys made for the run)")
     ap.add_argument("--http", action="store_true",
                     help="add extract through pydesync chunk-server on 127.0.0.1 (casync vs pydesync client)")
     args = ap.parse_args()
@@ -272,6 +305,11 @@ def main() -> int:
                                           {"casync": ci, "pydesync": pi}, out)
             rows.append(ssh_row)
             notes += ssh_notes
+        if args.sshd:
+            sshd_row, sshd_notes = sshd_case(args, casync, ours, blob, {"casync": cs, "pydesync": ps},
+                                             {"casync": ci, "pydesync": pi}, out, work)
+            rows.append(sshd_row)
+            notes += sshd_notes
         if not args.no_tree:
             empty_stores("")
             no_output("")

@@ -8,18 +8,16 @@ is a failure, never a skip.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sshd_util import SshdFailed, sshd_binaries, throwaway_sshd
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("PYDESYNC_SHARED", ROOT.parent / "shared"))
@@ -140,60 +138,16 @@ class Sshd:
 @pytest.fixture(scope="session")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
     """sshd -D on a free port: key auth only, sftp via internal-sftp. Stopped at the end."""
-    binary = shutil.which("sshd") or "/usr/sbin/sshd"
-    ssh, keygen = shutil.which("ssh"), shutil.which("ssh-keygen")
+    binary, ssh, keygen = sshd_binaries()
     need(os.access(binary, os.X_OK) and ssh is not None and keygen is not None,
          "sshd/ssh not installed (apt-get install openssh-server openssh-client)")
     need(_importable("paramiko"), "paramiko not installed (pip install 'pydesync[ssh]')")
     d = tmp_path_factory.mktemp("sshd")
-    for key in ("host_key", "client_key"):
-        subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", key, "-f", str(d / key)],
-                       check=True, timeout=30)
-    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
-    (d / "known_hosts").write_text("pydesync-test-sshd " + (d / "host_key.pub").read_text())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\n"
-        f"AuthorizedKeysFile {d}/authorized_keys\n"
-        "PermitRootLogin yes\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nSubsystem sftp internal-sftp\n"
-        "PidFile none\nUseDNS no\nMaxStartups 200\nMaxSessions 100\nLogLevel INFO\n")
-    (d / "ssh_config").write_text(
-        f"Host 127.0.0.1\n    Port {port}\nHost pydesync-noport\n    HostName 127.0.0.1\nHost *\n"
-        f"    BatchMode yes\n    IdentityFile {d}/client_key\n    IdentitiesOnly yes\n"
-        f"    HostKeyAlias pydesync-test-sshd\n    UserKnownHostsFile {d}/known_hosts\n"
-        "    GlobalKnownHostsFile /dev/null\n    StrictHostKeyChecking yes\n    CheckHostIP no\n"
-        "    ConnectTimeout 10\n")
-    wrapper = d / "ssh"
-    wrapper.write_text(f'#!/bin/sh\nexec {ssh} -F {d}/ssh_config "$@"\n')
-    wrapper.chmod(0o755)
-    if os.geteuid() == 0:
-        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation directory
-    log = open(d / "sshd.log", "wb")  # noqa: SIM115 - open for the server's lifetime
-    proc = subprocess.Popen([binary, "-D", "-e", "-f", str(d / "sshd_config")], stdout=log,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 15
-        while proc.poll() is None and time.monotonic() < deadline:
-            with socket.socket() as s, contextlib.suppress(OSError):
-                s.connect(("127.0.0.1", port))
-                break
-            time.sleep(0.05)
-        else:
-            proc.kill()
-        if proc.poll() is not None:
-            need(False, f"sshd did not start: {(d / 'sshd.log').read_text(errors='replace')[-500:]}")
-        yield Sshd(port, d, str(wrapper))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        with throwaway_sshd(d) as (port, wrapper):
+            yield Sshd(port, d, wrapper)
+    except SshdFailed as e:
+        need(False, str(e))
 
 
 def _importable(module: str) -> bool:

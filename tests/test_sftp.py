@@ -12,11 +12,13 @@ import random
 import re
 import shutil
 import signal
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from conftest import Sshd, assert_clean_error, run_cli
+from sshd_util import ipv6_loopback
 
 from pydesync.digest import SHA512_256, digest_of
 from pydesync.errors import ChunkMissing, StoreError
@@ -105,6 +107,34 @@ def test_make_extract_round_trip(sshd: Sshd, tmp_path: Path):
     r = sftp_cli(sshd, "extract", "-s", url(store), tmp_path / "blob.caibx", tmp_path / "out")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out").read_bytes() == data
+
+
+def test_ipv6_host_literal(sshd: Sshd, tmp_path: Path):
+    """`sftp://[::1]:PORT/path` and `ssh://[::1]:PORT/path`: the bracketed literal reaches ssh bare
+    (the ssh:// store runs our `pull` on the far side of the real sshd)."""
+    if not ipv6_loopback():
+        pytest.skip("no IPv6 loopback on this machine")
+    data = blob(tmp_path / "blob", 7)
+    store = tmp_path / "store"
+    store.mkdir()
+    index, out = tmp_path / "b.caibx", tmp_path / "out"
+    location = f"sftp://[::1]:{sshd.port}{store}"
+    assert sftp_cli(sshd, "make", "-s", location, index, tmp_path / "blob").returncode == 0
+    r = sftp_cli(sshd, "extract", "-s", location, index, out)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == data
+    remote = f"{sys.executable} -m pydesync"
+    r = run_cli("extract", "-s", f"ssh://[::1]:{sshd.port}{store}", index, tmp_path / "out2",
+                env={**sshd.env, "CASYNC_REMOTE_PATH": remote}, timeout=CLI_TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out2").read_bytes() == data
+
+
+@pytest.mark.parametrize("scheme", ["sftp", "ssh"])
+def test_bad_port_is_a_clean_error(tmp_path: Path, scheme: str):
+    r = run_cli("extract", "-s", f"{scheme}://127.0.0.1:99999{tmp_path}", tmp_path / "x.caibx",
+                tmp_path / "o")
+    assert_clean_error(r, "port")
 
 
 def test_index_over_sftp(sshd: Sshd, tmp_path: Path):

@@ -89,7 +89,10 @@ class SshStore(Store):
         if not host or host.startswith("-"):
             raise UsageError(f"invalid ssh store location '{location}'")
         self.destination = f"{parts.username}@{host}" if parts.username else host
-        self.port = parts.port
+        try:
+            self.port = parts.port
+        except ValueError:
+            raise UsageError(f"invalid port in ssh store location '{location}'") from None
         self.path = unquote(parts.path) or "/"
         self._sessions: list[_Session] = []
         self._lock = threading.Lock()
