@@ -8,13 +8,17 @@ is a failure, never a skip.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sshd_util import SshdFailed, sshd_binaries, throwaway_sshd
@@ -154,3 +158,96 @@ def _importable(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+@dataclass
+class S3Server:
+    """moto's standalone S3 server on 127.0.0.1; `env` holds credentials it accepts and a bucket per
+    test comes from `bucket()`. With authentication on, only the IAM key made at start-up works."""
+
+    port: int
+    access_key: str
+    secret_key: str
+    log: Path
+    _count: list[int]
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"S3_ACCESS_KEY": self.access_key, "S3_SECRET_KEY": self.secret_key}
+
+    def client(self, secret: str | None = None) -> Any:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+                            aws_secret_access_key=secret or self.secret_key, region_name="us-east-1")
+
+    def bucket(self) -> str:
+        self._count[0] += 1
+        name = f"bucket-{self._count[0]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+
+def _moto(d: Path, authenticated: bool) -> Iterator[S3Server]:
+    """Run `python -m moto.server` on a free port. Authenticated: INITIAL_NO_AUTH_ACTION_COUNT=3, the
+    first three calls make an IAM user, its key and an allow-all policy, later requests must be
+    signed with that key. (moto's signature check mishandles '/' in query strings, so listings
+    with a prefix only work on the unauthenticated server.)"""
+    need(_importable("moto.server") and _importable("boto3"),
+         "moto's S3 server or boto3 not installed (pip install 'moto[server]' boto3)")
+    import json
+
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "INITIAL_NO_AUTH_ACTION_COUNT"}
+    if authenticated:
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"
+    with open(d / "moto.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        try:
+            deadline = time.monotonic() + 30
+            while proc.poll() is None and time.monotonic() < deadline:
+                with socket.socket() as s, contextlib.suppress(OSError):
+                    s.connect(("127.0.0.1", port))
+                    break
+                time.sleep(0.1)
+            if proc.poll() is not None or time.monotonic() >= deadline:
+                tail = (d / "moto.log").read_text(errors="replace")[-500:]
+                need(False, f"moto server did not start: {tail}")
+            key = {"AccessKeyId": "pydesync-test", "SecretAccessKey": "pydesync-secret"}
+            if authenticated:
+                iam = boto3.client("iam", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="setup",
+                                   aws_secret_access_key="setup", region_name="us-east-1")
+                iam.create_user(UserName="pydesync")
+                key = iam.create_access_key(UserName="pydesync")["AccessKey"]
+                allow_all = {"Effect": "Allow", "Action": "*", "Resource": "*"}
+                iam.put_user_policy(UserName="pydesync", PolicyName="all", PolicyDocument=json.dumps(
+                    {"Version": "2012-10-17", "Statement": [allow_all]}))
+            yield S3Server(port, key["AccessKeyId"], key["SecretAccessKey"], d / "moto.log", [0])
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """An S3 API server on 127.0.0.1 that accepts any credentials."""
+    yield from _moto(tmp_path_factory.mktemp("moto"), authenticated=False)
+
+
+@pytest.fixture(scope="session")
+def s3_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """An S3 API server on 127.0.0.1 that checks request signatures against its one IAM key."""
+    yield from _moto(tmp_path_factory.mktemp("moto-auth"), authenticated=True)

@@ -120,7 +120,22 @@ class Config:
             encryption_key=encryption_key_fallback(
                 encryption, _typed(raw, "encryption-key", str, location) or None),
             encryption_algorithm=_typed(raw, "encryption-algorithm", str, location) or None,
+            s3_credentials=self.s3_entry_for(location),
         )
+
+    def s3_entry_for(self, location: str) -> dict[str, Any] | None:
+        """The `s3-credentials` entry of an s3+http(s) (or gs) location: key `http(s)://host[:port]`,
+        looked up exactly as desync does."""
+        head = location.partition("://")[0].lower()
+        if head not in ("s3+http", "s3+https", "gs"):
+            return None
+        from .store.s3 import s3_credentials_key
+
+        try:
+            entry = self.s3_credentials.get(s3_credentials_key(location))
+        except UsageError:
+            return None  # the store reports the bad location when it opens
+        return dict(entry) if isinstance(entry, dict) else None
 
     def as_json(self) -> dict[str, Any]:
         return {"s3-credentials": self.s3_credentials or None,

@@ -18,7 +18,7 @@ def split_location(location: str) -> tuple[str, str]:
 
 
 def fetch_index_bytes(location: str, options: StoreOptions | None = None) -> bytes:
-    """The bytes of a remote index (HTTP(S), SFTP)."""
+    """The bytes of a remote index (HTTP(S), SFTP, S3)."""
     scheme = location_scheme(location)
     if scheme in ("http", "https"):
         from .store.http import HttpClient
@@ -32,8 +32,11 @@ def fetch_index_bytes(location: str, options: StoreOptions | None = None) -> byt
         if data is None:
             raise IndexFormatError(f"index {location} does not exist")
         return data
-    if scheme == "sftp":
-        from .store.sftp import read_index_bytes
+    if scheme in ("sftp", "s3+http", "s3+https", "gs"):
+        if scheme == "sftp":
+            from .store.sftp import read_index_bytes
+        else:
+            from .store.s3 import read_index_bytes
 
         data = read_index_bytes(location, options)
         if data is None:
@@ -58,6 +61,11 @@ def store_index_bytes(location: str, data: bytes, options: StoreOptions | None =
         from .store.sftp import write_index_bytes
 
         write_index_bytes(location, data, options)
+        return
+    if scheme in ("s3+http", "s3+https", "gs"):
+        from .store.s3 import write_index_bytes as write_s3
+
+        write_s3(location, data, options)
         return
     raise IndexFormatError(f"cannot write an index to '{location}': unsupported location")
 

@@ -89,29 +89,45 @@ def for_each_pipelined(begin: Callable[[T], Callable[[], object]], items: Sequen
     for_each(run, range(max(1, min(workers, total))), workers)
 
 
-def for_each(fn: Callable[[T], object], items: Sequence[T], workers: int) -> None:
+def for_each(fn: Callable[[T], object], items: Iterable[T], workers: int) -> None:
     """Run fn on every item using `workers` threads; the first exception stops the rest and is raised.
 
-    Threads take the next index from a shared counter (atomic under the GIL):
-    no futures or queues per item, which matters when items are many and small
-    (chunks) and the work itself releases the GIL.
+    A sequence is handed out by a shared counter (atomic under the GIL): no futures or
+    queues per item, which matters when items are many and small (chunks) and the work
+    itself releases the GIL. Any other iterable (a store listing) is drawn one item at a
+    time under a lock, so it is never held in memory whole.
     """
-    workers = max(1, min(workers, len(items)))
+    if isinstance(items, Sequence):
+        total = len(items)
+        workers = max(1, min(workers, total))
+        counter = itertools.count()
+
+        def take() -> tuple[bool, T | None]:
+            i = next(counter)
+            return (True, items[i]) if i < total else (False, None)
+    else:
+        iterator = iter(items)
+        lock = threading.Lock()
+        workers = max(1, workers)
+
+        def take() -> tuple[bool, T | None]:
+            with lock:
+                for item in iterator:
+                    return True, item
+                return False, None
     if workers == 1:
         for item in items:
             fn(item)
         return
-    counter = itertools.count()
     failures: list[BaseException] = []
-    total = len(items)
 
     def worker() -> None:
         try:
             while not failures:
-                i = next(counter)
-                if i >= total:
+                more, item = take()
+                if not more:
                     return
-                fn(items[i])
+                fn(item)  # type: ignore[arg-type]
         except BaseException as e:
             failures.append(e)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import stat
 from collections.abc import Callable, Iterable
@@ -46,7 +47,7 @@ def verify_store(store: Store, repair: bool = False, concurrency: int = DEFAULT_
             pass  # removed while we walked the store
         result.checked += 1
 
-    for_each(check, list(store.ids()), workers_for(concurrency, store.remote))
+    for_each(check, store.ids(), workers_for(concurrency, store.remote))  # streamed: flat memory
     return result
 
 
@@ -57,13 +58,17 @@ def referenced_ids(indexes: Iterable[Index]) -> set[ChunkId]:
     return ids
 
 
-def prune(store: Store, keep: set[ChunkId]) -> int:
-    """Delete every chunk in the store that is not in `keep` (and leftover temp files); returns count."""
-    removed = 0
-    for chunk_id in list(store.ids()):
-        if chunk_id not in keep:
-            store.remove(chunk_id)
-            removed += 1
+def prune(store: Store, keep: set[ChunkId], concurrency: int = DEFAULT_CONCURRENCY) -> int:
+    """Delete every chunk in the store that is not in `keep` (and leftover temp files); returns count.
+    The listing is streamed and deletions run in parallel on network stores."""
+    removed = itertools.count()
+
+    def remove(chunk_id: ChunkId) -> None:
+        store.remove(chunk_id)
+        next(removed)
+
+    unwanted = (i for i in store.ids() if i not in keep)
+    for_each(remove, unwanted, workers_for(concurrency, store.remote) if store.remote else 1)
     if isinstance(store, LocalStore):
         for temp in store.temp_files():
             with contextlib.suppress(FileNotFoundError):
@@ -71,7 +76,7 @@ def prune(store: Store, keep: set[ChunkId]) -> int:
     elif hasattr(store, "temp_files") and hasattr(store, "remove_file"):  # sftp
         for temp in list(getattr(store, "temp_files")()):  # noqa: B009
             getattr(store, "remove_file")(temp)  # noqa: B009
-    return removed
+    return next(removed)
 
 
 def copy_chunks(ids: Iterable[ChunkId], source: Store, target: Store,

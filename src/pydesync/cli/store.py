@@ -7,6 +7,7 @@ import sys
 
 from ..errors import UsageError
 from ..store.local import LocalStore
+from ..store.s3 import S3Store, upgrade_flat_layout
 from ..store.sftp import SftpStore
 from ..storeops import copy_chunks, prune, referenced_ids, verify_store
 from .common import Context, add_bool, add_concurrency, add_ignore, add_store_options, add_stores
@@ -31,13 +32,21 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     add_store_options(p)
     p.set_defaults(func=run_prune)
 
-    p = sub.add_parser("verify", parents=[parent], help="check every chunk in a local or sftp store",
+    p = sub.add_parser("verify", parents=[parent], help="check every chunk in a local, sftp or s3 store",
                        description="Read, decompress and hash every chunk in the -s store; report "
                                    "invalid ones on stderr (and delete them with -r).")
-    add_stores(p, help="local or sftp store to verify", cache=False)
+    add_stores(p, help="local, sftp or s3 store to verify", cache=False)
     add_concurrency(p)
     add_bool(p, "-r", "--repair", default=False, help="remove invalid chunks from the store")
     p.set_defaults(func=run_verify)
+
+    p = sub.add_parser("upgrade-s3", parents=[parent], help="move an s3 store's chunks to the current layout",
+                       description="Convert an S3 store from the old flat layout (<prefix><id>.cacnk) to "
+                                   "<prefix><4 hex>/<id>.cacnk: each chunk is copied, then its old key "
+                                   "deleted, so an interrupted run can simply be repeated.")
+    add_stores(p, help="s3 store to upgrade", cache=False)
+    add_store_options(p)
+    p.set_defaults(func=run_upgrade_s3)
 
 
 def run_cache(ctx: Context) -> int:
@@ -81,7 +90,20 @@ def run_prune(ctx: Context) -> int:
         keep = referenced_ids(ctx.read_index(loc) for loc in a.index)
         if not a.yes and not _confirm(len(keep), a.store[0]):
             return 0
-        prune(store, keep)
+        prune(store, keep, ctx.concurrency)
+    return 0
+
+
+def run_upgrade_s3(ctx: Context) -> int:
+    a = ctx.args
+    if len(a.store) != 1:
+        raise UsageError("upgrade-s3 needs exactly one store (-s)")
+    store = ctx.open(a.store[0])
+    with store:
+        if not isinstance(store, S3Store):
+            raise UsageError(f"upgrade-s3 needs an s3+http(s):// store, not {a.store[0]}")
+        moved = upgrade_flat_layout(store)
+    print(f"moved {moved} chunks to the <4 hex>/<id> layout", file=sys.stderr)
     return 0
 
 
@@ -91,8 +113,8 @@ def run_verify(ctx: Context) -> int:
         raise UsageError("verify needs exactly one local store (-s)")
     store = ctx.open(a.store[0])
     with store:
-        if not isinstance(store, (LocalStore, SftpStore)):
-            raise UsageError("verify only works with local and sftp stores")
+        if not isinstance(store, (LocalStore, SftpStore, S3Store)):
+            raise UsageError("verify only works with local, sftp and s3 stores")
 
         def report(chunk_id: object, message: str, removed: bool) -> None:
             print(message + (": removed" if removed else ""), file=sys.stderr)

@@ -44,6 +44,14 @@ def open_store(location: str, options: StoreOptions | None = None, create: bool 
         from .sftp import SftpStore
 
         return SftpStore(location, options)
+    if scheme in ("s3+http", "s3+https"):
+        from .s3 import S3Store
+
+        return S3Store(location, options)
+    if scheme == "gs":
+        from .s3 import S3Store, gcs_location
+
+        return S3Store(gcs_location(location), options)
     if scheme in REMOTE_SCHEMES:
         raise UsageError(f"store kind '{scheme}://' is not supported yet ({location})")
     raise UsageError(f"unsupported store location '{location}'")

@@ -36,6 +36,7 @@ class StoreOptions:
     encryption: bool = False            # AEAD layer on top of compression (see store.converters)
     encryption_key: str | None = field(default=None, repr=False)  # 64 hex chars
     encryption_algorithm: str | None = None  # xchacha20-poly1305 (default) or aes-256-gcm
+    s3_credentials: dict[str, Any] | None = field(default=None, repr=False)  # config entry for the endpoint
 
     @property
     def encryption_configured(self) -> bool:
