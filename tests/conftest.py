@@ -8,19 +8,17 @@ is a failure, never a skip.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from procutil import free_port, stop, wait_listening
 from sshd_util import SshdFailed, sshd_binaries, throwaway_sshd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -203,9 +201,7 @@ def _moto(d: Path, authenticated: bool) -> Iterator[S3Server]:
 
     import boto3
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "INITIAL_NO_AUTH_ACTION_COUNT"}
     if authenticated:
         env["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"
@@ -213,13 +209,7 @@ def _moto(d: Path, authenticated: bool) -> Iterator[S3Server]:
         proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         try:
-            deadline = time.monotonic() + 30
-            while proc.poll() is None and time.monotonic() < deadline:
-                with socket.socket() as s, contextlib.suppress(OSError):
-                    s.connect(("127.0.0.1", port))
-                    break
-                time.sleep(0.1)
-            if proc.poll() is not None or time.monotonic() >= deadline:
+            if not wait_listening(proc, port, 30):
                 tail = (d / "moto.log").read_text(errors="replace")[-500:]
                 need(False, f"moto server did not start: {tail}")
             key = {"AccessKeyId": "pydesync-test", "SecretAccessKey": "pydesync-secret"}
@@ -233,12 +223,7 @@ def _moto(d: Path, authenticated: bool) -> Iterator[S3Server]:
                     {"Version": "2012-10-17", "Statement": [allow_all]}))
             yield S3Server(port, key["AccessKeyId"], key["SecretAccessKey"], d / "moto.log", [0])
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
 
 
 @pytest.fixture(scope="session")

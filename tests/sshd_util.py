@@ -13,9 +13,10 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from procutil import free_port, stop, wait_listening
 
 
 class SshdFailed(RuntimeError):
@@ -47,9 +48,7 @@ def throwaway_sshd(d: Path) -> Iterator[tuple[int, str]]:
                        check=True, timeout=30)
     (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
     (d / "known_hosts").write_text("pydesync-test-sshd " + (d / "host_key.pub").read_text())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     (d / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\n{'ListenAddress ::1' + chr(10) if ipv6_loopback() else ''}"
         f"HostKey {d}/host_key\n"
@@ -72,21 +71,8 @@ def throwaway_sshd(d: Path) -> Iterator[tuple[int, str]]:
         proc = subprocess.Popen([binary, "-D", "-e", "-f", str(d / "sshd_config")], stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 15
-            while proc.poll() is None and time.monotonic() < deadline:
-                with socket.socket() as s, contextlib.suppress(OSError):
-                    s.connect(("127.0.0.1", port))
-                    break
-                time.sleep(0.05)
-            else:
-                proc.kill()
-            if proc.poll() is not None:
+            if not wait_listening(proc, port, 15):
                 raise SshdFailed(f"sshd did not start: {(d / 'sshd.log').read_text(errors='replace')[-500:]}")
             yield port, str(wrapper)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)

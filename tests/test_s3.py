@@ -182,24 +182,35 @@ def test_missing_bucket_and_bad_locations(s3_server: S3Server, tmp_path: Path):
         assert_clean_error(r, words)
 
 
-class _ThrottlingProxy(BaseHTTPRequestHandler):
-    """Forwards to the S3 server, but answers 503 SlowDown to every third request first."""
+class _FaultyProxy(BaseHTTPRequestHandler):
+    """Forwards to the S3 server, with faults: `slow` answers every third request with 503
+    SlowDown; `short` cuts every fourth chunk body in half and drops the connection."""
 
     protocol_version = "HTTP/1.1"
-    counter = 0
-    throttled = 0
     lock = threading.Lock()
     upstream = 0
+    mode = "slow"
+    counter = 0
+    faults = 0
+
+    def _fault(self) -> str | None:
+        with self.lock:
+            type(self).counter += 1
+            n = self.counter
+            fault = None
+            if self.mode == "slow" and n % 3 == 0:
+                fault = "slow"
+            elif self.mode == "short" and self.command == "GET" and ".cacnk" in self.path and n % 4 == 0:
+                fault = "short"
+            if fault:
+                type(self).faults += 1
+            return fault
 
     def _forward(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
-        with self.lock:
-            type(self).counter += 1
-            slow = self.counter % 3 == 0
-            if slow:
-                type(self).throttled += 1
-        if slow:
+        fault = self._fault()
+        if fault == "slow":
             text = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
             self.send_response(503)
             self.send_header("Content-Type", "application/xml")
@@ -220,8 +231,14 @@ class _ThrottlingProxy(BaseHTTPRequestHandler):
                 self.send_header(name, value)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        if self.command == "HEAD":
+            return
+        if fault == "short" and answer.status == 200:
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(data)
 
     do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _forward
 
@@ -229,26 +246,31 @@ class _ThrottlingProxy(BaseHTTPRequestHandler):
         pass
 
 
-def test_throttling_is_retried(s3_server: S3Server, tmp_path: Path):
-    """Through a proxy that answers every third request with 503 SlowDown: make and extract
-    still complete (retried with backoff), and the output is exact."""
+@pytest.mark.parametrize("mode", ["slow", "short"])
+def test_throttling_and_short_reads_are_retried(s3_server: S3Server, tmp_path: Path, mode: str):
+    """Through a proxy that throttles (503 SlowDown on every third request) or cuts chunk bodies
+    short: make and extract still complete, and the output is exact."""
     bucket = s3_server.bucket()
     data = blob(tmp_path / "blob", 9)
-    handler = type("Proxy", (_ThrottlingProxy,), {"upstream": s3_server.port, "counter": 0, "throttled": 0})
+    store = f"s3+{s3_server.endpoint}/{bucket}"
+    if mode == "short":  # the faults are in reading: fill the store directly
+        assert s3_cli(s3_server, "make", "-s", store, tmp_path / "i.caibx", tmp_path / "blob").returncode == 0
+    handler = type("Proxy", (_FaultyProxy,), {"upstream": s3_server.port, "mode": mode})
     proxy = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=proxy.serve_forever, daemon=True)
     thread.start()
     try:
-        store = f"s3+http://127.0.0.1:{proxy.server_address[1]}/{bucket}"
-        r = s3_cli(s3_server, "make", "-s", store, tmp_path / "i.caibx", tmp_path / "blob")
-        assert r.returncode == 0, r.stderr
-        r = s3_cli(s3_server, "extract", "-s", store, tmp_path / "i.caibx", tmp_path / "o")
+        via = f"s3+http://127.0.0.1:{proxy.server_address[1]}/{bucket}"
+        if mode == "slow":
+            r = s3_cli(s3_server, "make", "-s", via, tmp_path / "i.caibx", tmp_path / "blob")
+            assert r.returncode == 0, r.stderr
+        r = s3_cli(s3_server, "extract", "-s", via, tmp_path / "i.caibx", tmp_path / "o")
         assert r.returncode == 0, r.stderr
     finally:
         proxy.shutdown()
         proxy.server_close()
     assert (tmp_path / "o").read_bytes() == data
-    assert handler.throttled > 10
+    assert handler.faults >= 2
 
 
 def test_anonymous_reads_of_a_public_bucket(s3_server: S3Server, tmp_path: Path):

@@ -212,7 +212,7 @@ def extract(index: Index, output: str, store: Store, concurrency: int = DEFAULT_
         if store.remote and target.blank and getattr(store, "streams", False):
             stream()
         else:
-            threads, depth = pipeline_shape(concurrency, store.remote)
+            threads, depth = pipeline_shape(concurrency, store.remote, store.pipelined)
             for_each_pipelined(begin, list(positions), threads, depth)
     except BaseException:
         target.abort()

@@ -25,16 +25,18 @@ def workers_for(concurrency: int, remote: bool) -> int:
     return max(1, concurrency if remote else min(concurrency, os.cpu_count() or 1))
 
 
-def pipeline_shape(concurrency: int, remote: bool) -> tuple[int, int]:
-    """(threads, depth) for for_each_pipelined: one thread per core at most, each keeping enough
-    requests in flight that -n are outstanding in all (depth 1 for local stores).
+def pipeline_shape(concurrency: int, remote: bool, pipelined: bool) -> tuple[int, int]:
+    """(threads, depth) for for_each_pipelined. A store that sends requests ahead (`pipelined`):
+    one thread per core at most, each keeping enough requests in flight that -n are outstanding
+    in all. Other network stores: -n threads, one request each. Local stores: one per core.
 
     Why: -n threads on few cores spend their time handing the GIL and the CPUs to each other;
     a thread per core that starts the next requests before decoding the current chunk keeps
     the network as busy with far fewer wake-ups."""
+    if not (remote and pipelined):
+        return workers_for(concurrency, remote), 1
     threads = max(1, min(concurrency, os.cpu_count() or 1))
-    depth = -(-max(1, concurrency) // threads) if remote else 1
-    return threads, depth
+    return threads, -(-max(1, concurrency) // threads)
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int,

@@ -174,13 +174,14 @@ class ArchiveDecoder:
         self._view, self._pos = memoryview(self._buf), 0
         return have >= n
 
-    def _read(self, n: int) -> bytes:
+    def _read(self, n: int, view: bool = False) -> bytes:
+        """The next n bytes; with view, a memoryview into the read-ahead buffer (no copy)."""
         if len(self._buf) - self._pos < n and not self._fill(n):
             raise self.error(f"truncated (wanted {n} bytes, got {len(self._buf) - self._pos})")
-        data = self._buf[self._pos:self._pos + n]
+        data = (self._view if view else self._buf)[self._pos:self._pos + n]
         self._pos += n
         self.offset += n
-        return data
+        return data  # type: ignore[return-value]
 
     def _read_some(self, n: int) -> bytes:
         """Up to n bytes (at least one): what is buffered first, then straight from the stream."""
@@ -230,12 +231,7 @@ class ArchiveDecoder:
     def _read_payload(self) -> bytes | memoryview:
         """The rest of the payload; a view into the read-ahead buffer when it is all there."""
         n, self._payload_left = self._payload_left, 0
-        if len(self._buf) - self._pos < n and not self._fill(n):
-            raise self.error(f"truncated (wanted {n} bytes, got {len(self._buf) - self._pos})")
-        data = self._view[self._pos:self._pos + n]
-        self._pos += n
-        self.offset += n
-        return data
+        return self._read(n, view=True)
 
     def _payload(self, node: Node, block: int) -> Iterator[bytes]:
         while self._payload_left:

@@ -104,6 +104,8 @@ class Store(ABC):
     def get(self, chunk_id: ChunkId, digest: str | None = None) -> bytes:
         """Chunk data; ChunkMissing if absent, ChunkInvalid if it fails to decode or verify."""
 
+    pipelined = False  # begin_get really sends ahead (else callers want threads for concurrency)
+
     def begin_get(self, chunk_id: ChunkId, digest: str | None = None) -> Callable[[], bytes]:
         """Start fetching a chunk; the returned call finishes it (same result and errors as get).
 

@@ -181,6 +181,7 @@ class HttpStore(Store):
         self.converters = converters_for(self.options)  # validates the encryption settings first
         base = location.split("?", 1)[0].split(";", 1)[0]
         self.client = HttpClient(base, self.options)
+        self.pipelined = self.client.fast is not None  # (a proxy goes through urllib3, one at a time)
         self._suffix = self.converters.extension
 
     def _name(self, chunk_id: ChunkId) -> str:

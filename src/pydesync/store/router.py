@@ -31,6 +31,10 @@ class StoreRouter(Store):
                 tried.extend(e.stores or [store.location])
         raise ChunkMissing(chunk_id, tried)
 
+    @property
+    def pipelined(self) -> bool:  # type: ignore[override]
+        return len(self.stores) == 1 and self.stores[0].pipelined
+
     def begin_get(self, chunk_id: ChunkId, digest: str | None = None) -> Callable[[], bytes]:
         if len(self.stores) == 1:  # the common `-s URL`: keep the store's own pipelining
             return self.stores[0].begin_get(chunk_id, digest)
