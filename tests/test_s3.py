@@ -291,3 +291,21 @@ def test_anonymous_reads_of_a_public_bucket(s3_server: S3Server, tmp_path: Path)
     r = s3_cli(s3_server, "extract", "-s", store, tmp_path / "i.caibx", tmp_path / "o", env=none, home=home)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "o").read_bytes() == data
+
+
+def test_location_parsing_addressing_and_regions():
+    from pydesync.store.s3 import S3Location, gcs_location, region_of_host, s3_credentials_key
+
+    where = S3Location("s3+https://s3.eu-west-1.amazonaws.com/bucket/a/b")
+    assert (where.endpoint, where.bucket, where.prefix, where.addressing) == (
+        "https://s3.eu-west-1.amazonaws.com", "bucket", "a/b/", "virtual")
+    assert S3Location("s3+http://minio.lan:9000/b").addressing == "path"
+    assert S3Location("s3+http://minio.lan:9000/b?lookup=dns").addressing == "virtual"
+    assert S3Location("s3+https://x.amazonaws.com/b?lookup=path").addressing == "path"
+    assert S3Location("s3+https://r2.example/b?region=auto").region == "auto"
+    assert region_of_host("s3.eu-west-1.amazonaws.com") == "eu-west-1"
+    assert region_of_host("s3-us-west-2.amazonaws.com") == "us-west-2"
+    assert region_of_host("s3.amazonaws.com") is None and region_of_host("minio.lan") is None
+    assert gcs_location("gs://bkt/some/prefix") == "s3+https://storage.googleapis.com/bkt/some/prefix?lookup=path"
+    assert s3_credentials_key("s3+http://127.0.0.1:9000/b/p") == "http://127.0.0.1:9000"
+    assert s3_credentials_key("gs://bkt/p") == "https://storage.googleapis.com"

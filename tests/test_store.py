@@ -207,8 +207,6 @@ def test_open_store_locations(tmp_path: Path):
     assert isinstance(open_store(str(tmp_path)), LocalStore)
     group = open_store(f"{tmp_path}|{tmp_path}")
     assert isinstance(group, FailoverGroup) and len(group.members) == 2
-    with pytest.raises(UsageError, match="not supported yet"):
-        open_store("oci+https://registry/repo")
     with pytest.raises(UsageError, match="unsupported store location"):
         open_store("ftp+x://host/x")
     chain = open_chain([str(tmp_path), str(tmp_path)], cache=str(tmp_path / "c"))

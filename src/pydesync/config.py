@@ -121,7 +121,19 @@ class Config:
                 encryption, _typed(raw, "encryption-key", str, location) or None),
             encryption_algorithm=_typed(raw, "encryption-algorithm", str, location) or None,
             s3_credentials=self.s3_entry_for(location),
+            oci_credentials=self.oci_entry_for(location),
         )
+
+    def oci_entry_for(self, location: str) -> dict[str, Any] | None:
+        """The `oci-credentials` entry of an oci+http(s) location, matched like store-options."""
+        if not location.lower().startswith(("oci+http://", "oci+https://")):
+            return None
+        matches = [k for k in self.oci_credentials if location_matches(k, location)]
+        if len(matches) > 1:
+            raise UsageError(f"multiple oci-credentials entries match the location {location}: "
+                             + ", ".join(matches))
+        entry = self.oci_credentials[matches[0]] if matches else None
+        return dict(entry) if isinstance(entry, dict) else None
 
     def s3_entry_for(self, location: str) -> dict[str, Any] | None:
         """The `s3-credentials` entry of an s3+http(s) (or gs) location: key `http(s)://host[:port]`,

@@ -52,8 +52,10 @@ def open_store(location: str, options: StoreOptions | None = None, create: bool 
         from .s3 import S3Store, gcs_location
 
         return S3Store(gcs_location(location), options)
-    if scheme in REMOTE_SCHEMES:
-        raise UsageError(f"store kind '{scheme}://' is not supported yet ({location})")
+    if scheme in ("oci+http", "oci+https"):
+        from .oci import OciStore
+
+        return OciStore(location, options)
     raise UsageError(f"unsupported store location '{location}'")
 
 

@@ -37,6 +37,7 @@ class StoreOptions:
     encryption_key: str | None = field(default=None, repr=False)  # 64 hex chars
     encryption_algorithm: str | None = None  # xchacha20-poly1305 (default) or aes-256-gcm
     s3_credentials: dict[str, Any] | None = field(default=None, repr=False)  # config entry for the endpoint
+    oci_credentials: dict[str, Any] | None = field(default=None, repr=False)  # config entry for the repo
 
     @property
     def encryption_configured(self) -> bool:

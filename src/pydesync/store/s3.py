@@ -147,6 +147,15 @@ def _from_credentials_file(path: str, profile: str) -> dict[str, str]:
     return found
 
 
+_AWS_REGION = re.compile(r"(?:^|\.)s3[.-](?:dualstack\.)?([a-z]{2}(?:-[a-z]+)+-\d+)\.amazonaws\.com$")
+
+
+def region_of_host(host: str) -> str | None:
+    """The AWS region an endpoint names (`s3.eu-west-1.amazonaws.com`, `s3-us-west-2...`), if any."""
+    match = _AWS_REGION.search(host)
+    return match.group(1) if match else None
+
+
 def make_client(where: S3Location, options: StoreOptions) -> Any:
     """A boto3 S3 client for the location: credentials, region, addressing, TLS, pool, retries."""
     boto3, config_mod, _ = _boto()
@@ -154,7 +163,8 @@ def make_client(where: S3Location, options: StoreOptions) -> Any:
 
     credentials = _credentials(options)
     entry = options.s3_credentials or {}
-    region = where.region or os.environ.get("S3_REGION") or entry.get("aws-region") or "us-east-1"
+    region = where.region or os.environ.get("S3_REGION") or entry.get("aws-region") \
+        or region_of_host(where.host) or "us-east-1"
     session = boto3.session.Session(**credentials)
     anonymous = not credentials and session.get_credentials() is None
     timeout = options.timeout if options.timeout and options.timeout != float("inf") else None
