@@ -135,22 +135,62 @@ def test_upgrade_s3_moves_the_flat_layout(s3_server: S3Server, tmp_path: Path):
     assert "moved 0 chunks" in s3_cli(s3_server, "upgrade-s3", "-s", store).stderr
 
 
-def test_credentials_from_the_config_file(s3_auth_server: S3Server, tmp_path: Path):
-    """No environment credentials: the config's s3-credentials entry for http://127.0.0.1:PORT."""
+@pytest.mark.parametrize("source", ["config keys", "config credentials file", "aws profile"])
+def test_credentials_without_s3_variables(s3_auth_server: S3Server, tmp_path: Path, source: str):
+    """No S3_* variables: the config's s3-credentials entry for http://127.0.0.1:PORT (keys, or an
+    aws-credentials-file with a profile), or the AWS chain (AWS_SHARED_CREDENTIALS_FILE + AWS_PROFILE)."""
     s3_server = s3_auth_server
     bucket = s3_server.bucket()
     data = blob(tmp_path / "blob", 6)
     home = tmp_path / "home"
     (home / ".config" / "pydesync").mkdir(parents=True)
-    config = {"s3-credentials": {s3_server.endpoint: {"access-key": s3_server.access_key,
-                                                      "secret-key": s3_server.secret_key}}}
-    (home / ".config" / "pydesync" / "config.json").write_text(json.dumps(config))
-    no_env = {"S3_ACCESS_KEY": "", "S3_SECRET_KEY": ""}
+    credentials = tmp_path / "aws-credentials"
+    credentials.write_text(f"[default]\naws_access_key_id = wrong\naws_secret_access_key = wrong\n"
+                           f"[ci]\naws_access_key_id = {s3_server.access_key}\n"
+                           f"aws_secret_access_key = {s3_server.secret_key}\n")
+    env = {"S3_ACCESS_KEY": "", "S3_SECRET_KEY": "", "AWS_CONFIG_FILE": str(tmp_path / "none"),
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    entry: dict[str, str] = {}
+    if source == "config keys":
+        entry = {"access-key": s3_server.access_key, "secret-key": s3_server.secret_key}
+    elif source == "config credentials file":
+        entry = {"aws-credentials-file": str(credentials), "aws-profile": "ci"}
+    else:
+        env |= {"AWS_SHARED_CREDENTIALS_FILE": str(credentials), "AWS_PROFILE": "ci"}
+    if entry:
+        config = {"s3-credentials": {s3_server.endpoint: entry}}
+        (home / ".config" / "pydesync" / "config.json").write_text(json.dumps(config))
     store = f"s3+{s3_server.endpoint}/{bucket}"
-    r = s3_cli(s3_server, "make", "-s", store, tmp_path / "i.caibx", tmp_path / "blob", env=no_env, home=home)
+    r = s3_cli(s3_server, "make", "-s", store, tmp_path / "i.caibx", tmp_path / "blob", env=env, home=home)
     assert r.returncode == 0, r.stderr
-    r = s3_cli(s3_server, "extract", "-s", store, tmp_path / "i.caibx", tmp_path / "o", env=no_env, home=home)
+    r = s3_cli(s3_server, "extract", "-s", store, tmp_path / "i.caibx", tmp_path / "o", env=env, home=home)
     assert r.returncode == 0 and (tmp_path / "o").read_bytes() == data
+
+
+def test_tar_index_and_chop_into_s3(s3_server: S3Server, tmp_path: Path):
+    """tar -i writes a tree's chunks and its .caidx to a bucket, untar -i restores it; chop stores
+    the chunks of a file an index describes."""
+    bucket = s3_server.bucket()
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    blob(tree / "sub" / "f", 12, 300_000)
+    (tree / "small").write_text("hello\n")
+    store = f"s3+{s3_server.endpoint}/{bucket}/trees"
+    index = f"s3+{s3_server.endpoint}/{bucket}/idx/tree.caidx"
+    r = s3_cli(s3_server, "tar", "-i", "-s", store, index, tree)
+    assert r.returncode == 0, r.stderr
+    r = s3_cli(s3_server, "untar", "-i", "-s", store, index, tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "sub" / "f").read_bytes() == (tree / "sub" / "f").read_bytes()
+    assert (tmp_path / "out" / "small").read_text() == "hello\n"
+
+    blob(tmp_path / "file", 13)
+    assert run_cli("make", tmp_path / "file.caibx", tmp_path / "file").returncode == 0
+    chopped = f"s3+{s3_server.endpoint}/{bucket}/chopped"
+    r = s3_cli(s3_server, "chop", "-s", chopped, tmp_path / "file.caibx", tmp_path / "file")
+    assert r.returncode == 0, r.stderr
+    r = s3_cli(s3_server, "extract", "-s", chopped, tmp_path / "file.caibx", tmp_path / "file.out")
+    assert r.returncode == 0 and (tmp_path / "file.out").read_bytes() == (tmp_path / "file").read_bytes()
 
 
 # (anonymous requests are not tested: moto's authenticating server answers unsigned ones with a 500)
