@@ -1,5 +1,22 @@
-"""`python -m pydesync` runs the command line."""
+"""`python -m pydesync` runs the command line.
 
-from .cli import entry
+Ctrl-C or SIGTERM while the modules are still loading ends with one line, not a traceback
+(nothing has been written yet); `cli.main` handles them from then on.
+"""
+
+import signal
+import sys
+
+
+def _early_stop(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+signal.signal(signal.SIGTERM, _early_stop)
+try:
+    from .cli import entry
+except KeyboardInterrupt:
+    sys.stderr.write("Error: interrupted\n")
+    sys.exit(130)
 
 entry()

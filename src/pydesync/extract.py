@@ -11,17 +11,37 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
+import functools
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .digest import ChunkId, digest_of
-from .errors import ChunkInvalid, ChunkMissing, PydesyncError
+from .errors import ChunkInvalid, ChunkMissing, PydesyncError, UsageError
 from .fsutil import temp_name_for
 from .index import Index, IndexChunk
-from .parallel import DEFAULT_CONCURRENCY, for_each_pipelined, ordered_map, pipeline_shape, workers_for
+from .parallel import (
+    DEFAULT_CONCURRENCY,
+    for_each,
+    for_each_pipelined,
+    ordered_map,
+    pipeline_shape,
+    workers_for,
+)
+from .seed import (
+    INVALID_FAIL,
+    INVALID_SKIP,
+    Seed,
+    SeedInvalid,
+    Segment,
+    clone_range,
+    clone_unsupported,
+    first_mismatch,
+    plan,
+    read_range,
+)
 from .store.base import Store
 
 
@@ -92,6 +112,7 @@ class _Target:
             raise PydesyncError(f"cannot write {output}: {e.strerror}") from None
         size = os.lseek(self.fd, 0, os.SEEK_END)
         self.blank = not self.in_place or size == 0
+        self.blocksize = os.fstat(self.fd).st_blksize or 4096
         if not self.block_device:
             os.ftruncate(self.fd, length)
         elif size < length:
@@ -154,35 +175,73 @@ class _Target:
 
 
 def extract(index: Index, output: str, store: Store, concurrency: int = DEFAULT_CONCURRENCY,
-            in_place: bool = False) -> ExtractStats:
-    """Write the blob `index` describes to `output`, fetching chunks from `store`.
+            in_place: bool = False, seeds: Sequence[Seed] = (), invalid_seeds: str = INVALID_FAIL,
+            progress: Callable[[int], None] | None = None) -> ExtractStats:
+    """Write the blob `index` describes to `output`, from seeds where they hold its chunks and from
+    `store` for the rest.
 
     Without in_place the target is replaced atomically (a failure leaves the old
     file untouched); with it, chunks already correct in the target are kept.
+    `invalid_seeds` says what a seed that does not match its index costs: an error
+    (`fail`), the seed (`skip`), or a re-chunking of it (`regenerate`); see seed.py.
+    `progress(n)` is called as chunks are done.
     """
-    stats = ExtractStats(bytes_total=index.length, chunks_total=len(index))
+    stats = ExtractStats(bytes_total=index.length, chunks_total=len(index), seeds=1 + len(seeds))
     target = _Target(output, index.length, in_place)
-    positions: dict[ChunkId, list[IndexChunk]] = {}
-    for chunk in index:
-        positions.setdefault(chunk.id, []).append(chunk)
     null_id = null_chunk_id(index.sizes.max, index.digest)
     digest = index.digest
     try:
         target.preallocate(index.chunks, null_id)
+        stats.blocksize = target.blocksize
+        usable = _open_seeds(seeds, output)
+        nulls = [i for i, c in enumerate(index.chunks) if c.id == null_id and c.size == index.sizes.max]
+        _write_zeros(target, [index.chunks[i] for i in nulls], stats, digest)
+        if progress and nulls:
+            progress(len(nulls))
+        if usable:
+            copier = _SeedCopier(index, target, usable, invalid_seeds, stats, concurrency, progress, nulls)
+            fetch = copier.run()
+        else:
+            null_set = set(nulls)
+            fetch = [i for i in range(len(index.chunks)) if i not in null_set]
+        _fetch(index, fetch, target, store, stats, concurrency, progress)
     except BaseException:
         target.abort()
         raise
+    finally:
+        for seed in seeds:
+            seed.close()
+    target.commit()
+    return stats
+
+
+def _open_seeds(seeds: Sequence[Seed], output: str) -> list[Seed]:
+    """Open each seed's blob (one that is the output itself is refused)."""
+    for seed in seeds:
+        with contextlib.suppress(OSError):
+            if os.path.samefile(seed.blob, output):
+                raise UsageError(f"seed {seed.blob} is the output file itself")
+        seed.open()
+    return list(seeds)
+
+
+def _fetch(index: Index, wanted: list[int], target: _Target, store: Store, stats: ExtractStats,
+           concurrency: int, progress: Callable[[int], None] | None) -> None:
+    """Chunks at the `wanted` positions from the stores: each distinct one fetched once (ssh streams
+    them all at once), written wherever it occurs, or kept where an in-place target has it."""
+    positions: dict[ChunkId, list[IndexChunk]] = {}
+    for i in wanted:
+        chunk = index.chunks[i]
+        positions.setdefault(chunk.id, []).append(chunk)
+    digest = index.digest
 
     def begin(chunk_id: ChunkId) -> Callable[[], None]:
         """Decide what a chunk needs and start fetching it; the call returned writes it."""
         todo = positions[chunk_id]
-        if chunk_id == null_id and todo[0].size == index.sizes.max:
-            _write_zeros(target, todo, stats, digest)
-            return _nothing
         need = [c for c in todo if not target.holds(c, digest)]
         stats.add("chunks_in_place", len(todo) - len(need))
         if not need:
-            return _nothing
+            return functools.partial(_report, progress, len(todo))
         fetch = store.begin_get(chunk_id, digest)
 
         def finish() -> None:
@@ -191,15 +250,11 @@ def extract(index: Index, output: str, store: Store, concurrency: int = DEFAULT_
             for c in need:
                 target.write(data, c.start)
             stats.add("chunks_from_store", len(need))
+            _report(progress, len(todo))
         return finish
 
-    def stream() -> None:
-        """Remote stores that can stream (ssh): ask for everything at once, write as chunks arrive."""
-        nulls = {i for i in positions if i == null_id and positions[i][0].size == index.sizes.max}
-        for i in nulls:
-            begin(i)()
-        wanted = [i for i in positions if i not in nulls]
-        for chunk_id, data in store.fetch_many(wanted, digest):  # type: ignore[attr-defined]
+    if store.remote and target.blank and getattr(store, "streams", False):
+        for chunk_id, data in store.fetch_many(list(positions), digest):  # type: ignore[attr-defined]
             if data is None:
                 raise ChunkMissing(chunk_id, [store.location])
             todo = positions[chunk_id]
@@ -207,22 +262,145 @@ def extract(index: Index, output: str, store: Store, concurrency: int = DEFAULT_
             for c in todo:
                 target.write(data, c.start)
             stats.add("chunks_from_store", len(todo))
+            _report(progress, len(todo))
+        return
+    threads, depth = pipeline_shape(concurrency, store.remote, store.pipelined)
+    for_each_pipelined(begin, list(positions), threads, depth)
 
-    try:
-        if store.remote and target.blank and getattr(store, "streams", False):
-            stream()
+
+def _ranges(positions: list[int]) -> Iterator[tuple[int, int]]:
+    """Sorted positions as [start, end) ranges of consecutive ones."""
+    start = prev = None
+    for p in positions:
+        if start is None:
+            start = prev = p
+        elif p == prev + 1:  # type: ignore[operator]
+            prev = p
         else:
-            threads, depth = pipeline_shape(concurrency, store.remote, store.pipelined)
-            for_each_pipelined(begin, list(positions), threads, depth)
-    except BaseException:
-        target.abort()
-        raise
-    target.commit()
-    return stats
+            yield start, prev + 1  # type: ignore[operator]
+            start = prev = p
+    if start is not None:
+        yield start, prev + 1  # type: ignore[operator]
 
 
-def _nothing() -> None:
-    pass
+def _report(progress: Callable[[int], None] | None, n: int) -> None:
+    if progress is not None:
+        progress(n)
+
+
+class _SeedCopier:
+    """Runs the seed part of a plan (see seed.py): copies or clones runs of chunks from seeds,
+    each chunk checked against its id; returns the target positions left for the stores."""
+
+    def __init__(self, index: Index, target: _Target, seeds: list[Seed], invalid_seeds: str,
+                 stats: ExtractStats, concurrency: int, progress: Callable[[int], None] | None,
+                 nulls: list[int]):
+        self.index = index
+        self.chunks = index.chunks
+        self.target = target
+        self.seeds = seeds
+        self.mode = invalid_seeds
+        self.stats = stats
+        self.concurrency = concurrency
+        self.progress = progress
+        self.nulls = set(nulls)
+        self.leftover: list[int] = []
+        self._lock = threading.Lock()
+        self.clone_ok = True  # until the filesystem says otherwise
+
+    def run(self) -> list[int]:
+        """Copy what the seeds hold; returns the positions left for the stores. A seed re-chunked on
+        the way may now hold positions planned for the stores: those are planned again."""
+        todo = [i for i in range(len(self.chunks)) if i not in self.nulls]
+        while True:
+            generations = [s.generation for s in self.seeds]
+            self.leftover = []
+            segments = [seg for a, b in _ranges(todo) for seg in plan(self.chunks, self._usable(), self.nulls,
+                                                                       a, b)]
+            self.leftover = [s.p for s in segments if s.seed is None]
+            for_each(self._segment, [s for s in segments if s.seed is not None],
+                     workers_for(self.concurrency, False))
+            todo = sorted(self.leftover)
+            if not todo or generations == [s.generation for s in self.seeds]:
+                return todo
+
+    def _usable(self) -> list[Seed]:
+        return [s for s in self.seeds if not s.invalid]
+
+    def _replan(self, start: int, end: int) -> None:
+        for seg in plan(self.chunks, self._usable(), skip=self.nulls, start=start, end=end):
+            if seg.seed is None:
+                with self._lock:
+                    self.leftover.append(seg.p)
+            else:
+                self._segment(seg)
+
+    def _segment(self, seg: Segment) -> None:
+        seed = seg.seed
+        assert seed is not None
+        if seed.invalid or seg.generation != seed.generation:  # planned before the seed changed
+            self._replan(seg.p, seg.p + seg.n)
+            return
+        chunks = self.chunks[seg.p:seg.p + seg.n]
+        src = seed.index.chunks[seg.q].start
+        dst = chunks[0].start
+        length = chunks[-1].end - dst
+        cloned = self._clone(seed, src, length, dst) if self.clone_ok else 0
+        if cloned:
+            data = read_range(self.target.fd, dst, length)  # check what the clone put there
+            bad = first_mismatch(data, chunks, self.index.digest)
+            if bad is None:
+                self._count(seg.n, length - cloned, cloned)
+                return
+        else:
+            data = read_range(seed.fd, src, length)  # (short at the seed's end: a mismatch)
+            bad = first_mismatch(data, chunks, self.index.digest)
+            good = length if bad is None else chunks[bad].start - dst
+            if good:
+                self.target.write(data[:good], dst)
+            if bad is None:
+                self._count(seg.n, length, 0)
+                return
+            self._count(bad, good, 0)
+        self._invalid(seed, seg, bad, chunks, src)
+        self._replan(seg.p + bad, seg.p + seg.n)
+
+    def _invalid(self, seed: Seed, seg: Segment, bad: int, chunks: list[IndexChunk], src: int) -> None:
+        """A chunk of a seed did not match: fail, drop the seed, or re-chunk it (once per change)."""
+        offset = src + chunks[bad].start - chunks[0].start
+        if self.mode == INVALID_FAIL:
+            raise SeedInvalid(f"seed index for {seed.blob} doesn't match its data: chunk {chunks[bad].id} "
+                              f"at offset {offset}")
+        if self.mode == INVALID_SKIP or seg.generation > 0:
+            seed.invalid = True  # skipping, or still wrong after re-chunking: the seed changes under us
+            return
+        seed.regenerate(seg.generation, self.concurrency)  # (a no-op if another worker just did)
+
+    def _clone(self, seed: Seed, src: int, length: int, dst: int) -> int:
+        try:
+            cloned = clone_range(seed.fd, src, length, self.target.fd, dst, self.target.blocksize)
+        except OSError as e:
+            if not clone_unsupported(e):
+                raise PydesyncError(f"cannot clone from seed {seed.blob}: {e.strerror}") from None
+            self.clone_ok = False
+            return 0
+        if not cloned:
+            return 0
+        head = -src % self.target.blocksize
+        tail_start = head + cloned
+        if head:  # the unaligned edges are copied
+            self.target.write(read_range(seed.fd, src, head), dst)
+        if tail_start < length:
+            self.target.write(read_range(seed.fd, src + tail_start, length - tail_start), dst + tail_start)
+        return cloned
+
+    def _count(self, chunks: int, copied: int, cloned: int) -> None:
+        stats = self.stats
+        with stats._lock:
+            stats.chunks_from_seeds += chunks
+            stats.bytes_copied_from_seeds += copied
+            stats.bytes_cloned_from_seeds += cloned
+        _report(self.progress, chunks)
 
 
 def _write_zeros(target: _Target, chunks: list[IndexChunk], stats: ExtractStats, digest: str) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from ..errors import PydesyncError
@@ -50,21 +52,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, unwound like Ctrl-C: temporary outputs are removed, the old target stays."""
+
+
+def _terminated(_signum: int, _frame: object) -> None:
+    raise Terminated()
+
+
+def terminate_like_interrupt() -> None:
+    """Make SIGTERM stop a command the way SIGINT does (cleanly), not kill it where it stands."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
+    terminate_like_interrupt()
     try:
         ctx = Context.from_args(args)
         return args.func(ctx)
     except PydesyncError as e:
         sys.stderr.write(f"Error: {e}\n")
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         sys.stderr.write("Error: interrupted\n")
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     except BrokenPipeError:
         # The reader went away (e.g. `| head`); silence the flush at exit too.
         devnull = os.open(os.devnull, os.O_WRONLY)

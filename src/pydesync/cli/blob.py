@@ -13,6 +13,7 @@ from ..digest import check_digest, digest_of
 from ..errors import UsageError
 from ..extract import BlobReader, ExtractStats, extract
 from ..make import chunk_stream, open_input
+from ..seed import INVALID_FAIL, INVALID_REGENERATE, INVALID_SKIP, Seed
 from ..storeops import chop, verify_index
 from ..streams import IterReader
 from .common import Context, add_ignore, add_store_options, add_stores
@@ -42,8 +43,10 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument("index")
     p.add_argument("output")
     add_stores(p)
-    p.add_argument("--seed", action="append", default=[], help="seed index (not yet supported)")
-    p.add_argument("--seed-dir", action="append", default=[], help="seed directory (not yet supported)")
+    p.add_argument("--seed", action="append", default=[],
+                   help="seed: INDEX.caibx (its blob beside it, without the suffix) or INDEX:BLOB")
+    p.add_argument("--seed-dir", action="append", default=[],
+                   help="use every blob with its .caibx index under this directory as a seed")
     p.add_argument("--skip-invalid-seeds", action="store_true", help="skip seeds that don't match their data")
     p.add_argument("--regenerate-invalid-seeds", action="store_true", help="re-chunk invalid seeds")
     p.add_argument("-k", "--in-place", action="store_true",
@@ -117,20 +120,52 @@ def run_extract(ctx: Context) -> int:
     a = ctx.args
     if a.skip_invalid_seeds and a.regenerate_invalid_seeds:
         raise UsageError("--skip-invalid-seeds and --regenerate-invalid-seeds are mutually exclusive")
-    if a.seed or a.seed_dir:
-        raise UsageError("seeds are not supported yet")
     if a.index != "-" and os.path.abspath(a.index) == os.path.abspath(a.output):
         raise UsageError("input and output filenames match")
     index = ctx.read_index(a.index)
+    seeds = _seeds(ctx, a.seed, a.seed_dir, a.index)
     store = ctx.source()
     assert store is not None
     if a.index.endswith(".caidx") and a.output != "-" and not a.output.endswith(".catar"):
         return _extract_tree(ctx, index, store)
+    mode = INVALID_SKIP if a.skip_invalid_seeds else INVALID_REGENERATE if a.regenerate_invalid_seeds \
+        else INVALID_FAIL
     with store:
-        stats = extract(index, a.output, store, concurrency=ctx.concurrency, in_place=a.in_place)
+        stats = extract(index, a.output, store, concurrency=ctx.concurrency, in_place=a.in_place, seeds=seeds,
+                        invalid_seeds=mode)
     if a.print_stats:
         print(json.dumps(stats.as_json(), indent=2))
     return 0
+
+
+def _seeds(ctx: Context, specs: list[str], folders: list[str], target_index: str) -> list[Seed]:
+    """--seed INDEX.caibx (blob beside it) or INDEX:BLOB[:options], then every INDEX.caibx with its
+    blob under each --seed-dir (not the index being extracted)."""
+    seeds = []
+    for spec in specs:
+        if spec.endswith(".caibx"):
+            index_name, blob = spec, spec[: -len(".caibx")]
+        else:
+            index_name, sep, rest = spec.partition(":")
+            if not sep or not rest:
+                raise UsageError(f"invalid seed '{spec}': expected INDEX.caibx or INDEX:BLOB")
+            blob = rest.split(":", 1)[0]
+        if not os.path.exists(blob):
+            raise UsageError(f"seed data {blob} for {index_name} does not exist (use --seed INDEX:BLOB)")
+        seeds.append(Seed(index_name, blob, ctx.read_index(index_name)))
+    own = os.path.abspath(target_index)
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise UsageError(f"--seed-dir {folder} is not a directory")
+        for root, _dirs, files in sorted(os.walk(folder)):
+            for name in sorted(files):
+                path = os.path.join(root, name)
+                if not name.endswith(".caibx") or os.path.abspath(path) == own:
+                    continue
+                blob = path[: -len(".caibx")]
+                if os.path.isfile(blob) or (os.path.exists(blob) and os.path.isfile(os.path.realpath(blob))):
+                    seeds.append(Seed(path, blob, ctx.read_index(path)))
+    return seeds
 
 
 def _extract_tree(ctx: Context, index, store) -> int:  # type: ignore[no-untyped-def]
