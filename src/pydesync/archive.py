@@ -6,7 +6,7 @@ Data flows one way: tree -> encoder -> (file | chunker -> hasher -> compressor -
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import BinaryIO
 
 from .catar.encoder import TreeEncoder
@@ -26,14 +26,17 @@ def _check_source(source: str) -> None:
         raise PydesyncError(f"{source} is not a directory")
 
 
-def tar_to_file(source: str, output: str, flags: int) -> int:
-    """Write the catar of `source` to `output` (atomically; `-` = stdout); returns its size."""
+def tar_to_file(source: str, output: str, flags: int, progress: Callable[[int], None] | None = None) -> int:
+    """Write the catar of `source` to `output` (atomically; `-` = stdout); returns its size.
+    `progress` is told the bytes written."""
     _check_source(source)
     encoder = TreeEncoder(source, flags)
     try:
         with atomic_write(output) as f:
             for piece in encoder:
                 f.write(piece)
+                if progress is not None:
+                    progress(len(piece))
     except OSError as e:
         raise PydesyncError(f"cannot write {output}: {e.strerror}") from None
     return encoder.offset
@@ -41,11 +44,12 @@ def tar_to_file(source: str, output: str, flags: int) -> int:
 
 def tar_to_index(source: str, index_path: str, store: Store, flags: int,
                  sizes: ChunkSizes = DEFAULT_SIZES, digest: str = SHA512_256,
-                 concurrency: int = DEFAULT_CONCURRENCY) -> tuple[Index, MakeStats]:
+                 concurrency: int = DEFAULT_CONCURRENCY,
+                 progress: Callable[[int], None] | None = None) -> tuple[Index, MakeStats]:
     """Chunk the catar of `source` into `store` and write its .caidx (flags = the archive's)."""
     _check_source(source)
     reader: BinaryIO = IterReader(TreeEncoder(source, flags))  # type: ignore[assignment]
-    index, stats = chunk_stream(reader, sizes, digest, store, concurrency, flags=flags)
+    index, stats = chunk_stream(reader, sizes, digest, store, concurrency, flags=flags, progress=progress)
     write_index(index, index_path)
     return index, stats
 

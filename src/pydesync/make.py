@@ -86,8 +86,10 @@ class ChunkSink:
     of being hashed again.
     """
 
-    def __init__(self, store: Store | None, digest: str, sizes: ChunkSizes):
+    def __init__(self, store: Store | None, digest: str, sizes: ChunkSizes,
+                 progress: Callable[[int], None] | None = None):
         self.store = store
+        self.progress = progress  # called with each chunk's size as it is named
         self.digest = digest
         self.max = sizes.max
         self.null_id = digest_of(bytes(sizes.max), digest)
@@ -97,6 +99,8 @@ class ChunkSink:
         self.lock = threading.Lock()
 
     def identify(self, data: bytes | memoryview) -> ChunkId:
+        if self.progress is not None:
+            self.progress(len(data))
         if len(data) == self.max and _chunker.is_zero(data):
             return self.null_id
         return digest_of(data, self.digest)
@@ -200,14 +204,15 @@ def _join(parts: list[_Part], fd: int, size: int, sizes: ChunkSizes,
 
 def chunk_file(fd: int, size: int, sizes: ChunkSizes = DEFAULT_SIZES, digest: str = SHA512_256,
                store: Store | None = None, concurrency: int = DEFAULT_CONCURRENCY,
-               flags: int | None = None, parts: int | None = None) -> tuple[Index, MakeStats]:
+               flags: int | None = None, parts: int | None = None,
+               progress: Callable[[int], None] | None = None) -> tuple[Index, MakeStats]:
     """Chunk a seekable file of known size in parallel parts (see the module docstring).
 
     `parts` forces the number of parts; by default it is -n, capped at the
     number of cores (the work is CPU-bound) and at one part per 16 MiB.
     """
     check_digest(digest)
-    sink = ChunkSink(store, digest, sizes)
+    sink = ChunkSink(store, digest, sizes, progress)
     if parts is None:
         parts = min(concurrency, os.cpu_count() or 1, size // max(MIN_PART, 16 * sizes.max))
     count = max(1, min(parts, size))
@@ -232,16 +237,18 @@ def chunk_file(fd: int, size: int, sizes: ChunkSizes = DEFAULT_SIZES, digest: st
 
 def chunk_stream(reader: BinaryIO, sizes: ChunkSizes = DEFAULT_SIZES, digest: str = SHA512_256,
                  store: Store | None = None, concurrency: int = DEFAULT_CONCURRENCY,
-                 flags: int | None = None) -> tuple[Index, MakeStats]:
-    """Chunk a readable stream into an Index, storing new chunks in `store` if given.
+                 flags: int | None = None,
+                 progress: Callable[[int], None] | None = None) -> tuple[Index, MakeStats]:
+    """Chunk a readable stream into an Index, storing new chunks in `store` if given; `progress`
+    is told the bytes chunked.
 
     Regular files and block devices go through the parallel `chunk_file`.
     """
     size = input_size(reader)
     if size is not None:
-        return chunk_file(reader.fileno(), size, sizes, digest, store, concurrency, flags)
+        return chunk_file(reader.fileno(), size, sizes, digest, store, concurrency, flags, progress=progress)
     check_digest(digest)
-    sink = ChunkSink(store, digest, sizes)
+    sink = ChunkSink(store, digest, sizes, progress)
     index = Index(flags=blob_flags(digest) if flags is None else flags, sizes=sizes)
     workers = workers_for(concurrency, store is not None and store.remote)
     for results in ordered_map(sink, _batches(iter_chunks(reader, sizes)), workers):
@@ -271,14 +278,15 @@ def _batches(chunks: Iterator[tuple[int, memoryview]]) -> Iterator[list[memoryvi
 
 def make(index_path: str | None, source: str | os.PathLike[str], store: Store | None = None,
          sizes: ChunkSizes = DEFAULT_SIZES, digest: str = SHA512_256,
-         concurrency: int = DEFAULT_CONCURRENCY) -> tuple[Index, MakeStats]:
+         concurrency: int = DEFAULT_CONCURRENCY,
+         progress: Callable[[int], None] | None = None) -> tuple[Index, MakeStats]:
     """Chunk the file `source`, store its chunks, and write the index to `index_path` (`-` = stdout).
 
     The index is written last, atomically, so it never refers to chunks that
     were not stored.
     """
     with open_input(source) as reader:
-        index, stats = chunk_stream(reader, sizes, digest, store, concurrency)
+        index, stats = chunk_stream(reader, sizes, digest, store, concurrency, progress=progress)
     if index_path is not None:
         write_index(index, index_path)
     return index, stats

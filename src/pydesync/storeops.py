@@ -28,7 +28,8 @@ class VerifyResult:
 
 
 def verify_store(store: Store, repair: bool = False, concurrency: int = DEFAULT_CONCURRENCY,
-                 on_invalid: Callable[[ChunkId, str, bool], None] | None = None) -> VerifyResult:
+                 on_invalid: Callable[[ChunkId, str, bool], None] | None = None,
+                 progress: Callable[[int], None] | None = None) -> VerifyResult:
     """Decode and hash every chunk of a store that can list them (local, sftp); with repair,
     delete the bad ones."""
     result = VerifyResult()
@@ -46,6 +47,8 @@ def verify_store(store: Store, repair: bool = False, concurrency: int = DEFAULT_
         except ChunkMissing:
             pass  # removed while we walked the store
         result.checked += 1
+        if progress is not None:
+            progress(1)
 
     for_each(check, store.ids(), workers_for(concurrency, store.remote))  # streamed: flat memory
     return result
@@ -58,7 +61,8 @@ def referenced_ids(indexes: Iterable[Index]) -> set[ChunkId]:
     return ids
 
 
-def prune(store: Store, keep: set[ChunkId], concurrency: int = DEFAULT_CONCURRENCY) -> int:
+def prune(store: Store, keep: set[ChunkId], concurrency: int = DEFAULT_CONCURRENCY,
+          progress: Callable[[int], None] | None = None) -> int:
     """Delete every chunk in the store that is not in `keep` (and leftover temp files); returns count.
     The listing is streamed and deletions run in parallel on network stores."""
     removed = itertools.count()
@@ -66,6 +70,8 @@ def prune(store: Store, keep: set[ChunkId], concurrency: int = DEFAULT_CONCURREN
     def remove(chunk_id: ChunkId) -> None:
         store.remove(chunk_id)
         next(removed)
+        if progress is not None:
+            progress(1)
 
     unwanted = (i for i in store.ids() if i not in keep)
     for_each(remove, unwanted, workers_for(concurrency, store.remote) if store.remote else 1)

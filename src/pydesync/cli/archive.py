@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..archive import tar_to_file, tar_to_index
@@ -15,6 +16,7 @@ from ..errors import PydesyncError, UsageError
 from ..extract import BlobReader
 from ..streams import IterReader
 from .common import CommaList, Context, add_bool, add_store_options, add_stores
+from .progress import CountingReader, Progress
 
 TIME_FEATURES = ("nsec-time", "usec-time", "sec-time", "2sec-time")
 
@@ -87,15 +89,16 @@ def run_tar(ctx: Context) -> int:
     if not a.index:
         if a.store:
             raise UsageError("-s is only used with -i")
-        tar_to_file(a.source, a.output, flags)
+        with Progress("Packing ", None, unit=" bytes") as bar:
+            tar_to_file(a.source, a.output, flags, progress=bar.callback())
         return 0
     if len(a.store) != 1:
         raise UsageError("-i needs exactly one target store (-s)")
     ctx.index_options(a.output)  # index stores refuse encryption options
     store = ctx.target(a.store[0], create=True)
-    with store:
+    with store, Progress("Packing ", None, unit=" bytes") as bar:
         tar_to_index(a.source, a.output, store, flags, ChunkSizes.parse_kib(a.chunk_size),
-                     check_digest(ctx.digest), ctx.concurrency)
+                     check_digest(ctx.digest), ctx.concurrency, progress=bar.callback())
     return 0
 
 
@@ -122,17 +125,24 @@ def run_untar(ctx: Context) -> int:
         index = ctx.read_index(a.input)
         store = ctx.source()
         assert store is not None
-        with store:
+        with store, Progress("Unpacking ", index.length) as bar:
             pieces = BlobReader(index, store, ctx.concurrency).iter_range()
-            extract_tree(IterReader(pieces), "<stdin>" if a.input == "-" else a.input, a.target, options)
+            extract_tree(counted(IterReader(pieces), bar), "<stdin>" if a.input == "-" else a.input,
+                         a.target, options)
         return 0
     if a.input == "-":
-        extract_tree(sys.stdin.buffer, "<stdin>", a.target, options)
+        with Progress("Unpacking ", None, unit=" bytes") as bar:
+            extract_tree(counted(sys.stdin.buffer, bar), "<stdin>", a.target, options)
         return 0
     try:
         f = open(a.input, "rb")  # noqa: SIM115 - closed below, errors reported as one line
     except OSError as e:
         raise PydesyncError(f"cannot read {a.input}: {e.strerror}") from None
-    with f:
-        extract_tree(f, a.input, a.target, options)
+    with f, Progress("Unpacking ", os.fstat(f.fileno()).st_size) as bar:
+        extract_tree(counted(f, bar), a.input, a.target, options)
     return 0
+
+
+def counted(stream: Readable, bar: Progress) -> Readable:
+    """The stream, reporting to the progress bar when one is shown."""
+    return CountingReader(stream, bar.add) if bar.enabled else stream  # type: ignore[return-value]

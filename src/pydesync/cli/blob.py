@@ -12,12 +12,13 @@ from ..chunker import ChunkSizes, iter_chunks
 from ..digest import check_digest, digest_of
 from ..errors import UsageError
 from ..extract import BlobReader, ExtractStats, extract
-from ..make import chunk_stream, open_input
+from ..make import chunk_stream, input_size, open_input
 from ..seed import INVALID_FAIL, INVALID_REGENERATE, INVALID_SKIP, Seed
 from ..storeops import chop, verify_index
 from ..streams import IterReader
 from .common import Context, add_ignore, add_store_options, add_stores
 from .ignore import ignored_ids
+from .progress import Progress
 
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
@@ -108,8 +109,9 @@ def run_make(ctx: Context) -> int:
     digest = check_digest(ctx.digest)
     ctx.index_options(a.index)  # an index store that refuses its options fails before any work
     # A bad input must not leave a new, empty store behind: open it first.
-    with open_input(a.file) as reader, _single_target(ctx, create=True) or nullcontext() as store:
-        index, stats = chunk_stream(reader, sizes, digest, store, ctx.concurrency)
+    with open_input(a.file) as reader, _single_target(ctx, create=True) or nullcontext() as store, \
+            Progress("Chunking ", input_size(reader)) as bar:
+        index, stats = chunk_stream(reader, sizes, digest, store, ctx.concurrency, progress=bar.callback())
     ctx.write_index(index, a.index)
     if a.print_stats:
         print(json.dumps({"ChunksAccepted": stats.chunks, "ChunksProduced": stats.chunks}), file=sys.stderr)
@@ -130,9 +132,9 @@ def run_extract(ctx: Context) -> int:
         return _extract_tree(ctx, index, store)
     mode = INVALID_SKIP if a.skip_invalid_seeds else INVALID_REGENERATE if a.regenerate_invalid_seeds \
         else INVALID_FAIL
-    with store:
+    with store, Progress("Attempt 1: Assembling ", len(index)) as bar:
         stats = extract(index, a.output, store, concurrency=ctx.concurrency, in_place=a.in_place, seeds=seeds,
-                        invalid_seeds=mode)
+                        invalid_seeds=mode, progress=bar.callback())
     if a.print_stats:
         print(json.dumps(stats.as_json(), indent=2))
     return 0

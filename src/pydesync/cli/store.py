@@ -12,6 +12,7 @@ from ..store.sftp import SftpStore
 from ..storeops import copy_chunks, prune, referenced_ids, verify_store
 from .common import Context, add_bool, add_concurrency, add_ignore, add_store_options, add_stores
 from .ignore import ignored_ids
+from .progress import Progress
 
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
@@ -60,8 +61,8 @@ def run_cache(ctx: Context) -> int:
     target = ctx.target(a.cache, create=True)
     source = ctx.source(cache=False)  # the -c store is the target here, not part of the chain
     assert source is not None
-    with source, target:
-        copy_chunks(ids, source, target, concurrency=ctx.concurrency)
+    with source, target, Progress("", len(set(ids))) as bar:
+        copy_chunks(ids, source, target, concurrency=ctx.concurrency, progress=bar.callback())
     return 0
 
 
@@ -90,7 +91,8 @@ def run_prune(ctx: Context) -> int:
         keep = referenced_ids(ctx.read_index(loc) for loc in a.index)
         if not a.yes and not _confirm(len(keep), a.store[0]):
             return 0
-        prune(store, keep, ctx.concurrency)
+        with Progress("Pruning ", None, unit=" chunks deleted") as bar:
+            prune(store, keep, ctx.concurrency, progress=bar.callback())
     return 0
 
 
@@ -119,5 +121,7 @@ def run_verify(ctx: Context) -> int:
         def report(chunk_id: object, message: str, removed: bool) -> None:
             print(message + (": removed" if removed else ""), file=sys.stderr)
 
-        verify_store(store, repair=a.repair, concurrency=ctx.concurrency, on_invalid=report)
+        with Progress("Verifying ", None, unit=" chunks") as bar:
+            verify_store(store, repair=a.repair, concurrency=ctx.concurrency, on_invalid=report,
+                         progress=bar.callback())
     return 0

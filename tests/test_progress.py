@@ -1,0 +1,66 @@
+"""Progress on stderr: desync's parsable lines (DESYNC_ENABLE_PARSABLE_PROGRESS, read by RAUC),
+nothing when stderr is not a terminal, and the same rules for every long command."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from pydesync.cli.progress import Progress
+
+LINE = re.compile(r"^(?P<prefix>.*?)\s+(?P<pct>\d+\.\d\d)% (?P<time>\d\dm\d\ds)$")
+COUNT = re.compile(r"^(?P<prefix>.*?)\s+(?P<n>\d+) (bytes|chunks|chunks deleted) \d\dm\d\ds$")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("progress")
+    (d / "blob").write_bytes(random.Random(1).randbytes(3 << 20))
+    (d / "tree").mkdir()
+    (d / "tree" / "f").write_bytes(random.Random(2).randbytes(1 << 20))
+    return d
+
+
+def lines_of(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(("command", "prefix"), [
+    (["make", "-s", "{d}/store", "{d}/b.caibx", "{d}/blob"], "Chunking"),
+    (["extract", "-s", "{d}/store", "{d}/b.caibx", "{d}/out"], "Attempt 1: Assembling"),
+    (["cache", "-s", "{d}/store", "-c", "{d}/cache", "{d}/b.caibx"], ""),
+    (["tar", "{d}/t.catar", "{d}/tree"], "Packing"),
+    (["untar", "{d}/t.catar", "{d}/untarred"], "Unpacking"),
+    (["verify", "-s", "{d}/store"], "Verifying"),
+    (["prune", "-y", "-s", "{d}/store", "{d}/b.caibx"], "Pruning"),
+])
+def test_parsable_progress_lines(work: Path, command: list[str], prefix: str):
+    args = [a.format(d=work) for a in command]
+    r = run_cli(*args, env={"DESYNC_ENABLE_PARSABLE_PROGRESS": "1"})
+    assert r.returncode == 0, r.stderr
+    lines = lines_of(r.stderr)
+    assert lines, "no progress printed"
+    for line in lines:
+        match = LINE.match(line) or COUNT.match(line)
+        assert match and match["prefix"] == prefix, line
+    last = LINE.match(lines[-1])
+    if last:  # a known total ends at 100%
+        assert last["pct"] == "100.00"
+
+
+def test_no_progress_when_stderr_is_not_a_terminal(work: Path):
+    r = run_cli("extract", "-s", work / "store", work / "b.caibx", work / "out2")
+    assert r.returncode == 0 and r.stderr == ""
+
+
+def test_progress_line_format():
+    bar = Progress("Attempt 1: Assembling ", 200, mode="lines")
+    assert bar.line() == "Attempt 1: Assembling   0.00%"
+    bar.add(50)
+    assert re.fullmatch(r"Attempt 1: Assembling   25\.00% \d\dm\d\ds", bar.line())
+    assert bar.callback() == bar.add
+    assert Progress("x", 1, mode=None).callback() is None
