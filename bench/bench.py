@@ -12,6 +12,7 @@ ratios rather than absolute times, median of --repeat runs.
     python3 bench/bench.py --http           # + extract through our chunk-server on 127.0.0.1
     python3 bench/bench.py --ssh            # + extract over casync's protocol (stand-in ssh)
     python3 bench/bench.py --sshd           # + extract over a real sshd on 127.0.0.1
+    python3 bench/bench.py --seed           # + A/B update: v2 over HTTP with v1 as seed
 """
 
 from __future__ import annotations
@@ -178,6 +179,52 @@ def ssh_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path,
                  f"each client against its own tool's `pull`)"]
 
 
+def seed_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path, stores: dict[str, Path],
+              indexes: dict[str, Path], out: Path, work: Path) -> tuple[dict[str, object], list[str]]:
+    """An A/B update: v2 (the input with 5% of it rewritten in 64 KiB pieces) from an HTTP chunk-server,
+    with v1 (the input) as seed: `casync extract --seed=v1` (casync chunks the seed itself) against
+    `pydesync extract --seed v1.caibx:v1` (the seed's index is known)."""
+    import random
+
+    rng = random.Random(7)
+    v2 = work / "v2.bin"
+    shutil.copyfile(blob, v2)  # then patched in place: this process stays small (its RSS is measured)
+    size = v2.stat().st_size
+    with open(v2, "r+b") as f:
+        for _ in range(max(1, size // 20 // 65536)):
+            at = rng.randrange(0, max(1, size - 65536))
+            os.pwrite(f.fileno(), rng.randbytes(min(65536, size - at)), at)
+    v2_index = {"casync": work / "v2.casync.caibx", "pydesync": work / "v2.pydesync.caibx"}
+    subprocess.run([casync, "make", f"--store={stores['casync']}", str(v2_index["casync"]), str(v2)],
+                   check=True, capture_output=True)
+    subprocess.run([*ours, "make", "-s", str(stores["pydesync"]), str(v2_index["pydesync"]), str(v2)],
+                   check=True, capture_output=True)
+    procs: list[subprocess.Popen] = []
+    try:
+        urls = {}
+        for tool in ("casync", "pydesync"):
+            proc, urls[tool] = start_chunk_server(ours, stores[tool])
+            procs.append(proc)
+
+        def no_output(_tool: str) -> None:
+            out.unlink(missing_ok=True)
+
+        row = run_case("extract v2, v1 seed", args.repeat, no_output,
+                       [casync, "extract", f"--store={urls['casync']}", f"--seed={blob}",
+                        str(v2_index["casync"]), str(out)],
+                       [*ours, "extract", "-s", urls["pydesync"], "--seed", f"{indexes['pydesync']}:{blob}",
+                        str(v2_index["pydesync"]), str(out)])
+        same = filecmp.cmp(out, v2, shallow=False)
+        out.unlink(missing_ok=True)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait()
+        v2.unlink(missing_ok=True)
+    return row, [f"extract v2 with v1 as seed over HTTP: output identical to v2: {same} (5% of v1 rewritten "
+                 "in 64 KiB pieces; one chunk-server per tool on 127.0.0.1)"]
+
+
 def sshd_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path, stores: dict[str, Path],
               indexes: dict[str, Path], out: Path, work: Path) -> tuple[dict[str, object], list[str]]:
     """extract over a real sshd on 127.0.0.1 (tests/sshd_util.py: keys made for the run): casync's
@@ -256,6 +303,8 @@ def main() -> int:
     ap.add_argument("--no-tree", action="store_true", help="skip the tar/untar rows")
     ap.add_argument("--ssh", action="store_true",
                     help="add extract over casync's protocol (stand-in ssh; casync pull vs pydesync pull)")
+    ap.add_argument("--seed", action="store_true",
+                    help="add extract of a 5%%-changed v2 from HTTP with the input as seed (casync --seed)")
     ap.add_argument("--sshd", action="store_true",
                     help="add extract over a real sshd on 127.0.0.1 (keys made for the run)")
     ap.add_argument("--http", action="store_true",
@@ -305,6 +354,11 @@ def main() -> int:
                                           {"casync": ci, "pydesync": pi}, out)
             rows.append(ssh_row)
             notes += ssh_notes
+        if args.seed:
+            seed_row, seed_notes = seed_case(args, casync, ours, blob, {"casync": cs, "pydesync": ps},
+                                             {"casync": ci, "pydesync": pi}, out, work)
+            rows.append(seed_row)
+            notes += seed_notes
         if args.sshd:
             sshd_row, sshd_notes = sshd_case(args, casync, ours, blob, {"casync": cs, "pydesync": ps},
                                              {"casync": ci, "pydesync": pi}, out, work)
