@@ -225,6 +225,33 @@ def seed_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path
                  "in 64 KiB pieces; one chunk-server per tool on 127.0.0.1)"]
 
 
+def mount_note(ours: list[str], index: Path, store: Path, blob: Path, out: Path, work: Path) -> list[str]:
+    """Sequential read of the blob through `mount-index` (cat > /dev/null) against `extract` of it,
+    both pydesync, both from the local store (needs root and FUSE)."""
+    mnt = work / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen([*ours, "mount-index", "-s", str(store), str(index), str(mnt)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        target = mnt / index.name.rsplit(".", 1)[0]
+        deadline = time.monotonic() + 30
+        while not target.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return [f"mount row skipped: mount-index did not start: {proc.stderr.read().decode()[-300:]}"]
+            time.sleep(0.05)
+        read_s, _ = timed(["bash", "-c", f"cat {target} > /dev/null"])
+        same = filecmp.cmp(target, blob, shallow=False)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    out.unlink(missing_ok=True)
+    extract_s, _ = timed([*ours, "extract", "-s", str(store), str(index), str(out)])
+    out.unlink(missing_ok=True)
+    rate = blob.stat().st_size / read_s / 1e6
+    return [f"mount-index: sequential read {read_s:.2f} s ({rate:.0f} MB/s), extract {extract_s:.2f} s "
+            f"of the same index and store; content identical: {same}"]
+
+
 def sshd_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path, stores: dict[str, Path],
               indexes: dict[str, Path], out: Path, work: Path) -> tuple[dict[str, object], list[str]]:
     """extract over a real sshd on 127.0.0.1 (tests/sshd_util.py: keys made for the run): casync's
@@ -305,6 +332,8 @@ def main() -> int:
                     help="add extract over casync's protocol (stand-in ssh; casync pull vs pydesync pull)")
     ap.add_argument("--seed", action="store_true",
                     help="add extract of a 5%%-changed v2 from HTTP with the input as seed (casync --seed)")
+    ap.add_argument("--mount", action="store_true",
+                    help="add a note: sequential read through mount-index against extract (root, FUSE)")
     ap.add_argument("--sshd", action="store_true",
                     help="add extract over a real sshd on 127.0.0.1 (keys made for the run)")
     ap.add_argument("--http", action="store_true",
@@ -359,6 +388,8 @@ def main() -> int:
                                              {"casync": ci, "pydesync": pi}, out, work)
             rows.append(seed_row)
             notes += seed_notes
+        if args.mount:
+            notes += mount_note(ours, pi, ps, blob, out, work)
         if args.sshd:
             sshd_row, sshd_notes = sshd_case(args, casync, ours, blob, {"casync": cs, "pydesync": ps},
                                              {"casync": ci, "pydesync": pi}, out, work)

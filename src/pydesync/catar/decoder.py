@@ -12,6 +12,7 @@ trailing data.
 
 from __future__ import annotations
 
+import os
 import stat
 import struct
 from collections.abc import Iterator
@@ -223,6 +224,20 @@ class ArchiveDecoder:
         if not body.endswith(b"\0") or b"\0" in body[:-1]:
             return None
         return body[:-1]
+
+    def skip_by_seeking(self) -> None:
+        """Skip the rest of the current payload; a seekable stream jumps over it unread (a mounted
+        archive index then fetches no payload chunks while listing)."""
+        left = self._payload_left
+        buffered = len(self._buf) - self._pos
+        seek = getattr(self.stream, "seek", None)
+        if left <= buffered or seek is None:
+            self._skip_payload()
+            return
+        self._pos = len(self._buf)
+        seek(left - buffered, os.SEEK_CUR)
+        self.offset += left
+        self._payload_left = 0
 
     def _skip_payload(self) -> None:
         while self._payload_left:

@@ -125,7 +125,7 @@ def run_extract(ctx: Context) -> int:
     if a.index != "-" and os.path.abspath(a.index) == os.path.abspath(a.output):
         raise UsageError("input and output filenames match")
     index = ctx.read_index(a.index)
-    seeds = _seeds(ctx, a.seed, a.seed_dir, a.index)
+    seeds = seeds_from_flags(ctx, a.seed, a.seed_dir, a.index)
     store = ctx.source()
     assert store is not None
     if a.index.endswith(".caidx") and a.output != "-" and not a.output.endswith(".catar"):
@@ -140,7 +140,7 @@ def run_extract(ctx: Context) -> int:
     return 0
 
 
-def _seeds(ctx: Context, specs: list[str], folders: list[str], target_index: str) -> list[Seed]:
+def seeds_from_flags(ctx: Context, specs: list[str], folders: list[str], target_index: str) -> list[Seed]:
     """--seed INDEX.caibx (blob beside it) or INDEX:BLOB[:options], then every INDEX.caibx with its
     blob under each --seed-dir (not the index being extracted)."""
     seeds = []
