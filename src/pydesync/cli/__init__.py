@@ -67,13 +67,13 @@ def terminate_like_interrupt() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        return 2
     terminate_like_interrupt()
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return 2
         ctx = Context.from_args(args)
         return args.func(ctx)
     except PydesyncError as e:
@@ -95,4 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def entry() -> None:
     """Console-script entry point."""
-    sys.exit(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:  # between a signal and main's own handling
+        sys.stderr.write("Error: interrupted\n")
+        code = 130
+    sys.exit(code)
