@@ -18,6 +18,7 @@ ratios rather than absolute times, median of --repeat runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import filecmp
 import os
 import shutil
@@ -27,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -117,30 +118,16 @@ def start_chunk_server(ours: list[str], store: Path) -> tuple[subprocess.Popen, 
     raise SystemExit(f"chunk-server for {store} did not start")
 
 
-def http_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path, stores: dict[str, Path],
-              indexes: dict[str, Path], out: Path) -> tuple[dict[str, object], list[str]]:
-    """extract through our chunk-server: casync (its helper fetches one chunk at a time) from a server
-    over the casync-made store, pydesync (-n parallel requests) from one over the pydesync store.
-    Both servers are pydesync chunk-server processes on 127.0.0.1, on the same machine as the client,
-    so the wall time includes the server's work."""
+@contextlib.contextmanager
+def chunk_servers(ours: list[str], stores: dict[str, Path]) -> Iterator[dict[str, str]]:
+    """One pydesync chunk-server per tool's store on 127.0.0.1; yields their URLs; stops them."""
     procs: list[subprocess.Popen] = []
     try:
         urls = {}
         for tool in ("casync", "pydesync"):
             proc, urls[tool] = start_chunk_server(ours, stores[tool])
             procs.append(proc)
-
-        def no_output(_tool: str) -> None:
-            out.unlink(missing_ok=True)
-
-        row = run_case("extract over HTTP", args.repeat, no_output,
-                       [casync, "extract", f"--store={urls['casync']}", str(indexes["casync"]), str(out)],
-                       [*ours, "extract", "-n", str(args.concurrency), "-s", urls["pydesync"],
-                        str(indexes["pydesync"]), str(out)])
-        same = filecmp.cmp(out, blob, shallow=False)  # the last run was pydesync's
-        out.unlink(missing_ok=True)
-        return row, [f"extract over HTTP: output identical to the input: {same} "
-                     f"(one chunk-server per tool on 127.0.0.1, pydesync -n {args.concurrency})"]
+        yield urls
     finally:
         for proc in procs:
             proc.terminate()
@@ -149,6 +136,26 @@ def http_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def http_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path, stores: dict[str, Path],
+              indexes: dict[str, Path], out: Path) -> tuple[dict[str, object], list[str]]:
+    """extract through our chunk-server: casync (its helper fetches one chunk at a time) from a server
+    over the casync-made store, pydesync (-n parallel requests) from one over the pydesync store.
+    Both servers are pydesync chunk-server processes on 127.0.0.1, on the same machine as the client,
+    so the wall time includes the server's work."""
+    def no_output(_tool: str) -> None:
+        out.unlink(missing_ok=True)
+
+    with chunk_servers(ours, stores) as urls:
+        row = run_case("extract over HTTP", args.repeat, no_output,
+                       [casync, "extract", f"--store={urls['casync']}", str(indexes["casync"]), str(out)],
+                       [*ours, "extract", "-n", str(args.concurrency), "-s", urls["pydesync"],
+                        str(indexes["pydesync"]), str(out)])
+    same = filecmp.cmp(out, blob, shallow=False)  # the last run was pydesync's
+    out.unlink(missing_ok=True)
+    return row, [f"extract over HTTP: output identical to the input: {same} "
+                 f"(one chunk-server per tool on 127.0.0.1, pydesync -n {args.concurrency})"]
 
 
 FAKE_SSH = Path(__file__).resolve().parent.parent / "scripts" / "fake-ssh"
@@ -199,27 +206,20 @@ def seed_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path
                    check=True, capture_output=True)
     subprocess.run([*ours, "make", "-s", str(stores["pydesync"]), str(v2_index["pydesync"]), str(v2)],
                    check=True, capture_output=True)
-    procs: list[subprocess.Popen] = []
+
+    def no_output(_tool: str) -> None:
+        out.unlink(missing_ok=True)
+
     try:
-        urls = {}
-        for tool in ("casync", "pydesync"):
-            proc, urls[tool] = start_chunk_server(ours, stores[tool])
-            procs.append(proc)
-
-        def no_output(_tool: str) -> None:
-            out.unlink(missing_ok=True)
-
-        row = run_case("extract v2, v1 seed", args.repeat, no_output,
-                       [casync, "extract", f"--store={urls['casync']}", f"--seed={blob}",
-                        str(v2_index["casync"]), str(out)],
-                       [*ours, "extract", "-s", urls["pydesync"], "--seed", f"{indexes['pydesync']}:{blob}",
-                        str(v2_index["pydesync"]), str(out)])
+        with chunk_servers(ours, stores) as urls:
+            row = run_case("extract v2, v1 seed", args.repeat, no_output,
+                           [casync, "extract", f"--store={urls['casync']}", f"--seed={blob}",
+                            str(v2_index["casync"]), str(out)],
+                           [*ours, "extract", "-s", urls["pydesync"], "--seed",
+                            f"{indexes['pydesync']}:{blob}", str(v2_index["pydesync"]), str(out)])
         same = filecmp.cmp(out, v2, shallow=False)
         out.unlink(missing_ok=True)
     finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait()
         v2.unlink(missing_ok=True)
     return row, [f"extract v2 with v1 as seed over HTTP: output identical to v2: {same} (5% of v1 rewritten "
                  "in 64 KiB pieces; one chunk-server per tool on 127.0.0.1)"]

@@ -16,7 +16,7 @@ from ..make import chunk_stream, input_size, open_input
 from ..seed import INVALID_FAIL, INVALID_REGENERATE, INVALID_SKIP, Seed
 from ..storeops import chop, verify_index
 from ..streams import IterReader
-from .common import Context, add_ignore, add_store_options, add_stores
+from .common import Context, add_ignore, add_seeds, add_store_options, add_stores
 from .ignore import ignored_ids
 from .progress import Progress
 
@@ -44,10 +44,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument("index")
     p.add_argument("output")
     add_stores(p)
-    p.add_argument("--seed", action="append", default=[],
-                   help="seed: INDEX.caibx (its blob beside it, without the suffix) or INDEX:BLOB")
-    p.add_argument("--seed-dir", action="append", default=[],
-                   help="use every blob with its .caibx index under this directory as a seed")
+    add_seeds(p)
     p.add_argument("--skip-invalid-seeds", action="store_true", help="skip seeds that don't match their data")
     p.add_argument("--regenerate-invalid-seeds", action="store_true", help="re-chunk invalid seeds")
     p.add_argument("-k", "--in-place", action="store_true",

@@ -109,6 +109,13 @@ def add_stores(parser: argparse.ArgumentParser, help: str = "source store(s)", c
         parser.add_argument("-c", "--cache", default=None, metavar="LOCATION", help="store used as a cache")
 
 
+def add_seeds(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", action="append", default=[],
+                        help="seed: INDEX.caibx (its blob beside it, without the suffix) or INDEX:BLOB")
+    parser.add_argument("--seed-dir", action="append", default=[],
+                        help="use every blob with its .caibx index under this directory as a seed")
+
+
 def add_ignore(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore", action=CommaList, default=[], metavar="INDEX",
                         help="index(es) whose chunks are skipped")

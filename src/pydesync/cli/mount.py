@@ -13,7 +13,7 @@ from ..index import Index
 from ..mount import ChunkReader, SeekableStream, _fuse, make_operations, mount, scan_tree
 from ..store.base import Store
 from .blob import seeds_from_flags as _seeds
-from .common import Context, add_store_options, add_stores
+from .common import Context, add_seeds, add_store_options, add_stores
 
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
@@ -25,9 +25,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument("index")
     p.add_argument("mountpoint")
     add_stores(p)
-    p.add_argument("--seed", action="append", default=[],
-                   help="read chunks a local blob holds from it: INDEX.caibx (blob beside it) or INDEX:BLOB")
-    p.add_argument("--seed-dir", action="append", default=[], help="every blob with its .caibx under DIR")
+    add_seeds(p)
     p.add_argument("--cor-file", help="copy-on-read: keep fetched chunks in this sparse file")
     p.add_argument("--cor-state-save", help="save which chunks the cor file holds here on exit")
     p.add_argument("--cor-state-init", help="prefetch the chunks this state file lists, in the background")
