@@ -110,14 +110,18 @@ class _Target:
             self.fd = os.open(self.path, flags, mode)
         except OSError as e:
             raise PydesyncError(f"cannot write {output}: {e.strerror}") from None
-        size = os.lseek(self.fd, 0, os.SEEK_END)
-        self.blank = not self.in_place or size == 0
-        self.blocksize = os.fstat(self.fd).st_blksize or 4096
-        if not self.block_device:
-            os.ftruncate(self.fd, length)
-        elif size < length:
+        try:  # from here on a failure (or Ctrl-C) must not leave the temporary file behind
+            size = os.lseek(self.fd, 0, os.SEEK_END)
+            self.blank = not self.in_place or size == 0
+            self.blocksize = os.fstat(self.fd).st_blksize or 4096
+            if not self.block_device:
+                os.ftruncate(self.fd, length)
+            elif size < length:
+                raise PydesyncError(f"device {output} ({size} bytes) is smaller than the blob "
+                                    f"({length} bytes)")
+        except BaseException:
             self.abort()
-            raise PydesyncError(f"device {output} ({size} bytes) is smaller than the blob ({length} bytes)")
+            raise
 
     def preallocate(self, chunks: list[IndexChunk], null_id: ChunkId) -> None:
         """Allocate the ranges that will hold data, leaving null chunks as holes.
@@ -162,13 +166,16 @@ class _Target:
         return len(existing) == chunk.size and digest_of(existing, digest) == chunk.id
 
     def commit(self) -> None:
-        os.close(self.fd)
+        fd, self.fd = self.fd, -1
+        os.close(fd)
         if not self.in_place:
             os.replace(self.path, self.output)
 
     def abort(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
         if not self.in_place:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
@@ -187,9 +194,9 @@ def extract(index: Index, output: str, store: Store, concurrency: int = DEFAULT_
     `progress(n)` is called as chunks are done.
     """
     stats = ExtractStats(bytes_total=index.length, chunks_total=len(index), seeds=1 + len(seeds))
-    target = _Target(output, index.length, in_place)
     null_id = null_chunk_id(index.sizes.max, index.digest)
     digest = index.digest
+    target = _Target(output, index.length, in_place)  # (cleans up after itself if interrupted)
     try:
         target.preallocate(index.chunks, null_id)
         stats.blocksize = target.blocksize
@@ -205,13 +212,13 @@ def extract(index: Index, output: str, store: Store, concurrency: int = DEFAULT_
             null_set = set(nulls)
             fetch = [i for i in range(len(index.chunks)) if i not in null_set]
         _fetch(index, fetch, target, store, stats, concurrency, progress)
+        target.commit()
     except BaseException:
-        target.abort()
+        target.abort()  # (after a completed commit there is nothing left to remove)
         raise
     finally:
         for seed in seeds:
             seed.close()
-    target.commit()
     return stats
 
 
