@@ -1,0 +1,279 @@
+"""The wishlist transfer of CAFS's remotesync: one round trip for a differential transfer.
+
+Sender and receiver agree on a SyncInfo (the file's chunk keys and sizes, and a permutation).
+The receiver answers with a wishlist, one bit per position of the *shuffled* chunk sequence
+(1 = send it), and the sender streams just those chunks, each as a zigzag varint length and
+the bytes. Wire-compatible with CAFS (../shared/spec/REMOTESYNC.md sections 2 to 5):
+
+* SyncInfo: Go's JSON `{"Chunks":[{"Key":"<hex>","Size":n}],"Perm":[...]}`, or the legacy
+  binary form (32-byte key + varint size, repeated; implies Perm [0]).
+* Shuffle: a k-slot buffer; put(v) stores v at slot perm[i] and emits slot i. n items plus k-1
+  flushing placeholders become n+k-1 positions.
+* Wishlist: MSB first, a byte flushed as soon as it is full, the last one zero-padded.
+* Data: for each requested position, varint(length) then the raw chunk.
+
+The receiver trusts nothing: a chunk whose SHA-256 or size is not what the SyncInfo says,
+a short stream, or data after the last requested chunk is an error; so is a wishlist bit on
+a placeholder, or a wishlist longer than the positions, on the sender's side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO, TypeVar
+
+from .errors import PydesyncError
+
+MAX_CHUNK = 131072  # CAFS's largest chunk; also the limit on any length on the wire
+PLACEHOLDER_KEY = hashlib.sha256(b"").digest()
+_HEX_KEY = re.compile(r"^[0-9a-f]{64}$")
+T = TypeVar("T")
+
+
+class SyncError(PydesyncError):
+    """The other side broke the protocol (or sent data that does not match)."""
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    key: bytes  # SHA-256 of the chunk (CAFS mode) or a chunk id (our mode)
+    size: int
+
+
+PLACEHOLDER = ChunkInfo(PLACEHOLDER_KEY, 0)
+
+
+@dataclass
+class SyncInfo:
+    chunks: list[ChunkInfo]
+    perm: list[int] = field(default_factory=lambda: [0])
+
+    def __post_init__(self) -> None:
+        if not self.perm or sorted(self.perm) != list(range(len(self.perm))):
+            raise SyncError("SyncInfo: Perm is not a permutation of 0..k-1")
+        for c in self.chunks:
+            if len(c.key) != 32 or not 0 <= c.size <= MAX_CHUNK:
+                raise SyncError(f"SyncInfo: invalid chunk (key of {len(c.key)} bytes, size {c.size})")
+
+    # ---- encodings ----------------------------------------------------------------------------
+    def to_json(self) -> bytes:
+        """Go's encoding/json form, as httpsync serves it."""
+        chunks = ",".join(f'{{"Key":"{c.key.hex()}","Size":{c.size}}}' for c in self.chunks)
+        return f'{{"Chunks":[{chunks}],"Perm":[{",".join(map(str, self.perm))}]}}'.encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> SyncInfo:
+        try:
+            raw = json.loads(data)
+            chunks = [ChunkInfo(_key(c["Key"]), _size(c["Size"])) for c in raw.get("Chunks") or []]
+            perm = raw.get("Perm")
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise SyncError(f"malformed SyncInfo JSON: {e}") from None
+        if not isinstance(perm, list) or any(not isinstance(p, int) or isinstance(p, bool) for p in perm):
+            raise SyncError("malformed SyncInfo JSON: Perm must be a list of integers")
+        return cls(chunks, perm)
+
+    def to_binary(self) -> bytes:
+        """The legacy form (no permutation: only for Perm [0])."""
+        if self.perm != [0]:
+            raise SyncError("the binary SyncInfo form cannot carry a permutation")
+        return b"".join(c.key + varint(c.size) for c in self.chunks)
+
+    @classmethod
+    def from_binary(cls, data: bytes) -> SyncInfo:
+        chunks, pos = [], 0
+        while pos < len(data):
+            if len(data) - pos < 33:
+                raise SyncError("truncated binary SyncInfo")
+            key = data[pos:pos + 32]
+            size, pos = read_varint_at(data, pos + 32)
+            chunks.append(ChunkInfo(key, _size(size)))
+        return cls(chunks)
+
+    def shuffled(self) -> SyncInfo:
+        """The chunk list in permuted order (placeholders dropped), with the trivial permutation."""
+        return SyncInfo([c for c in shuffle(self.chunks, self.perm) if c is not None])
+
+    @property
+    def positions(self) -> int:
+        """Wishlist bits: n chunks plus k-1 flushing placeholders."""
+        return len(self.chunks) + len(self.perm) - 1
+
+
+def _key(text: object) -> bytes:
+    if not isinstance(text, str) or not _HEX_KEY.match(text):
+        raise SyncError(f"SyncInfo: invalid chunk key {text!r}")
+    return bytes.fromhex(text)
+
+
+def _size(n: object) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_CHUNK:
+        raise SyncError(f"SyncInfo: chunk size {n!r} outside 0..{MAX_CHUNK}")
+    return n
+
+
+# ---- varints (Go's binary.PutVarint: zigzag, then LEB128) -----------------------------------------
+def varint(n: int) -> bytes:
+    u = (n << 1) ^ (n >> 63) if n < 0 else n << 1
+    out = bytearray()
+    while u >= 0x80:
+        out.append((u & 0x7F) | 0x80)
+        u >>= 7
+    out.append(u)
+    return bytes(out)
+
+
+def _unzigzag(u: int) -> int:
+    return (u >> 1) ^ -(u & 1)
+
+
+def read_varint_at(data: bytes, pos: int) -> tuple[int, int]:
+    u = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise SyncError("truncated or overlong varint")
+        b = data[pos]
+        pos += 1
+        u |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return _unzigzag(u), pos
+        shift += 7
+
+
+def read_varint(stream: BinaryIO) -> int | None:
+    """The next varint from a stream; None at a clean end of stream."""
+    u = shift = 0
+    while True:
+        b = stream.read(1)
+        if not b:
+            if shift:
+                raise SyncError("unexpected end of stream inside a length")
+            return None
+        if shift > 63:
+            raise SyncError("overlong varint")
+        u |= (b[0] & 0x7F) << shift
+        if not b[0] & 0x80:
+            return _unzigzag(u)
+        shift += 7
+
+
+# ---- shuffling ------------------------------------------------------------------------------------
+class Shuffler:
+    """k slots and a cursor: put(v) stores v at slot perm[i], returns what was in slot i."""
+
+    def __init__(self, perm: list[int]):
+        self.perm = perm
+        self.slots: list[object] = [None] * len(perm)
+        self.i = 0
+
+    def put(self, value: object) -> object:
+        k = len(self.perm)
+        self.slots[self.perm[self.i]] = value
+        out = self.slots[self.i]
+        self.slots[self.i] = None
+        self.i = (self.i + 1) % k
+        return out
+
+
+def shuffle(items: Iterable[T], perm: list[int]) -> Iterator[T | None]:
+    """items through a shuffler, then k-1 empties to flush it: n+k-1 values, None = placeholder."""
+    s = Shuffler(perm)
+    for item in items:
+        yield s.put(item)  # type: ignore[misc]
+    for _ in range(len(perm) - 1):
+        yield s.put(None)  # type: ignore[misc]
+
+
+def inverse(perm: list[int]) -> list[int]:
+    k = len(perm)
+    inv = [0] * k
+    for i, p in enumerate(perm):
+        inv[p] = (i + k - 1) % k
+    return inv
+
+
+def unshuffle(stream: Iterable[T | None], perm: list[int]) -> Iterator[T]:
+    """The original order back from a shuffled stream (placeholders dropped)."""
+    for value in shuffle(stream, inverse(perm)):
+        if value is not None:
+            yield value  # type: ignore[misc]
+
+
+# ---- the wishlist ---------------------------------------------------------------------------------
+def wishlist(info: SyncInfo, have: Callable[[bytes], bool]) -> Iterator[bytes]:
+    """The receiver's bit stream, a byte at a time as each fills (MSB first, last one padded):
+    1 for a chunk it lacks and has not asked for already; 0 for placeholders and the rest."""
+    asked: set[bytes] = set()
+    byte = bits = 0
+    for chunk in shuffle(info.chunks, info.perm):
+        want = chunk is not None and chunk.key not in asked and not have(chunk.key)
+        if want:
+            asked.add(chunk.key)  # type: ignore[union-attr]
+        byte = (byte << 1) | want
+        bits += 1
+        if bits == 8:
+            yield bytes([byte])
+            byte = bits = 0
+    if bits:
+        yield bytes([byte << (8 - bits)])
+
+
+def wishlist_bits(data: bytes, positions: int) -> list[bool]:
+    """The sender's reading of a wishlist: exactly ceil(positions/8) bytes."""
+    need = (positions + 7) // 8
+    if len(data) > need:
+        raise SyncError("wishlist too long")
+    if len(data) < need:
+        raise SyncError("wishlist too short")
+    return [bool(data[i >> 3] & (0x80 >> (i & 7))) for i in range(positions)]
+
+
+# ---- the chunk data stream ------------------------------------------------------------------------
+def send(info: SyncInfo, wish: bytes, get: Callable[[ChunkInfo], bytes],
+         write: Callable[[bytes], object]) -> int:
+    """Stream the requested chunks: varint(length) + bytes each. Returns the bytes of chunk data sent."""
+    bits = wishlist_bits(wish, info.positions)
+    sent = 0
+    for chunk, wanted in zip(shuffle(info.chunks, info.perm), bits, strict=True):
+        if not wanted:
+            continue
+        if chunk is None:
+            raise SyncError("receiver requested the empty chunk (a placeholder)")
+        data = get(chunk)
+        write(varint(len(data)) + data)
+        sent += len(data)
+    return sent
+
+
+def receive(info: SyncInfo, wish: bytes, stream: BinaryIO, put: Callable[[ChunkInfo, bytes], object],
+            check: Callable[[bytes], bytes] = lambda data: hashlib.sha256(data).digest(),
+            progress: Callable[[int], None] | None = None) -> int:
+    """Read the chunks asked for in `wish`, check each (key = check(data), size), hand them to `put`.
+    Anything unexpected is a SyncError: nothing unchecked ever reaches `put`. Returns the count."""
+    bits = wishlist_bits(wish, info.positions)
+    count = 0
+    for chunk, wanted in zip(shuffle(info.chunks, info.perm), bits, strict=True):
+        if not wanted or chunk is None:
+            continue
+        length = read_varint(stream)
+        if length is None:
+            raise SyncError(f"unexpected end of data: chunk {chunk.key.hex()} missing")
+        if not 0 <= length <= MAX_CHUNK:
+            raise SyncError(f"illegal chunk length {length}")
+        data = stream.read(length)
+        if len(data) != length:
+            raise SyncError(f"unexpected end of data inside chunk {chunk.key.hex()}")
+        if length != chunk.size or check(data) != chunk.key:
+            raise SyncError(f"unexpected chunk: expected {chunk.key.hex()} ({chunk.size} bytes), "
+                            f"got {len(data)} bytes that do not match")
+        put(chunk, data)
+        count += 1
+        if progress is not None:
+            progress(length)
+    if stream.read(1):
+        raise SyncError("unsolicited chunk data after the last requested chunk")
+    return count

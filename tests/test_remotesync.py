@@ -1,0 +1,168 @@
+"""remotesync's wishlist protocol (CAFS, ../shared/spec/REMOTESYNC.md): encodings, shuffling,
+round trips with receivers holding some of the chunks, and hostile peers on both sides."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pydesync.remotesync import (
+    PLACEHOLDER_KEY,
+    ChunkInfo,
+    SyncError,
+    SyncInfo,
+    inverse,
+    read_varint,
+    receive,
+    send,
+    shuffle,
+    unshuffle,
+    varint,
+    wishlist,
+    wishlist_bits,
+)
+
+
+def chunks_of(rng: random.Random, n: int, duplicates: int = 0) -> tuple[list[bytes], list[ChunkInfo]]:
+    datas = [rng.randbytes(rng.randrange(0, 3000)) for _ in range(n)]
+    for _ in range(duplicates):
+        datas.insert(rng.randrange(0, len(datas) + 1), rng.choice(datas))
+    return datas, [ChunkInfo(hashlib.sha256(d).digest(), len(d)) for d in datas]
+
+
+def transfer(info: SyncInfo, datas: list[bytes], have: set[bytes]) -> tuple[bytes, int, int]:
+    """Full exchange in memory; returns (file rebuilt by the receiver, chunks sent, wishlist size)."""
+    by_key = {hashlib.sha256(d).digest(): d for d in datas}
+    local = {k: by_key[k] for k in have}
+    wish = b"".join(wishlist(info, lambda key: key in local))
+    out = io.BytesIO()
+    send(info, wish, lambda c: by_key[c.key], out.write)
+    out.seek(0)
+    received: dict[bytes, bytes] = {}
+    count = receive(info, wish, out, lambda c, data: received.__setitem__(c.key, data))
+    store = {**local, **received}
+    return b"".join(store[c.key] for c in info.chunks), count, len(wish)
+
+
+@pytest.mark.parametrize("held", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("k", [1, 7, 256])
+def test_round_trip(held: float, k: int):
+    rng = random.Random(int(held * 10) + k)
+    datas, chunks = chunks_of(rng, 300, duplicates=40)
+    perm = list(range(k))
+    rng.shuffle(perm)
+    info = SyncInfo(chunks, perm)
+    unique = list(dict.fromkeys(c.key for c in chunks))
+    have = set(rng.sample(unique, int(len(unique) * held)))
+    rebuilt, count, wish_len = transfer(info, datas, have)
+    assert rebuilt == b"".join(datas)
+    assert count == len(set(unique) - have)  # each missing chunk once, duplicates included
+    assert wish_len == (len(chunks) + k - 1 + 7) // 8
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 1000), max_size=60), st.permutations(list(range(9))))
+def test_shuffle_then_unshuffle_is_identity(items: list[int], perm: list[int]):
+    shuffled = list(shuffle(items, perm))
+    assert len(shuffled) == len(items) + len(perm) - 1
+    assert sorted(x for x in shuffled if x is not None) == sorted(items)
+    assert list(unshuffle(shuffled, perm)) == items
+
+
+def test_inverse_matches_the_spec():
+    perm = [2, 0, 1]
+    assert inverse(perm) == [(1 + 2) % 3, (2 + 2) % 3, (0 + 2) % 3]
+
+
+def test_encodings():
+    rng = random.Random(5)
+    _, chunks = chunks_of(rng, 20)
+    info = SyncInfo(chunks, [1, 0, 2])
+    assert SyncInfo.from_json(info.to_json()) == info
+    text = info.to_json().decode()
+    assert text.startswith('{"Chunks":[{"Key":"') and text.endswith('"Perm":[1,0,2]}')
+    plain = SyncInfo(chunks)
+    assert SyncInfo.from_binary(plain.to_binary()) == plain
+    assert varint(1) == b"\x02" and varint(64) == b"\x80\x01" and varint(-1) == b"\x01"  # zigzag
+    assert read_varint(io.BytesIO(varint(131072))) == 131072
+    with pytest.raises(SyncError, match="permutation"):
+        SyncInfo(chunks, [0, 0])
+    with pytest.raises(SyncError, match="size"):
+        SyncInfo.from_json(b'{"Chunks":[{"Key":"' + b"ab" * 32 + b'","Size":131073}],"Perm":[0]}')
+    with pytest.raises(SyncError):
+        SyncInfo.from_json(b"not json")
+
+
+def test_wishlist_is_msb_first_and_skips_placeholders():
+    _, chunks = chunks_of(random.Random(1), 3)
+    info = SyncInfo(chunks, [1, 0])  # 3 chunks + 1 placeholder position
+    bits = wishlist_bits(b"".join(wishlist(info, lambda key: False)), info.positions)
+    shuffled = list(shuffle(chunks, [1, 0]))
+    assert bits == [c is not None for c in shuffled]
+    assert b"".join(wishlist(SyncInfo(chunks), lambda key: False)) == bytes([0b11100000])
+
+
+# ---- hostile peers -------------------------------------------------------------------------------
+@pytest.fixture
+def setup():
+    rng = random.Random(9)
+    datas, chunks = chunks_of(rng, 40)
+    info = SyncInfo(chunks, [3, 1, 0, 2])
+    by_key = {c.key: d for c, d in zip(chunks, datas, strict=True)}
+    wish = b"".join(wishlist(info, lambda key: False))
+    return info, by_key, wish
+
+
+def _received(info, wish, stream):
+    got = {}
+    receive(info, wish, io.BytesIO(stream), lambda c, d: got.__setitem__(c.key, d))
+    return got
+
+
+def test_sender_with_wrong_data(setup):
+    info, by_key, wish = setup
+    out = io.BytesIO()
+    send(info, wish, lambda c: by_key[c.key][:-1] + b"X" if c.size else b"", out.write)
+    with pytest.raises(SyncError, match="unexpected chunk"):
+        _received(info, wish, out.getvalue())
+
+
+def test_sender_with_extra_data_or_too_many_chunks(setup):
+    info, by_key, wish = setup
+    out = io.BytesIO()
+    send(info, wish, lambda c: by_key[c.key], out.write)
+    with pytest.raises(SyncError, match="unsolicited"):
+        _received(info, wish, out.getvalue() + varint(3) + b"abc")
+    with pytest.raises(SyncError, match="unexpected end"):
+        _received(info, wish, out.getvalue()[:-5])
+    with pytest.raises(SyncError, match="illegal chunk length"):
+        _received(info, wish, varint(131073) + b"x")
+
+
+def test_nothing_unchecked_reaches_the_store(setup):
+    info, by_key, wish = setup
+    out = io.BytesIO()
+    send(info, wish, lambda c: by_key[c.key], out.write)
+    stored = []
+    damaged = bytearray(out.getvalue())
+    damaged[len(damaged) // 2] ^= 1
+    with pytest.raises(SyncError):
+        receive(info, wish, io.BytesIO(bytes(damaged)), lambda c, d: stored.append((c, d)))
+    assert all(hashlib.sha256(d).digest() == c.key for c, d in stored)
+
+
+def test_receiver_asking_for_a_placeholder_or_sending_too_much(setup):
+    info, by_key, _ = setup
+    everything = b"\xff" * ((info.positions + 7) // 8)  # every bit set, placeholders included
+    with pytest.raises(SyncError, match="empty chunk"):
+        send(info, everything, lambda c: by_key[c.key], lambda b: None)
+    with pytest.raises(SyncError, match="too long"):
+        send(info, everything + b"\x00", lambda c: by_key[c.key], lambda b: None)
+    with pytest.raises(SyncError, match="too short"):
+        send(info, everything[:-1], lambda c: by_key[c.key], lambda b: None)
+    assert hashlib.sha256(b"").digest() == PLACEHOLDER_KEY
