@@ -166,3 +166,46 @@ def test_receiver_asking_for_a_placeholder_or_sending_too_much(setup):
     with pytest.raises(SyncError, match="too short"):
         send(info, everything[:-1], lambda c: by_key[c.key], lambda b: None)
     assert hashlib.sha256(b"").digest() == PLACEHOLDER_KEY
+
+
+# ---- CAFS's chunker --------------------------------------------------------------------------------
+def oracle_cuts(data: bytes) -> list[int]:
+    """CAFS's chunk boundaries, byte by byte from the definition (REMOTESYNC.md section 1)."""
+    cuts, start = [], 0
+    while start < len(data):
+        s1, s2, cut = 1, 0, None
+        for j in range(len(data) - start):
+            x = data[start + j]
+            if j >= 48:
+                out = data[start + j - 48]
+                s1, s2 = (s1 - out) % 65521, (s2 - 48 * out - 1) % 65521
+            s1 = (s1 + x) % 65521
+            s2 = (s2 + s1) % 65521
+            n = j + 1
+            if j >= 48 and ((n > 128 and ((s2 << 16) | s1) % 8191 == 4159) or n > 131072):
+                cut = j
+                break
+        if cut is None:
+            break
+        start += cut
+        cuts.append(start)
+    return cuts
+
+
+@pytest.mark.parametrize("kind", ["random", "text", "zeros", "short"])
+def test_cafs_chunker_matches_the_definition(kind: str):
+    from pydesync import _chunker
+    from pydesync.remotesync import cafs_chunks
+
+    rng = random.Random(kind)
+    data = {"random": rng.randbytes(300_000), "text": b"the quick brown fox jumps " * 12000,
+            "zeros": bytes(300_000), "short": rng.randbytes(100)}[kind]
+    cuts = _chunker.cafs_cuts(data, 0)
+    assert cuts == oracle_cuts(data)
+    pieces = list(cafs_chunks(io.BytesIO(data), block=7777))  # boundaries do not depend on read sizes
+    assert b"".join(pieces) == data
+    ends = [sum(len(p) for p in pieces[:i + 1]) for i in range(len(pieces))]
+    assert ends[:-1] == cuts
+    assert all(128 <= len(p) <= 131072 for p in pieces[:-1])
+    if kind == "random":
+        assert 10 < len(pieces) < 100  # about 8 KiB on average

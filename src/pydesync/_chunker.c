@@ -414,9 +414,92 @@ done:
     return result;
 }
 
+/* ---- CAFS's chunker (remotesync's CAFS mode) ----------------------------------------------------
+ * An Adler-32 style rolling sum over a 48-byte window: s1 = 1 + sum of the window's bytes, s2 =
+ * the sum of the running s1 values, both mod 65521; the checksum is s2 << 16 | s1. Each chunk
+ * starts from a fresh state with its first byte. Once a chunk has 48 bytes, every further byte
+ * rolls the oldest one out; the chunk ends *before* that byte when, with it counted, the chunk
+ * would exceed 128 bytes and the checksum mod 8191 is 4159, or would exceed 128 KiB.
+ */
+#define CAFS_MOD 65521u
+#define CAFS_WINDOW 48
+#define CAFS_MIN 128
+#define CAFS_MAX 131072
+
+PyDoc_STRVAR(cafs_cuts_doc,
+"cafs_cuts(buffer, start) -> list of chunk end offsets\n\n"
+"Every chunk boundary CAFS's chunker finds in buffer for chunks starting at `start` (each\n"
+"chunk is scanned from a fresh state, so boundaries do not depend on how the data is split).\n"
+"Bytes after the last offset are undecided until more data (or the end) is known.");
+
+static PyObject *cafs_cuts(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t start;
+    if (!PyArg_ParseTuple(args, "y*n", &view, &start))
+        return NULL;
+    const unsigned char *data = view.buf;
+    Py_ssize_t len = view.len, cap = 64, count = 0;
+    Py_ssize_t *cuts = PyMem_RawMalloc(cap * sizeof *cuts);
+    if (cuts == NULL) {
+        PyBuffer_Release(&view);
+        return PyErr_NoMemory();
+    }
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    Py_ssize_t chunk = start;
+    while (chunk < len && !failed) {
+        uint32_t s1 = 1, s2 = 0;
+        Py_ssize_t limit = len - chunk, j, cut = -1;
+        Py_ssize_t fill = limit < CAFS_WINDOW ? limit : CAFS_WINDOW;
+        const unsigned char *c = data + chunk;
+        for (j = 0; j < fill; j++) {
+            s1 = (s1 + c[j]) % CAFS_MOD;
+            s2 = (s2 + s1) % CAFS_MOD;
+        }
+        for (; j < limit; j++) {
+            uint32_t out = c[j - CAFS_WINDOW];
+            s1 = (s1 + CAFS_MOD - out) % CAFS_MOD;
+            s2 = (s2 + 2 * CAFS_MOD * CAFS_WINDOW - CAFS_WINDOW * out - 1) % CAFS_MOD;
+            s1 = (s1 + c[j]) % CAFS_MOD;
+            s2 = (s2 + s1) % CAFS_MOD;
+            Py_ssize_t n = j + 1;
+            if ((n > CAFS_MIN && ((s2 << 16) | s1) % 8191u == 4159u) || n > CAFS_MAX) {
+                cut = j;  /* the chunk is c[0:j]; c[j] starts the next */
+                break;
+            }
+        }
+        if (cut < 0)
+            break;
+        if (count == cap) {
+            cap *= 2;
+            Py_ssize_t *more = PyMem_RawRealloc(cuts, cap * sizeof *cuts);
+            if (more == NULL) {
+                failed = 1;
+                break;
+            }
+            cuts = more;
+        }
+        chunk += cut;
+        cuts[count++] = chunk;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    if (failed) {
+        PyMem_RawFree(cuts);
+        return PyErr_NoMemory();
+    }
+    PyObject *list = PyList_New(count);
+    for (Py_ssize_t i = 0; list != NULL && i < count; i++)
+        PyList_SET_ITEM(list, i, PyLong_FromSsize_t(cuts[i]));
+    PyMem_RawFree(cuts);
+    return list;
+}
+
 static PyMethodDef methods[] = {
     {"write_new_files", write_new_files, METH_VARARGS, write_new_files_doc},
     {"siphash24", siphash24, METH_VARARGS, siphash24_doc},
+    {"cafs_cuts", cafs_cuts, METH_VARARGS, cafs_cuts_doc},
     {"is_zero", is_zero, METH_VARARGS, is_zero_doc},
     {"find_cuts", find_cuts, METH_VARARGS, find_cuts_doc},
     {"buzhash", buzhash, METH_VARARGS, buzhash_doc},

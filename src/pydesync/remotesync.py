@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, TypeVar
 
+from . import _chunker
 from .errors import PydesyncError
 
 MAX_CHUNK = 131072  # CAFS's largest chunk; also the limit on any length on the wire
@@ -114,6 +115,36 @@ def _size(n: object) -> int:
     if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_CHUNK:
         raise SyncError(f"SyncInfo: chunk size {n!r} outside 0..{MAX_CHUNK}")
     return n
+
+
+# ---- CAFS's chunker -------------------------------------------------------------------------------
+def cafs_chunks(reader: BinaryIO, block: int = 1 << 20) -> Iterator[bytes]:
+    """The chunks CAFS's Adler-32 chunker cuts a stream into (48-byte window; a cut before the byte
+    that makes the chunk longer than 128 bytes with checksum mod 8191 == 4159, or longer than
+    128 KiB; each chunk from a fresh state). The scan is `_chunker.cafs_cuts`, in C."""
+    buf = b""
+    while True:
+        more = reader.read(block)
+        buf += more
+        start = 0
+        for cut in _chunker.cafs_cuts(buf, 0):
+            yield buf[start:cut]
+            start = cut
+        buf = buf[start:]  # undecided: rescanned with more data (chunks start fresh, so no state)
+        if not more:
+            if buf:
+                yield buf
+            return
+
+
+def file_syncinfo(reader: BinaryIO, perm: list[int] | None = None) -> tuple[SyncInfo, list[int]]:
+    """The SyncInfo of a file in CAFS mode (SHA-256 keys of its CAFS chunks), and the chunk offsets."""
+    chunks, offsets, offset = [], [], 0
+    for data in cafs_chunks(reader):
+        chunks.append(ChunkInfo(hashlib.sha256(data).digest(), len(data)))
+        offsets.append(offset)
+        offset += len(data)
+    return SyncInfo(chunks, perm or [0]), offsets
 
 
 # ---- varints (Go's binary.PutVarint: zigzag, then LEB128) -----------------------------------------
