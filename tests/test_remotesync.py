@@ -4,18 +4,29 @@ round trips with receivers holding some of the chunks, and hostile peers on both
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
+import json
 import random
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
+from conftest import assert_clean_error, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from procutil import free_port, stop, wait_listening
 
 from pydesync.remotesync import (
     PLACEHOLDER_KEY,
     ChunkInfo,
     SyncError,
     SyncInfo,
+    file_syncinfo,
     inverse,
     read_varint,
     receive,
@@ -209,3 +220,113 @@ def test_cafs_chunker_matches_the_definition(kind: str):
     assert all(128 <= len(p) <= 131072 for p in pieces[:-1])
     if kind == "random":
         assert 10 < len(pieces) < 100  # about 8 KiB on average
+
+
+# ---- over HTTP: sync-serve and sync-get ------------------------------------------------------------
+@pytest.fixture
+def served(tmp_path: Path):
+    """v1, and v2 = v1 with a few pieces rewritten, v2 offered by a sync-serve process."""
+    rng = random.Random(11)
+    v1 = bytearray(rng.randbytes(1_500_000))
+    (tmp_path / "v1").write_bytes(v1)
+    for _ in range(4):
+        at = rng.randrange(0, len(v1) - 10_000)
+        v1[at:at + 10_000] = rng.randbytes(10_000)
+    (tmp_path / "v2").write_bytes(v1)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pydesync", "sync-serve", "-l", f"127.0.0.1:{port}",
+                             str(tmp_path / "v2")], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    assert wait_listening(proc, port)
+    yield tmp_path, port
+    stop(proc)
+
+
+def test_sync_get_with_and_without_a_seed(served):
+    d, port = served
+    url = f"http://127.0.0.1:{port}/v2"
+    r = run_cli("sync-get", "--print-stats", "--seed", d / "v1", url, d / "out")
+    assert r.returncode == 0, r.stderr
+    assert (d / "out").read_bytes() == (d / "v2").read_bytes()
+    with_seed = json.loads(r.stdout)
+    r = run_cli("sync-get", "--print-stats", url, d / "out2")
+    assert r.returncode == 0 and (d / "out2").read_bytes() == (d / "v2").read_bytes()
+    without = json.loads(r.stdout)
+    assert with_seed["chunks-received"] < without["chunks-received"] / 5
+    assert with_seed["bytes-received"] < 200_000
+
+
+def test_http_rules(served):
+    _, port = served
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/v2")
+    answer = conn.getresponse()
+    info = SyncInfo.from_json(answer.read())
+    assert answer.status == 200 and info.positions == len(info.chunks) + 255
+    for method, path, headers, status in (("POST", "/v2", {}, 400), ("PUT", "/v2", {}, 405),
+                                          ("GET", "/nothing", {}, 404)):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request(method, path, body=b"\x00" if method != "GET" else None, headers=headers)
+        assert conn.getresponse().status == status, (method, path)
+
+
+def test_full_duplex_with_a_chunked_wishlist(served):
+    """As CAFS's client does: the wishlist trickles in chunked encoding while the answer streams;
+    the first chunk arrives before the wishlist is finished."""
+    d, port = served
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/v2")
+    info = SyncInfo.from_json(conn.getresponse().read())
+    wish = b"".join(wishlist(info, lambda key: False))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /v2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n")
+        first = wish[:40]  # enough bits for the first requested chunks (k = 256: past the flushing delay)
+        s.sendall(b"%x\r\n%s\r\n" % (len(first), first))
+        received = b""
+        while b"\r\n\r\n" not in received or len(received.split(b"\r\n\r\n", 1)[1]) < 10:
+            more = s.recv(65536)
+            assert more, "no data before the wishlist was complete"
+            received += more
+        rest = wish[40:]
+        s.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
+        while more := s.recv(65536):
+            received += more
+    head, body = received.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200")
+    got: dict[bytes, bytes] = {}
+    receive(info, wish, io.BytesIO(body), lambda c, data: got.__setitem__(c.key, data))
+    assert b"".join(got[c.key] for c in info.chunks) == (d / "v2").read_bytes()
+
+
+def test_sync_get_from_a_lying_server(tmp_path: Path):
+    """A server whose data does not match its SyncInfo: a clean error, no output left behind."""
+
+    data = random.Random(2).randbytes(50_000)
+    info, _ = file_syncinfo(io.BytesIO(data))
+
+    class Liar(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = info.to_json()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.end_headers()
+            for c in info.chunks:
+                self.wfile.write(varint(c.size) + bytes(c.size))  # right sizes, wrong bytes
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Liar)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        r = run_cli("sync-get", f"http://127.0.0.1:{server.server_address[1]}/f", tmp_path / "out")
+    finally:
+        server.shutdown()
+    assert_clean_error(r, "unexpected chunk")
+    assert list(tmp_path.iterdir()) == []

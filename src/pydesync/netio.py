@@ -109,6 +109,17 @@ class SocketReader:
         except TimeoutError:
             return None
 
+    def read_some(self, n: int) -> bytes:
+        """Up to n bytes: what is buffered, else one receive; b"" at end of stream."""
+        if self._start == self._end and not self.fill():
+            return b""
+        take = min(n, self._end - self._start)
+        out = bytes(self._view[self._start:self._start + take])
+        self._start += take
+        if self._start == self._end:
+            self._start = self._end = 0
+        return out
+
     def read_exact(self, n: int) -> bytearray | None:
         """Exactly n bytes (one allocation, received straight into it); None if the stream ends."""
         out = bytearray(n)

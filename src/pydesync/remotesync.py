@@ -19,8 +19,10 @@ a placeholder, or a wishlist longer than the positions, on the sender's side.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -308,3 +310,153 @@ def receive(info: SyncInfo, wish: bytes, stream: BinaryIO, put: Callable[[ChunkI
     if stream.read(1):
         raise SyncError("unsolicited chunk data after the last requested chunk")
     return count
+
+
+# ---- files: serving and fetching over HTTP (httpsync's binding) -----------------------------------
+class ServedFile:
+    """A local file offered for wishlist transfers: its SyncInfo, and its chunks by key."""
+
+    def __init__(self, path: str, perm: list[int] | None = None):
+        self.path = path
+        with open(path, "rb") as f:
+            self.info, offsets = file_syncinfo(f, perm)
+        self.where = {c.key: (o, c.size) for c, o in zip(self.info.chunks, offsets, strict=True)}
+
+    def chunk(self, chunk: ChunkInfo) -> bytes:
+        offset, size = self.where[chunk.key]
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size or hashlib.sha256(data).digest() != chunk.key:
+            raise SyncError(f"{self.path} changed while it was being served")
+        return data
+
+    def stream(self, read: Callable[[int], bytes], write: Callable[[bytes], object]) -> int:
+        """Answer a wishlist as it arrives (`read(n)`: up to n bytes, b"" at its end), writing each
+        requested chunk as soon as its bit is known: full duplex, as CAFS's clients expect."""
+        positions = self.info.positions
+        need = (positions + 7) // 8
+        order = shuffle(self.info.chunks, self.info.perm)
+        got = sent = 0
+        while got < need:
+            data = read(min(4096, need - got))
+            if not data:
+                raise SyncError("wishlist too short")
+            for byte in data:
+                for bit in range(8):
+                    index = got * 8 + bit
+                    if index >= positions:
+                        break
+                    chunk = next(order)
+                    if byte & (0x80 >> bit):
+                        if chunk is None:
+                            raise SyncError("receiver requested the empty chunk (a placeholder)")
+                        payload = self.chunk(chunk)
+                        write(varint(len(payload)) + payload)
+                        sent += len(payload)
+                got += 1
+        if read(1):
+            raise SyncError("wishlist too long")
+        return sent
+
+
+def local_chunks(paths: Iterable[str]) -> dict[bytes, tuple[str, int, int]]:
+    """key -> (file, offset, size) for the CAFS chunks of local files (seeds for sync-get)."""
+    found: dict[bytes, tuple[str, int, int]] = {}
+    for path in paths:
+        with open(path, "rb") as f:
+            info, offsets = file_syncinfo(f)
+        for c, offset in zip(info.chunks, offsets, strict=True):
+            found.setdefault(c.key, (path, offset, c.size))
+    return found
+
+
+def rebuild(info: SyncInfo, output_fd: int, wish: bytes, stream: BinaryIO,
+            local: dict[bytes, tuple[str, int, int]], progress: Callable[[int], None] | None = None) -> int:
+    """Write the file `info` describes into output_fd: chunks that arrive on `stream` (checked) and
+    chunks from local files (checked too), each at every offset where it occurs. Returns the
+    chunks received."""
+    places: dict[bytes, list[int]] = {}
+    offset = 0
+    for c in info.chunks:
+        places.setdefault(c.key, []).append(offset)
+        offset += c.size
+    os.ftruncate(output_fd, offset)
+
+    def put(chunk: ChunkInfo, data: bytes) -> None:
+        for at in places.pop(chunk.key, ()):
+            os.pwrite(output_fd, data, at)
+
+    count = receive(info, wish, stream, put, progress=progress)
+    for key, offsets in places.items():  # the rest: from local files
+        if key not in local:
+            raise SyncError(f"chunk {key.hex()} neither sent nor available locally")
+        path, at, size = local[key]
+        with open(path, "rb") as f:
+            f.seek(at)
+            data = f.read(size)
+        if hashlib.sha256(data).digest() != key:
+            raise SyncError(f"{path} changed while it was read")
+        for dst in offsets:
+            os.pwrite(output_fd, data, dst)
+    return count
+
+
+def sync_get(url: str, output: str, seeds: Iterable[str] = (), timeout: float = 60,
+             progress: Callable[[int], None] | None = None) -> dict[str, int]:
+    """Fetch the file a sync-serve (or CAFS httpsync) URL offers into `output`: GET its SyncInfo,
+    POST the wishlist (whole, with `Connection: close`), rebuild from the answer and the chunks
+    the `seeds` (local files) hold. The output is a temporary file renamed at the end."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    from .fsutil import temp_name_for
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SyncError(f"not an http(s) URL: {url}")
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    target = parts.path or "/"
+
+    def connect() -> http.client.HTTPConnection:
+        return kind(parts.hostname, parts.port, timeout=timeout)  # type: ignore[arg-type]
+
+    try:
+        conn = connect()
+        conn.request("GET", target)
+        answer = conn.getresponse()
+        body = answer.read()
+        conn.close()
+        if answer.status != 200:
+            raise SyncError(f"GET {url}: status {answer.status}")
+        info = SyncInfo.from_json(body)
+        local = local_chunks(seeds)
+        wish = b"".join(wishlist(info, lambda key: key in local))
+        conn = connect()
+        conn.request("POST", target, body=wish, headers={"Connection": "close",
+                                                          "Content-Type": "application/octet-stream"})
+        answer = conn.getresponse()
+        if answer.status != 200:
+            text = answer.read(200).decode(errors="replace").strip()
+            raise SyncError(f"POST {url}: status {answer.status}: {text}")
+        temp = temp_name_for(output)
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            received = rebuild(info, fd, wish, answer, local, progress)  # type: ignore[arg-type]
+            os.close(fd)
+            fd = -1
+            os.replace(temp, output)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            raise
+        finally:
+            conn.close()
+    except (OSError, http.client.HTTPException) as e:
+        raise SyncError(f"{url}: {e}") from None
+    total = sum(c.size for c in info.chunks)
+    return {"chunks": len(info.chunks), "chunks-received": received,
+            "bytes-received": sum(c.size for c in {c.key: c for c in info.chunks}.values()
+                                  if c.key not in local), "bytes-total": total}

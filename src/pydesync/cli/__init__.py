@@ -14,7 +14,7 @@ import threading
 from collections.abc import Sequence
 
 from ..errors import PydesyncError
-from . import archive, blob, inspect, mount, remote, server, store, treeinfo
+from . import archive, blob, inspect, mount, remote, server, store, sync, treeinfo
 from .common import Context, add_global_flags, parse_bool
 
 
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     add_global_flags(parent, suppress=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for module in (blob, archive, store, inspect, treeinfo, server, remote, mount):
+    for module in (blob, archive, store, inspect, treeinfo, server, remote, mount, sync):
         module.register(sub, parent)
     return parser
 
