@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from procutil import free_port, stop, wait_listening
 
+from pydesync.index import read_index
 from pydesync.remotesync import (
     PLACEHOLDER_KEY,
     ChunkInfo,
@@ -330,3 +331,66 @@ def test_sync_get_from_a_lying_server(tmp_path: Path):
         server.shutdown()
     assert_clean_error(r, "unexpected chunk")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- our mode: chunk-server /sync/<index> and extract --sync ------------------------------------------
+@pytest.fixture
+def sync_server(tmp_path: Path):
+    rng = random.Random(21)
+    v1 = bytearray(rng.randbytes(2_000_000))
+    (tmp_path / "v1").write_bytes(v1)
+    for _ in range(3):
+        at = rng.randrange(0, len(v1) - 30_000)
+        v1[at:at + 30_000] = rng.randbytes(30_000)
+    (tmp_path / "v2").write_bytes(v1)
+    (tmp_path / "idx").mkdir()
+    for name in ("v1", "v2"):
+        r = run_cli("make", "-m", "4:16:64", "-s", tmp_path / "store", tmp_path / "idx" / f"{name}.caibx",
+                    tmp_path / name)
+        assert r.returncode == 0, r.stderr
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pydesync", "chunk-server", "-s", str(tmp_path / "store"),
+                             "-l", f"127.0.0.1:{port}", "--sync-index-store", str(tmp_path / "idx"),
+                             "--log", str(tmp_path / "access.log")],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_listening(proc, port)
+    yield tmp_path, f"http://127.0.0.1:{port}"
+    stop(proc)
+
+
+def test_extract_sync_fetches_the_missing_chunks_in_one_round_trip(sync_server):
+    d, base = sync_server
+    r = run_cli("extract", "--sync", f"{base}/sync/v2.caibx", "-s", f"{base}/", "--seed",
+                f"{d / 'idx' / 'v1.caibx'}:{d / 'v1'}", d / "idx" / "v2.caibx", d / "out")
+    assert r.returncode == 0, r.stderr
+    assert (d / "out").read_bytes() == (d / "v2").read_bytes()
+    log = (d / "access.log").read_text().splitlines()
+    requests = [line.split("Request: ")[1].split(",")[0] for line in log]
+    assert [q for q in requests if "/sync/" not in q] == []  # no chunk fetched one by one
+    assert sorted(requests)[-2:] == ["GET /sync/v2.caibx", "POST /sync/v2.caibx"]
+    assert not [p for p in d.iterdir() if p.name.startswith(".pydesync-sync-")]
+
+
+def test_extract_sync_fills_the_cache(sync_server):
+    d, base = sync_server
+    r = run_cli("extract", "--sync", f"{base}/sync/v2.caibx", "-s", f"{base}/", "-c", d / "cache",
+                d / "idx" / "v2.caibx", d / "out")
+    assert r.returncode == 0, r.stderr
+    assert (d / "out").read_bytes() == (d / "v2").read_bytes()
+    unique = {c.id for c in read_index(str(d / "idx" / "v2.caibx"))}
+    assert len(list((d / "cache").rglob("*.cacnk"))) == len(unique)
+
+
+def test_sync_refusals(sync_server):
+    d, base = sync_server
+    r = run_cli("extract", "--sync", f"{base}/sync/v1.caibx", "-s", f"{base}/", d / "idx" / "v2.caibx",
+                d / "out")
+    assert_clean_error(r, "another index")
+    port = int(base.rsplit(":", 1)[1])
+    for headers, body, status in (({}, b"\x00", 400), ({"Connection": "close"}, b"\x00" * 100_000, 400)):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/sync/v2.caibx", body=body, headers=headers)
+        assert conn.getresponse().status == status
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/sync/nothing.caibx")
+    assert conn.getresponse().status == 404

@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -54,12 +55,13 @@ PLACEHOLDER = ChunkInfo(PLACEHOLDER_KEY, 0)
 class SyncInfo:
     chunks: list[ChunkInfo]
     perm: list[int] = field(default_factory=lambda: [0])
+    max_size: int = field(default=MAX_CHUNK, compare=False)  # CAFS's 128 KiB; an index's max in our mode
 
     def __post_init__(self) -> None:
         if not self.perm or sorted(self.perm) != list(range(len(self.perm))):
             raise SyncError("SyncInfo: Perm is not a permutation of 0..k-1")
         for c in self.chunks:
-            if len(c.key) != 32 or not 0 <= c.size <= MAX_CHUNK:
+            if len(c.key) != 32 or not 0 <= c.size <= self.max_size:
                 raise SyncError(f"SyncInfo: invalid chunk (key of {len(c.key)} bytes, size {c.size})")
 
     # ---- encodings ----------------------------------------------------------------------------
@@ -69,16 +71,16 @@ class SyncInfo:
         return f'{{"Chunks":[{chunks}],"Perm":[{",".join(map(str, self.perm))}]}}'.encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> SyncInfo:
+    def from_json(cls, data: bytes, max_size: int = MAX_CHUNK) -> SyncInfo:
         try:
             raw = json.loads(data)
-            chunks = [ChunkInfo(_key(c["Key"]), _size(c["Size"])) for c in raw.get("Chunks") or []]
+            chunks = [ChunkInfo(_key(c["Key"]), _size(c["Size"], max_size)) for c in raw.get("Chunks") or []]
             perm = raw.get("Perm")
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise SyncError(f"malformed SyncInfo JSON: {e}") from None
         if not isinstance(perm, list) or any(not isinstance(p, int) or isinstance(p, bool) for p in perm):
             raise SyncError("malformed SyncInfo JSON: Perm must be a list of integers")
-        return cls(chunks, perm)
+        return cls(chunks, perm, max_size)
 
     def to_binary(self) -> bytes:
         """The legacy form (no permutation: only for Perm [0])."""
@@ -113,9 +115,9 @@ def _key(text: object) -> bytes:
     return bytes.fromhex(text)
 
 
-def _size(n: object) -> int:
-    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_CHUNK:
-        raise SyncError(f"SyncInfo: chunk size {n!r} outside 0..{MAX_CHUNK}")
+def _size(n: object, limit: int = MAX_CHUNK) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= limit:
+        raise SyncError(f"SyncInfo: chunk size {n!r} outside 0..{limit}")
     return n
 
 
@@ -284,9 +286,12 @@ def send(info: SyncInfo, wish: bytes, get: Callable[[ChunkInfo], bytes],
 
 def receive(info: SyncInfo, wish: bytes, stream: BinaryIO, put: Callable[[ChunkInfo, bytes], object],
             check: Callable[[bytes], bytes] = lambda data: hashlib.sha256(data).digest(),
-            progress: Callable[[int], None] | None = None) -> int:
-    """Read the chunks asked for in `wish`, check each (key = check(data), size), hand them to `put`.
-    Anything unexpected is a SyncError: nothing unchecked ever reaches `put`. Returns the count."""
+            progress: Callable[[int], None] | None = None,
+            decode: Callable[[bytes], bytes] | None = None) -> int:
+    """Read the chunks asked for in `wish`, check each (key = check(data), size), hand them to `put`
+    (with what came on the wire: compressed in our mode, where `decode` gives the chunk). Anything
+    unexpected is a SyncError: nothing unchecked ever reaches `put`. Returns the count."""
+    limit = MAX_CHUNK if decode is None else 2 * info.max_size + 65536
     bits = wishlist_bits(wish, info.positions)
     count = 0
     for chunk, wanted in zip(shuffle(info.chunks, info.perm), bits, strict=True):
@@ -295,15 +300,19 @@ def receive(info: SyncInfo, wish: bytes, stream: BinaryIO, put: Callable[[ChunkI
         length = read_varint(stream)
         if length is None:
             raise SyncError(f"unexpected end of data: chunk {chunk.key.hex()} missing")
-        if not 0 <= length <= MAX_CHUNK:
+        if not 0 <= length <= limit:
             raise SyncError(f"illegal chunk length {length}")
-        data = stream.read(length)
-        if len(data) != length:
+        wire = stream.read(length)
+        if len(wire) != length:
             raise SyncError(f"unexpected end of data inside chunk {chunk.key.hex()}")
-        if length != chunk.size or check(data) != chunk.key:
+        try:
+            data = wire if decode is None else decode(wire)
+        except PydesyncError as e:
+            raise SyncError(f"unexpected chunk {chunk.key.hex()}: {e}") from None
+        if len(data) != chunk.size or check(data) != chunk.key:
             raise SyncError(f"unexpected chunk: expected {chunk.key.hex()} ({chunk.size} bytes), "
                             f"got {len(data)} bytes that do not match")
-        put(chunk, data)
+        put(chunk, wire)
         count += 1
         if progress is not None:
             progress(length)
@@ -460,3 +469,58 @@ def sync_get(url: str, output: str, seeds: Iterable[str] = (), timeout: float = 
     return {"chunks": len(info.chunks), "chunks-received": received,
             "bytes-received": sum(c.size for c in {c.key: c for c in info.chunks}.values()
                                   if c.key not in local), "bytes-total": total}
+
+
+# ---- our mode: casync chunks from an index, compressed on the wire ---------------------------------
+SYNC_PERM = 64  # shuffling window of the SyncInfo a chunk-server offers for an index
+
+
+def index_syncinfo(index_bytes: bytes, chunks: Iterable[tuple[bytes, int]], max_size: int) -> SyncInfo:
+    """The SyncInfo of an index: its chunk ids and sizes, and a permutation derived from the
+    index itself, so the GET and the later POST of a client see the same one."""
+    perm = list(range(SYNC_PERM))
+    random.Random(hashlib.sha256(index_bytes).digest()).shuffle(perm)
+    return SyncInfo([ChunkInfo(bytes(key), size) for key, size in chunks], perm, max_size)
+
+
+def sync_prefetch(url: str, expected: list[tuple[bytes, int]], max_size: int, have: Callable[[bytes], bool],
+                  decode: Callable[[bytes], bytes], check: Callable[[bytes], bytes],
+                  put: Callable[[bytes, bytes], object], timeout: float = 60) -> dict[str, int]:
+    """Our mode's client: GET the SyncInfo at `url` (it must list exactly `expected`, the index's
+    chunks), POST the wishlist of chunks `have` lacks as one body, and hand each chunk that
+    arrives (as sent: compressed) to put(key, wire) once decode and check prove it is the chunk."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SyncError(f"not an http(s) URL: {url}")
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    try:
+        conn = kind(parts.hostname, parts.port, timeout=timeout)  # type: ignore[arg-type]
+        conn.request("GET", target)
+        answer = conn.getresponse()
+        body = answer.read()
+        conn.close()
+        if answer.status != 200:
+            raise SyncError(f"GET {url}: status {answer.status}")
+        info = SyncInfo.from_json(body, max_size)
+        if [(c.key, c.size) for c in info.chunks] != [(bytes(k), n) for k, n in expected]:
+            raise SyncError(f"{url} describes another index than the one being extracted")
+        wish = b"".join(wishlist(info, have))
+        conn = kind(parts.hostname, parts.port, timeout=timeout)  # type: ignore[arg-type]
+        conn.request("POST", target, body=wish, headers={"Connection": "close",
+                                                          "Content-Type": "application/octet-stream"})
+        answer = conn.getresponse()
+        if answer.status != 200:
+            text = answer.read(200).decode(errors="replace").strip()
+            raise SyncError(f"POST {url}: status {answer.status}: {text}")
+        try:
+            count = receive(info, wish, answer, lambda c, wire: put(c.key, wire), check=check,  # type: ignore[arg-type]
+                            decode=decode)
+        finally:
+            conn.close()
+    except (OSError, http.client.HTTPException) as e:
+        raise SyncError(f"{url}: {e}") from None
+    return {"chunks-requested": bin(int.from_bytes(wish, "big")).count("1"), "chunks-received": count}

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import tempfile
 from contextlib import nullcontext
 
 from ..chunker import ChunkSizes, iter_chunks
-from ..digest import check_digest, digest_of
+from ..digest import ChunkId, check_digest, digest_of
 from ..errors import UsageError
-from ..extract import BlobReader, ExtractStats, extract
+from ..extract import BlobReader, ExtractStats, extract, null_chunk_id
+from ..index import Index
 from ..make import chunk_stream, input_size, open_input
+from ..remotesync import sync_prefetch
 from ..seed import INVALID_FAIL, INVALID_REGENERATE, INVALID_SKIP, Seed
+from ..store import Store, StoreRouter
+from ..store.converters import COMPRESSED
+from ..store.local import LocalStore
 from ..storeops import chop, verify_index
 from ..streams import IterReader
 from .common import Context, add_ignore, add_seeds, add_store_options, add_stores
@@ -49,6 +56,9 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument("--regenerate-invalid-seeds", action="store_true", help="re-chunk invalid seeds")
     p.add_argument("-k", "--in-place", action="store_true",
                    help="write into OUTPUT directly, keeping chunks that are already correct")
+    p.add_argument("--sync", metavar="URL",
+                   help="first fetch every chunk that no seed or -c cache holds in one round trip from "
+                        "a chunk-server's /sync/<index name> (remotesync wishlist transfer)")
     p.add_argument("--print-stats", action="store_true", help="print statistics (JSON) to stdout")
     add_store_options(p)
     p.set_defaults(func=run_extract)
@@ -123,8 +133,40 @@ def run_extract(ctx: Context) -> int:
         raise UsageError("input and output filenames match")
     index = ctx.read_index(a.index)
     seeds = seeds_from_flags(ctx, a.seed, a.seed_dir, a.index)
-    store = ctx.source()
-    assert store is not None
+    with contextlib.ExitStack() as cleanup:
+        prefetched = _sync_first(ctx, index, seeds, cleanup) if a.sync else None
+        store = ctx.source()
+        assert store is not None
+        if prefetched is not None:
+            store = StoreRouter([prefetched, store])
+        return _extract_with(ctx, index, store, seeds)
+
+
+def _sync_first(ctx: Context, index: Index, seeds: list[Seed], cleanup: contextlib.ExitStack) -> Store | None:
+    """extract --sync: the chunks no seed, null chunk or -c cache covers, in one wishlist transfer,
+    into the cache (or a temporary store beside the output, removed afterwards). Returns the
+    temporary store to read first, if one was used."""
+    a = ctx.args
+    null = null_chunk_id(index.sizes.max, index.digest)
+    held = {bytes(k) for s in seeds for k in s.positions}
+    if a.cache:
+        target: Store = cleanup.enter_context(ctx.target(a.cache, create=True))
+    else:
+        folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix=".pydesync-sync-",
+                                                                   dir=os.path.dirname(os.path.abspath(a.output))))
+        target = cleanup.enter_context(LocalStore(folder, create=True))
+
+    def have(key: bytes) -> bool:
+        return key == bytes(null) or key in held or (a.cache is not None and target.has(ChunkId(key)))
+
+    sync_prefetch(a.sync, [(bytes(c.id), c.size) for c in index], index.sizes.max, have,
+                  decode=COMPRESSED.decode, check=lambda data: bytes(digest_of(data, index.digest)),
+                  put=lambda key, wire: target.put_stored(ChunkId(key), wire))  # type: ignore[attr-defined]
+    return None if a.cache else target
+
+
+def _extract_with(ctx: Context, index: Index, store: Store, seeds: list[Seed]) -> int:
+    a = ctx.args
     if a.index.endswith(".caidx") and a.output != "-" and not a.output.endswith(".catar"):
         return _extract_tree(ctx, index, store)
     mode = INVALID_SKIP if a.skip_invalid_seeds else INVALID_REGENERATE if a.regenerate_invalid_seeds \

@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     add_bool(p, "--skip-verify-write", default=False,
              help="don't verify uploaded chunks against their id (default false)")
     p.add_argument("-u", "--uncompressed", action="store_true", help="serve and accept uncompressed chunks")
+    p.add_argument("--sync-index-store", default=None, metavar="DIR",
+                   help="offer one-round-trip transfers (remotesync) of the indexes in DIR at "
+                        "/sync/<index name>; `extract --sync URL` uses them")
     add_encryption_flags(p)
     add_store_options(p)
     p.set_defaults(func=run_chunk_server)
@@ -147,12 +150,14 @@ def run_chunk_server(ctx: Context) -> int:
     options = server_options(ctx)
     # The format clients exchange, checked before any upstream store is opened.
     wire = wire_converters(a.uncompressed, a.encryption, a.encryption_key, a.encryption_algorithm)
+    if a.sync_index_store and not os.path.isdir(a.sync_index_store):
+        raise UsageError(f"--sync-index-store {a.sync_index_store} is not a directory")
     upstream = chunk_server_store(ctx)
 
     def make_server(store: Store) -> ChunkServer:
         return ChunkServer(store, writable=a.writable, uncompressed=a.uncompressed,
                            skip_verify_read=a.skip_verify_read, skip_verify_write=a.skip_verify_write,
-                           wire=wire)
+                           wire=wire, sync_indexes=a.sync_index_store)
 
     if a.store_file:
         # reloadable: every request runs on the stores current when it starts

@@ -20,12 +20,16 @@ from urllib.parse import unquote, urlsplit
 from ..codec import CodecError
 from ..digest import ChunkId, digest_of
 from ..errors import ChunkInvalid, ChunkMissing, PydesyncError
+from ..index import parse_index
+from ..remotesync import SyncError, index_syncinfo, send, wishlist_bits
 from ..store.base import Store, verify_chunk
 from ..store.converters import COMPRESSED, PLAIN, Converters
 from ..store.local import LocalStore
 from .common import App, Exchange
 from .http11 import Request
+from .indexes import valid_index_name
 
+SYNC_PREFIX = "/sync/"
 _CHUNK_PATH = re.compile(r"^/([0-9a-f]{4})/([0-9a-f]{64})(.*)$")
 
 
@@ -34,9 +38,11 @@ class ChunkServer(App):
 
     def __init__(self, upstream: Store, writable: bool = False, uncompressed: bool = False,
                  skip_verify_read: bool = True, skip_verify_write: bool = False,
-                 wire: Converters | None = None):
-        """`wire` (the format clients exchange, e.g. with encryption) overrides `uncompressed`."""
+                 wire: Converters | None = None, sync_indexes: str | None = None):
+        """`wire` (the format clients exchange, e.g. with encryption) overrides `uncompressed`;
+        `sync_indexes`, a folder of indexes, enables wishlist transfers at /sync/<index name>."""
         self.upstream = upstream
+        self.sync_indexes = sync_indexes
         self.writable = writable
         self.wire = wire if wire is not None else (PLAIN if uncompressed else COMPRESSED)
         self.suffix = self.wire.extension
@@ -46,7 +52,57 @@ class ChunkServer(App):
     # ---- requests ------------------------------------------------------------------------------
     def quick(self, req: Request) -> bool:
         """Reads from a local store are answered on the event loop (a stat, or a file read)."""
-        return req.method in ("GET", "HEAD") and isinstance(self.upstream, LocalStore)
+        return req.method in ("GET", "HEAD") and isinstance(self.upstream, LocalStore) \
+            and not req.target.startswith(SYNC_PREFIX)
+
+    def _dispatch(self, req: Exchange) -> None:
+        if req.path.startswith(SYNC_PREFIX) and self.sync_indexes is not None:
+            self._sync(req)
+            return
+        super()._dispatch(req)
+
+    def _sync(self, req: Exchange) -> None:
+        """One-round-trip transfer of an index's chunks (remotesync, our mode): GET gives the
+        SyncInfo, POST (the whole wishlist as body, `Connection: close`) streams the chunks asked
+        for in the served format, each as a varint length and the bytes."""
+        name = unquote(urlsplit(req.path).path[len(SYNC_PREFIX):])
+        if req.command not in ("GET", "HEAD", "POST"):
+            req.reply(405, b"only GET and POST are supported here\n")
+            return
+        assert self.sync_indexes is not None
+        if not valid_index_name(name):
+            req.reply(400, b"invalid index name\n")
+            return
+        try:
+            with open(os.path.join(self.sync_indexes, name), "rb") as f:
+                raw = f.read()
+            index = parse_index(raw, name)
+        except FileNotFoundError:
+            req.reply(404, b"no such index\n")
+            return
+        except (OSError, PydesyncError) as e:
+            req.reply(500, f"cannot read index {name}: {e}\n".encode())
+            return
+        info = index_syncinfo(raw, [(bytes(c.id), c.size) for c in index], index.sizes.max)
+        if req.command != "POST":
+            req.reply(200, info.to_json(), "application/json")
+            return
+        if "close" not in (req.header("connection") or "").lower():
+            req.reply(400, b"Connection: close required\n")
+            return
+        wish = req.read_body()
+        if wish is None:
+            return
+        try:
+            wishlist_bits(wish, info.positions)
+        except SyncError as e:
+            req.reply(400, f"{e}\n".encode())
+            return
+        write = req.stream()
+        try:
+            send(info, wish, lambda c: self.wire_bytes(ChunkId(c.key)), write)
+        except (PydesyncError, OSError) as e:  # the client sees the stream end early
+            sys.stderr.write(f"chunk-server: sync of {name}: {e}\n")
 
     def handle(self, req: Exchange) -> None:
         chunk_id = self._parse(req)

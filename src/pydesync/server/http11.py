@@ -224,12 +224,14 @@ class Connection:
         request already read (by the event loop that handed the connection over)."""
         try:
             req = first
-            while self.keep_alive:
+            while True:
                 if req is None:
+                    if not self.keep_alive:
+                        return
                     req = self.next_request()
                     if req is None:
                         return
-                self.answer(req)
+                self.answer(req)  # (a handed-over request is answered even with Connection: close)
                 req = None
         except (OSError, TimeoutError, ssl.SSLError):
             return
