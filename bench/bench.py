@@ -100,9 +100,7 @@ def run_case(name: str, repeat: int, prepare: Callable[[str], None],
 
 def start_chunk_server(ours: list[str], store: Path) -> tuple[subprocess.Popen, str]:
     """`pydesync chunk-server -s STORE` on a free 127.0.0.1 port, once it answers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port_number()
     proc = subprocess.Popen([*ours, "chunk-server", "-s", str(store), "-l", f"127.0.0.1:{port}"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
@@ -186,21 +184,28 @@ def ssh_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path,
                  f"each client against its own tool's `pull`)"]
 
 
+def changed_copy(blob: Path, path: Path, seed: int) -> Path:
+    """A copy of blob with 5% of it rewritten in 64 KiB pieces (an update). Patched in place, so
+    this process stays small (children's peak RSS is measured)."""
+    import random
+
+    rng = random.Random(seed)
+    shutil.copyfile(blob, path)
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        for _ in range(max(1, size // 20 // 65536)):
+            at = rng.randrange(0, max(1, size - 65536))
+            os.pwrite(f.fileno(), rng.randbytes(min(65536, size - at)), at)
+    return path
+
+
 def seed_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path, stores: dict[str, Path],
               indexes: dict[str, Path], out: Path, work: Path) -> tuple[dict[str, object], list[str]]:
     """An A/B update: v2 (the input with 5% of it rewritten in 64 KiB pieces) from an HTTP chunk-server,
     with v1 (the input) as seed: `casync extract --seed=v1` (casync chunks the seed itself) against
     `pydesync extract --seed v1.caibx:v1` (the seed's index is known)."""
-    import random
 
-    rng = random.Random(7)
-    v2 = work / "v2.bin"
-    shutil.copyfile(blob, v2)  # then patched in place: this process stays small (its RSS is measured)
-    size = v2.stat().st_size
-    with open(v2, "r+b") as f:
-        for _ in range(max(1, size // 20 // 65536)):
-            at = rng.randrange(0, max(1, size - 65536))
-            os.pwrite(f.fileno(), rng.randbytes(min(65536, size - at)), at)
+    v2 = changed_copy(blob, work / "v2.bin", seed=7)
     v2_index = {"casync": work / "v2.casync.caibx", "pydesync": work / "v2.pydesync.caibx"}
     subprocess.run([casync, "make", f"--store={stores['casync']}", str(v2_index["casync"]), str(v2)],
                    check=True, capture_output=True)
@@ -223,6 +228,47 @@ def seed_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path
         v2.unlink(missing_ok=True)
     return row, [f"extract v2 with v1 as seed over HTTP: output identical to v2: {same} (5% of v1 rewritten "
                  "in 64 KiB pieces; one chunk-server per tool on 127.0.0.1)"]
+
+
+def sync_note(ours: list[str], blob: Path, work: Path) -> list[str]:
+    """remotesync against chunk-by-chunk HTTP for a 5% change: pydesync extract of v2 with v1 as seed
+    through one chunk-server, with and without --sync; requests counted from the server's log."""
+    v2 = changed_copy(blob, work / "sync-v2.bin", seed=8)
+    store, idx = work / "sync.castr", work / "sync-idx"
+    idx.mkdir()
+    for name, path in (("v1", blob), ("v2", v2)):
+        subprocess.run([*ours, "make", "-s", str(store), str(idx / f"{name}.caibx"), str(path)], check=True,
+                       capture_output=True)
+    port = free_port_number()
+    log = work / "sync-access.log"
+    proc = subprocess.Popen([*ours, "chunk-server", "-s", str(store), "-l", f"127.0.0.1:{port}",
+                             "--sync-index-store", str(idx), "--log", str(log)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = work / "sync-out.bin"
+    results = []
+    try:
+        time.sleep(1)
+        for mode in ("chunk by chunk", "--sync"):
+            log.write_text("")
+            out.unlink(missing_ok=True)
+            extra = ["--sync", f"http://127.0.0.1:{port}/sync/v2.caibx"] if mode == "--sync" else []
+            seconds, _ = timed([*ours, "extract", *extra, "-s", f"http://127.0.0.1:{port}/", "--seed",
+                                f"{idx / 'v1.caibx'}:{blob}", str(idx / "v2.caibx"), str(out)])
+            same = filecmp.cmp(out, v2, shallow=False)
+            requests = len(log.read_text().splitlines())
+            results.append(f"{mode}: {seconds:.2f} s, {requests} requests, identical: {same}")
+    finally:
+        proc.terminate()
+        proc.wait()
+        v2.unlink(missing_ok=True)
+        out.unlink(missing_ok=True)
+    return ["v2 (5% changed) with v1 as seed from a chunk-server on 127.0.0.1: " + "; ".join(results)]
+
+
+def free_port_number() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def mount_note(ours: list[str], index: Path, store: Path, blob: Path, out: Path, work: Path) -> list[str]:
@@ -332,6 +378,8 @@ def main() -> int:
                     help="add extract over casync's protocol (stand-in ssh; casync pull vs pydesync pull)")
     ap.add_argument("--seed", action="store_true",
                     help="add extract of a 5%%-changed v2 from HTTP with the input as seed (casync --seed)")
+    ap.add_argument("--sync", action="store_true",
+                    help="add a note: extract --sync (one round trip) against chunk-by-chunk HTTP")
     ap.add_argument("--mount", action="store_true",
                     help="add a note: sequential read through mount-index against extract (root, FUSE)")
     ap.add_argument("--sshd", action="store_true",
@@ -390,6 +438,8 @@ def main() -> int:
             notes += seed_notes
         if args.mount:
             notes += mount_note(ours, pi, ps, blob, out, work)
+        if args.sync:
+            notes += sync_note(ours, blob, work)
         if args.sshd:
             sshd_row, sshd_notes = sshd_case(args, casync, ours, blob, {"casync": cs, "pydesync": ps},
                                              {"casync": ci, "pydesync": pi}, out, work)
