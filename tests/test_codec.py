@@ -51,3 +51,12 @@ def test_truncation_rejected(method):
 def test_raw_bytes_rejected():
     with pytest.raises(CodecError, match="unknown compression"):
         decompress(b"plain uncompressed data")
+
+
+def test_a_frame_claiming_a_huge_size_is_refused_before_allocating():
+    """A hostile store's chunk whose zstd header claims more than 128 MiB: a CodecError, not a
+    multi-gigabyte allocation (the frame here really is 129 MiB of zeros, compressed to a few KiB)."""
+    bomb = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(129 << 20))
+    assert len(bomb) < 64 << 10
+    with pytest.raises(CodecError, match="larger than 128 MiB"):
+        decompress(bomb)

@@ -79,10 +79,13 @@ def decompress(data: bytes | memoryview) -> bytes:
     method = detect(data)
     try:
         if method == ZSTD:
-            if zstandard.frame_content_size(data) > 0:
+            size = zstandard.frame_content_size(data)
+            if size > MAX_CHUNK:  # refused before that much memory is taken
+                raise CodecError("chunk larger than 128 MiB")
+            if size > 0:
                 # One-shot: exact-size output; trailing bytes raise ZstdError.
                 out, ok, rest = _zstd_decompressor().decompress(data, allow_extra_data=False), True, b""
-            else:  # casync's streaming frames carry no content size
+            else:  # casync's streaming frames carry no content size (see SECURITY.md on their output)
                 obj = _zstd_decompressor().decompressobj()
                 out = obj.decompress(data)
                 ok, rest = obj.eof, obj.unused_data
