@@ -995,3 +995,41 @@ def test_swap_store_retires_the_old_store_after_its_last_request():
     with pytest.raises(UsageError, match="writable"):
         writable.swap(read_only)
     assert writable.location == "w" and read_only.closed.is_set()
+
+
+def test_event_loop_cuts_a_slow_drip_head(monkeypatch):
+    """A client sending its request head a byte at a time, each within the idle limit, is cut once
+    the head has taken longer than the head limit in all (slowloris)."""
+    from pydesync.server import http11
+
+    monkeypatch.setattr(http11, "HEAD_TIMEOUT", 0.6)
+    monkeypatch.setattr(http11._EventLoop, "SWEEP", 0.1)
+    server = http11.Http11Server(("127.0.0.1", 0), lambda req: req._conn.reply(req, 200, b"ok"),
+                                 quick=lambda req: True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=5) as s:
+            started = time.monotonic()
+            closed = False
+            for byte in b"GET /slow HTTP/1.1\r\nHost: x\r\n":
+                try:
+                    s.sendall(bytes([byte]))
+                    time.sleep(0.1)
+                except OSError:
+                    closed = True
+                    break
+                s.setblocking(False)
+                try:
+                    if s.recv(1) == b"":
+                        closed = True
+                        break
+                except BlockingIOError:
+                    pass
+                finally:
+                    s.setblocking(True)
+            assert closed and time.monotonic() - started < 3
+    finally:
+        server.shutdown()
+        thread.join(5)
+        server.server_close()

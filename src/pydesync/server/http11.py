@@ -90,6 +90,7 @@ class Connection:
         self.keep_alive = True
         self.queued: list[bytes | bytearray | memoryview] | None = None  # loop mode: replies wait here
         self.writing = False  # loop mode: waiting for the socket to drain
+        self.head_since: float | None = None  # loop mode: when the pending request head began
         self.last_active = time.monotonic()
         self.tls = isinstance(sock, ssl.SSLSocket)
 
@@ -377,6 +378,8 @@ class _EventLoop:
             self._close(conn)
             return
         conn.last_active = time.monotonic()
+        if conn.head_since is None:
+            conn.head_since = conn.last_active
         self._answer_buffered(conn)
 
     def _answer_buffered(self, conn: Connection) -> None:
@@ -387,6 +390,7 @@ class _EventLoop:
                 head = conn.reader.take_until(b"\r\n\r\n", MAX_HEAD)
                 if head is None:
                     return
+                conn.head_since = time.monotonic() if conn.reader.buffered() else None
                 req = conn._parse(head)
             except (BadRequest, ValueError) as e:
                 conn.refuse(e if isinstance(e, BadRequest) else BadRequest(431, "request head too large"))
@@ -452,12 +456,13 @@ class _EventLoop:
         threading.Thread(target=conn.serve, args=(req,), daemon=True).start()
 
     def _sweep(self) -> None:
-        """Close connections idle past IDLE_TIMEOUT, or stuck in a request head or an answer
-        past HEAD_TIMEOUT."""
+        """Close connections idle past IDLE_TIMEOUT, sending a request head for longer than
+        HEAD_TIMEOUT in all (a slow drip too), or not reading an answer for HEAD_TIMEOUT."""
         now = time.monotonic()
         for conn in list(self.conns):
-            busy = conn.reader.buffered() or conn.queued
-            if now - conn.last_active > (HEAD_TIMEOUT if busy else IDLE_TIMEOUT):
+            slow_head = conn.head_since is not None and now - conn.head_since > HEAD_TIMEOUT
+            stalled = bool(conn.queued) and now - conn.last_active > HEAD_TIMEOUT
+            if slow_head or stalled or now - conn.last_active > IDLE_TIMEOUT:
                 self._close(conn)
 
     def _close(self, conn: Connection) -> None:
