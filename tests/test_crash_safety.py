@@ -1,0 +1,133 @@
+"""kill -9 at random moments: a store never holds a chunk whose content does not match its name, a
+target is the old or the new file, and running the command again completes.
+
+Each test kills a real process (SIGKILL, so no clean-up of ours runs) at a random time, many times,
+then checks the invariants with pydesync's own verify and by comparing files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from procutil import free_port, stop, wait_listening
+
+from pydesync.codec import decompress
+from pydesync.index import read_index
+
+ROUNDS = 8
+
+
+def pydesync(*args: object) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pydesync", *map(str, args)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def kill_at_random(proc: subprocess.Popen, rng: random.Random, longest: float) -> bool:
+    """SIGKILL after a random delay; True if it was still running (so really interrupted)."""
+    time.sleep(rng.uniform(0.02, longest))
+    alive = proc.poll() is None
+    if alive:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return alive
+
+
+def store_is_sound(store: Path) -> None:
+    """Every chunk file decodes to data whose SHA512/256 is its name (temporary files aside)."""
+    for path in store.glob("*/*.cacnk"):
+        data = decompress(path.read_bytes())
+        assert hashlib.new("sha512_256", data).hexdigest() == path.name.split(".")[0], path
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    rng = random.Random(3)
+    for name in ("a", "b"):
+        with open(tmp_path / name, "wb") as f:
+            for _ in range(32):
+                f.write(rng.randbytes(1 << 20))
+    return tmp_path
+
+
+def test_make_killed_leaves_a_sound_store_and_completes(data: Path):
+    rng = random.Random(1)
+    killed = 0
+    for _ in range(ROUNDS):
+        was_killed = kill_at_random(pydesync("make", "-s", data / "store", data / "a.caibx", data / "a"), rng,
+                                    0.6)
+        killed += was_killed
+        if (data / "store").exists():
+            store_is_sound(data / "store")
+            if not was_killed:  # it finished: start the next round from nothing again
+                shutil.rmtree(data / "store")
+    assert killed >= 2
+    r = run_cli("make", "-s", data / "store", data / "a.caibx", data / "a")
+    assert r.returncode == 0, r.stderr
+    assert run_cli("verify", "-s", data / "store").returncode == 0
+    r = run_cli("extract", "-s", data / "store", data / "a.caibx", data / "out")
+    assert r.returncode == 0 and (data / "out").read_bytes() == (data / "a").read_bytes()
+
+
+def test_extract_killed_leaves_old_or_new_and_completes(data: Path):
+    for name in ("a", "b"):
+        assert run_cli("make", "-s", data / "store", data / f"{name}.caibx", data / name).returncode == 0
+    old, new = (data / "a").read_bytes(), (data / "b").read_bytes()
+    rng = random.Random(2)
+    shutil.copy(data / "a", data / "target")
+    for _ in range(ROUNDS):
+        kill_at_random(pydesync("extract", "-s", data / "store", data / "b.caibx", data / "target"), rng, 1.0)
+        assert (data / "target").read_bytes() in (old, new)
+        shutil.copy(data / "a", data / "target")
+    r = run_cli("extract", "-s", data / "store", data / "b.caibx", data / "target")
+    assert r.returncode == 0 and (data / "target").read_bytes() == new
+
+
+def test_prune_killed_keeps_what_is_referenced(data: Path):
+    for name in ("a", "b"):
+        assert run_cli("make", "-s", data / "store", data / f"{name}.caibx", data / name).returncode == 0
+    keep = {c.id.hex() for c in read_index(str(data / "b.caibx"))}
+    rng = random.Random(4)
+    for _ in range(ROUNDS // 2):
+        kill_at_random(pydesync("prune", "-y", "-s", data / "store", data / "b.caibx"), rng, 0.8)
+        names = {p.name.split(".")[0] for p in (data / "store").glob("*/*.cacnk")}
+        assert keep <= names
+        store_is_sound(data / "store")
+    assert run_cli("prune", "-y", "-s", data / "store", data / "b.caibx").returncode == 0
+    assert {p.name.split(".")[0] for p in (data / "store").glob("*/*.cacnk")} == keep
+    r = run_cli("extract", "-s", data / "store", data / "b.caibx", data / "out")
+    assert r.returncode == 0 and (data / "out").read_bytes() == (data / "b").read_bytes()
+
+
+def test_chunk_server_killed_during_uploads(data: Path):
+    """make through a writable chunk-server that is killed and restarted: its store stays sound and
+    the upload completes on the last run."""
+    store = data / "served"
+    store.mkdir()
+    rng = random.Random(5)
+    for round_ in range(ROUNDS // 2 + 1):
+        port = free_port()
+        server = pydesync("chunk-server", "-w", "-s", store, "-l", f"127.0.0.1:{port}")
+        assert wait_listening(server, port)
+        client = pydesync("make", "-s", f"http://127.0.0.1:{port}/", data / "a.caibx", data / "a")
+        if round_ < ROUNDS // 2:
+            time.sleep(rng.uniform(0.2, 1.0))
+            server.send_signal(signal.SIGKILL)
+            server.wait()
+            client.wait(60)
+        else:
+            assert client.wait(120) == 0
+            stop(server)
+        store_is_sound(store)
+    r = run_cli("extract", "-s", store, data / "a.caibx", data / "out")
+    assert r.returncode == 0 and (data / "out").read_bytes() == (data / "a").read_bytes()
+    assert not [n for n in os.listdir(data) if n.startswith(".out")]
