@@ -1,0 +1,131 @@
+"""Concurrency and resource limits: two makes into one store, prune during an extract, a full disk,
+a read-only store, too few file descriptors. Clear errors, sound stores, no partial files."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import resource
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from conftest import assert_clean_error, need, run_cli
+
+from pydesync.codec import decompress
+
+
+def random_file(path: Path, mib: int, seed: int) -> bytes:
+    rng = random.Random(seed)
+    data = b"".join(rng.randbytes(1 << 20) for _ in range(mib))
+    path.write_bytes(data)
+    return data
+
+
+def store_is_sound(store: Path) -> None:
+    for path in store.glob("*/*.cacnk"):
+        assert hashlib.new("sha512_256", decompress(path.read_bytes())).hexdigest() == path.name.split(".")[0]
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    need(os.geteuid() == 0, "mounting a tmpfs needs root")
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                       capture_output=True, text=True)
+    need(r.returncode == 0, f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_two_makes_into_one_store_at_once(tmp_path: Path):
+    shared = random.Random(9).randbytes(4 << 20)
+    (tmp_path / "a").write_bytes(shared + random.Random(1).randbytes(4 << 20))
+    (tmp_path / "b").write_bytes(random.Random(2).randbytes(4 << 20) + shared)
+    procs = [subprocess.Popen([sys.executable, "-m", "pydesync", "make", "-s", str(tmp_path / "store"),
+                               str(tmp_path / f"{n}.caibx"), str(tmp_path / n)],
+                              stdin=subprocess.DEVNULL, stderr=subprocess.PIPE) for n in ("a", "b")]
+    for p in procs:
+        assert p.wait(120) == 0, p.stderr.read()  # type: ignore[union-attr]
+    store_is_sound(tmp_path / "store")
+    for n in ("a", "b"):
+        r = run_cli("extract", "-s", tmp_path / "store", tmp_path / f"{n}.caibx", tmp_path / f"{n}.out")
+        assert r.returncode == 0 and (tmp_path / f"{n}.out").read_bytes() == (tmp_path / n).read_bytes()
+
+
+def test_prune_during_an_extract(tmp_path: Path):
+    """Documented outcome: the extract either completes with the right bytes or stops with one
+    error naming a missing chunk, leaving no output; it never writes wrong data."""
+    random_file(tmp_path / "a", 24, 1)
+    random_file(tmp_path / "b", 1, 2)
+    for n in ("a", "b"):
+        r = run_cli("make", "-s", tmp_path / "store", tmp_path / f"{n}.caibx", tmp_path / n)
+        assert r.returncode == 0, r.stderr
+    argv = [sys.executable, "-m", "pydesync", "extract", "-n", "1", "-s", str(tmp_path / "store"),
+            str(tmp_path / "a.caibx"), str(tmp_path / "out")]
+    extract = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    r = run_cli("prune", "-y", "-s", tmp_path / "store", tmp_path / "b.caibx")
+    assert r.returncode == 0, r.stderr
+    _, err = extract.communicate(timeout=120)
+    if extract.returncode == 0:
+        assert (tmp_path / "out").read_bytes() == (tmp_path / "a").read_bytes()
+    else:
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("Error:") and "missing" in lines[0], err
+        assert not (tmp_path / "out").exists()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".out")]
+
+
+def test_full_disk(tmp_path: Path):
+    data = random_file(tmp_path / "big", 24, 3)
+    with small_tmpfs(tmp_path / "small", "8m") as small:
+        r = run_cli("make", "-s", small / "store", small / "big.caibx", tmp_path / "big")
+        assert_clean_error(r, "No space left on device")
+        assert not (small / "big.caibx").exists()
+        store_is_sound(small / "store")
+        assert not list((small / "store").glob("*/.tmp*"))
+        r = run_cli("make", "-s", tmp_path / "store", tmp_path / "big.caibx", tmp_path / "big")
+        assert r.returncode == 0
+        r = run_cli("extract", "-s", tmp_path / "store", tmp_path / "big.caibx", small / "out")
+        assert_clean_error(r, "No space left on device")
+        assert os.listdir(small) == ["store"]  # no partial output, no temporary file
+    assert len(data) == 24 << 20
+
+
+def test_read_only_store(tmp_path: Path):
+    random_file(tmp_path / "a", 2, 4)
+    with small_tmpfs(tmp_path / "ro", "64m") as ro:
+        assert run_cli("make", "-s", ro / "store", tmp_path / "a.caibx", tmp_path / "a").returncode == 0
+        r = subprocess.run(["mount", "-o", "remount,ro", str(ro)], capture_output=True, text=True)
+        need(r.returncode == 0, f"cannot remount read-only: {r.stderr.strip()}")
+        random_file(tmp_path / "b", 2, 5)
+        assert_clean_error(run_cli("make", "-s", ro / "store", tmp_path / "b.caibx", tmp_path / "b"),
+                           "not writable")
+        assert not (tmp_path / "b.caibx").exists()
+        r = run_cli("extract", "-s", ro / "store", tmp_path / "a.caibx", tmp_path / "out")  # reads still work
+        assert r.returncode == 0 and (tmp_path / "out").read_bytes() == (tmp_path / "a").read_bytes()
+
+
+def test_too_many_open_files(tmp_path: Path):
+    random_file(tmp_path / "a", 4, 6)
+    assert run_cli("make", "-s", tmp_path / "store", tmp_path / "a.caibx", tmp_path / "a").returncode == 0
+
+    def few_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (9, 9))
+
+    argv = [sys.executable, "-m", "pydesync", "extract", "-s", str(tmp_path / "store"),
+            str(tmp_path / "a.caibx"), str(tmp_path / "out")]
+    proc = subprocess.run(argv, capture_output=True, text=True, preexec_fn=few_descriptors,
+                          stdin=subprocess.DEVNULL, timeout=120)
+    if proc.returncode == 0:  # it fit in the descriptors it had
+        assert (tmp_path / "out").read_bytes() == (tmp_path / "a").read_bytes()
+    else:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("Error:"), proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not (tmp_path / "out").exists()
