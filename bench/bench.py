@@ -137,7 +137,7 @@ def chunk_servers(ours: list[str], stores: dict[str, Path]) -> Iterator[dict[str
 
 
 def http_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path, stores: dict[str, Path],
-              indexes: dict[str, Path], out: Path) -> tuple[dict[str, object], list[str]]:
+              indexes: dict[str, Path], out: Path, _work: Path) -> tuple[dict[str, object], list[str]]:
     """extract through our chunk-server: casync (its helper fetches one chunk at a time) from a server
     over the casync-made store, pydesync (-n parallel requests) from one over the pydesync store.
     Both servers are pydesync chunk-server processes on 127.0.0.1, on the same machine as the client,
@@ -160,7 +160,7 @@ FAKE_SSH = Path(__file__).resolve().parent.parent / "scripts" / "fake-ssh"
 
 
 def ssh_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path, stores: dict[str, Path],
-             indexes: dict[str, Path], out: Path) -> tuple[dict[str, object], list[str]]:
+             indexes: dict[str, Path], out: Path, _work: Path) -> tuple[dict[str, object], list[str]]:
     """extract over casync's protocol: casync's client against `casync pull`, pydesync's client against
     `pydesync pull`, through a stand-in ssh that runs the remote command locally (so the transport is
     two pipes and no cipher: what remains is each tool's protocol handling)."""
@@ -421,30 +421,17 @@ def main() -> int:
         ]
         same = ci.read_bytes() == pi.read_bytes()
         notes: list[str] = []
-        if args.http:
-            http_row, http_notes = http_case(args, casync, ours, blob, {"casync": cs, "pydesync": ps},
-                                             {"casync": ci, "pydesync": pi}, out)
-            rows.append(http_row)
-            notes += http_notes
-        if args.ssh:
-            ssh_row, ssh_notes = ssh_case(args, casync, ours, blob, {"casync": cs, "pydesync": ps},
-                                          {"casync": ci, "pydesync": pi}, out)
-            rows.append(ssh_row)
-            notes += ssh_notes
-        if args.seed:
-            seed_row, seed_notes = seed_case(args, casync, ours, blob, {"casync": cs, "pydesync": ps},
-                                             {"casync": ci, "pydesync": pi}, out, work)
-            rows.append(seed_row)
-            notes += seed_notes
+        stores, indexes = {"casync": cs, "pydesync": ps}, {"casync": ci, "pydesync": pi}
+        for wanted, case in ((args.http, http_case), (args.ssh, ssh_case), (args.seed, seed_case),
+                             (args.sshd, sshd_case)):
+            if wanted:
+                row, case_notes = case(args, casync, ours, blob, stores, indexes, out, work)
+                rows.append(row)
+                notes += case_notes
         if args.mount:
             notes += mount_note(ours, pi, ps, blob, out, work)
         if args.sync:
             notes += sync_note(ours, blob, work)
-        if args.sshd:
-            sshd_row, sshd_notes = sshd_case(args, casync, ours, blob, {"casync": cs, "pydesync": ps},
-                                             {"casync": ci, "pydesync": pi}, out, work)
-            rows.append(sshd_row)
-            notes += sshd_notes
         if not args.no_tree:
             empty_stores("")
             no_output("")

@@ -420,6 +420,15 @@ def _write_zeros(target: _Target, chunks: list[IndexChunk], stats: ExtractStats,
             target.write(bytes(c.size), c.start)
 
 
+def fetch_chunk(index: Index, store: Store, chunk: IndexChunk) -> bytes:
+    """One chunk of `index`'s blob: zeros for a null chunk, else from the store, size-checked."""
+    if chunk.size == index.sizes.max and chunk.id == null_chunk_id(chunk.size, index.digest):
+        return bytes(chunk.size)
+    data = store.get(chunk.id, index.digest)
+    check_size(chunk, data)
+    return data
+
+
 class BlobReader:
     """Random access to the bytes an index describes, chunk by chunk from a store."""
 
@@ -430,11 +439,7 @@ class BlobReader:
         self._ends = [c.end for c in index]
 
     def _fetch(self, chunk: IndexChunk) -> bytes:
-        if chunk.size == self.index.sizes.max and chunk.id == null_chunk_id(chunk.size, self.index.digest):
-            return bytes(chunk.size)
-        data = self.store.get(chunk.id, self.index.digest)
-        check_size(chunk, data)
-        return data
+        return fetch_chunk(self.index, self.store, chunk)
 
     def iter_range(self, offset: int = 0, length: int = 0) -> Iterator[bytes]:
         """Yield the bytes of [offset, offset+length) in order (length 0 = to the end)."""

@@ -37,7 +37,7 @@ from typing import Any
 from .catar.decoder import ArchiveDecoder, DirectoryEnd, Node
 from .digest import digest_of
 from .errors import PydesyncError, UsageError
-from .extract import check_size, null_chunk_id
+from .extract import fetch_chunk, null_chunk_id
 from .index import Index, IndexChunk
 from .parallel import for_each
 from .seed import Seed
@@ -47,7 +47,7 @@ CACHE_CHUNKS = 64  # decompressed chunks kept for readers (a few MiB)
 READ_AHEAD = 8  # chunks fetched ahead of a reader, in the background
 
 
-def _fuse() -> Any:
+def load_fuse() -> Any:
     try:
         import mfusepy
     except ImportError:
@@ -110,7 +110,7 @@ class ChunkReader:
         """Chunk i's bytes: from the cache, the cor file, or the store (one fetch per chunk at a time)."""
         c = self.index.chunks[i]
         if c.id == self._null and c.size == self.index.sizes.max:
-            return bytes(c.size)
+            return bytes(c.size)  # (not cached: nothing to fetch)
         while True:
             with self._lock:
                 data = self._cache.get(i)
@@ -126,8 +126,7 @@ class ChunkReader:
             if self.cor_fd >= 0 and self._is_loaded(i):
                 data = os.pread(self.cor_fd, c.size, c.start)
             else:
-                data = self._from_seed(c) or self.store.get(c.id, self.index.digest)
-                check_size(c, data)
+                data = self._from_seed(c) or fetch_chunk(self.index, self.store, c)
                 if self.cor_fd >= 0:
                     os.pwrite(self.cor_fd, data, c.start)
                     with self._lock:
@@ -365,8 +364,6 @@ def make_operations(fuse: Any, *, blob: tuple[str, ChunkReader] | None = None,
 def mount(operations: Any, fuse: Any, mountpoint: str, name: str) -> None:
     """Serve until unmounted (SIGINT and SIGTERM unmount: libfuse's own handlers). Call from the
     main thread."""
-    if not os.path.isdir(mountpoint):
-        raise UsageError(f"mount point {mountpoint} is not a directory")
     # libfuse installs its own SIGINT/SIGTERM/SIGHUP handlers (which end the loop and unmount) only
     # over default ones; Python's would merely set a flag the C loop never looks at.
     saved = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)}

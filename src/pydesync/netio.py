@@ -15,6 +15,7 @@ import socket
 import ssl
 import struct
 import time
+from collections.abc import Iterator
 
 _TIMEVAL = struct.Struct("@ll")
 
@@ -149,6 +150,28 @@ class SocketReader:
             if total > limit:
                 raise ValueError("too long")
             parts.append(bytes(self._view[:n]))
+
+
+def chunked_pieces(reader: SocketReader) -> Iterator[bytearray]:
+    """The pieces of a chunked-encoded body, as they arrive (trailers skipped). Raises ValueError
+    on malformed framing and ConnectionResetError if the stream ends inside it."""
+    while True:
+        line = reader.read_until(b"\r\n", 1024)
+        if line is None:
+            raise ConnectionResetError("connection closed inside a chunked body")
+        try:
+            size = int(line.split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            raise ValueError("malformed chunked encoding") from None
+        if size == 0:
+            while True:
+                trailer = reader.read_until(b"\r\n", 8192)
+                if not trailer:  # the empty line ends the body (None: closed, as good as ended)
+                    return
+        data = reader.read_exact(size)
+        if data is None or reader.read_exact(2) is None:
+            raise ConnectionResetError("connection closed inside a chunked body")
+        yield data
 
 
 def send_parts(sock: socket.socket, head: bytes, body: bytes | bytearray | memoryview) -> None:

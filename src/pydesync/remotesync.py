@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
+import io
 import json
 import os
 import random
@@ -28,9 +30,11 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, TypeVar
+from urllib.parse import urlsplit
 
 from . import _chunker
 from .errors import PydesyncError
+from .fsutil import atomic_write
 
 MAX_CHUNK = 131072  # CAFS's largest chunk; also the limit on any length on the wire
 PLACEHOLDER_KEY = hashlib.sha256(b"").digest()
@@ -46,9 +50,6 @@ class SyncError(PydesyncError):
 class ChunkInfo:
     key: bytes  # SHA-256 of the chunk (CAFS mode) or a chunk id (our mode)
     size: int
-
-
-PLACEHOLDER = ChunkInfo(PLACEHOLDER_KEY, 0)
 
 
 @dataclass
@@ -98,10 +99,6 @@ class SyncInfo:
             size, pos = read_varint_at(data, pos + 32)
             chunks.append(ChunkInfo(key, _size(size)))
         return cls(chunks)
-
-    def shuffled(self) -> SyncInfo:
-        """The chunk list in permuted order (placeholders dropped), with the trivial permutation."""
-        return SyncInfo([c for c in shuffle(self.chunks, self.perm) if c is not None])
 
     @property
     def positions(self) -> int:
@@ -257,30 +254,55 @@ def wishlist(info: SyncInfo, have: Callable[[bytes], bool]) -> Iterator[bytes]:
         yield bytes([byte << (8 - bits)])
 
 
-def wishlist_bits(data: bytes, positions: int) -> list[bool]:
-    """The sender's reading of a wishlist: exactly ceil(positions/8) bytes."""
+def check_wishlist_length(data: bytes, positions: int) -> None:
+    """A whole wishlist has exactly ceil(positions/8) bytes."""
     need = (positions + 7) // 8
     if len(data) > need:
         raise SyncError("wishlist too long")
     if len(data) < need:
         raise SyncError("wishlist too short")
+
+
+def wishlist_bits(data: bytes, positions: int) -> list[bool]:
+    """The sender's reading of a wishlist: exactly ceil(positions/8) bytes."""
+    check_wishlist_length(data, positions)
     return [bool(data[i >> 3] & (0x80 >> (i & 7))) for i in range(positions)]
 
 
 # ---- the chunk data stream ------------------------------------------------------------------------
 def send(info: SyncInfo, wish: bytes, get: Callable[[ChunkInfo], bytes],
          write: Callable[[bytes], object]) -> int:
-    """Stream the requested chunks: varint(length) + bytes each. Returns the bytes of chunk data sent."""
-    bits = wishlist_bits(wish, info.positions)
-    sent = 0
-    for chunk, wanted in zip(shuffle(info.chunks, info.perm), bits, strict=True):
-        if not wanted:
-            continue
-        if chunk is None:
-            raise SyncError("receiver requested the empty chunk (a placeholder)")
-        data = get(chunk)
-        write(varint(len(data)) + data)
-        sent += len(data)
+    """Stream the requested chunks: varint(length) + bytes each. Returns the bytes of chunk data sent.
+    A whole wishlist of the wrong length is refused before anything is sent."""
+    check_wishlist_length(wish, info.positions)
+    return send_as_read(info, io.BytesIO(wish).read, get, write)
+
+
+def send_as_read(info: SyncInfo, read: Callable[[int], bytes], get: Callable[[ChunkInfo], bytes],
+                 write: Callable[[bytes], object]) -> int:
+    """send(), reading the wishlist as it arrives (`read(n)`: up to n bytes, b"" at its end) and
+    writing each requested chunk as soon as its bit is known: full duplex, as CAFS's clients expect."""
+    positions = info.positions
+    need = (positions + 7) // 8
+    order = shuffle(info.chunks, info.perm)
+    got = sent = 0
+    while got < need:
+        data = read(min(4096, need - got))
+        if not data:
+            raise SyncError("wishlist too short")
+        for byte in data:
+            for bit in range(min(8, positions - got * 8)):
+                chunk = next(order)
+                if not byte & (0x80 >> bit):
+                    continue
+                if chunk is None:
+                    raise SyncError("receiver requested the empty chunk (a placeholder)")
+                payload = get(chunk)
+                write(varint(len(payload)) + payload)
+                sent += len(payload)
+            got += 1
+    if read(1):
+        raise SyncError("wishlist too long")
     return sent
 
 
@@ -341,32 +363,8 @@ class ServedFile:
         return data
 
     def stream(self, read: Callable[[int], bytes], write: Callable[[bytes], object]) -> int:
-        """Answer a wishlist as it arrives (`read(n)`: up to n bytes, b"" at its end), writing each
-        requested chunk as soon as its bit is known: full duplex, as CAFS's clients expect."""
-        positions = self.info.positions
-        need = (positions + 7) // 8
-        order = shuffle(self.info.chunks, self.info.perm)
-        got = sent = 0
-        while got < need:
-            data = read(min(4096, need - got))
-            if not data:
-                raise SyncError("wishlist too short")
-            for byte in data:
-                for bit in range(8):
-                    index = got * 8 + bit
-                    if index >= positions:
-                        break
-                    chunk = next(order)
-                    if byte & (0x80 >> bit):
-                        if chunk is None:
-                            raise SyncError("receiver requested the empty chunk (a placeholder)")
-                        payload = self.chunk(chunk)
-                        write(varint(len(payload)) + payload)
-                        sent += len(payload)
-                got += 1
-        if read(1):
-            raise SyncError("wishlist too long")
-        return sent
+        """Answer a wishlist as it arrives (see send_as_read)."""
+        return send_as_read(self.info, read, self.chunk, write)
 
 
 def local_chunks(paths: Iterable[str]) -> dict[bytes, tuple[str, int, int]]:
@@ -411,64 +409,84 @@ def rebuild(info: SyncInfo, output_fd: int, wish: bytes, stream: BinaryIO,
     return count
 
 
+class SyncPeer:
+    """The two requests of a wishlist transfer to one URL (httpsync's binding, or /sync/<index>):
+    GET the SyncInfo, then POST the whole wishlist with `Connection: close` and read the answer."""
+
+    def __init__(self, url: str, timeout: float = 60):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SyncError(f"not an http(s) URL: {url}")
+        self.url = url
+        self._kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        self._address = (parts.hostname, parts.port)
+        self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._timeout = timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    def _connect(self) -> http.client.HTTPConnection:
+        self.close()
+        self._conn = self._kind(*self._address, timeout=self._timeout)  # type: ignore[arg-type]
+        return self._conn
+
+    def syncinfo(self, max_size: int = MAX_CHUNK) -> SyncInfo:
+        conn = self._connect()
+        conn.request("GET", self._target)
+        answer = conn.getresponse()
+        body = answer.read()
+        self.close()
+        if answer.status != 200:
+            raise SyncError(f"GET {self.url}: status {answer.status}")
+        return SyncInfo.from_json(body, max_size)
+
+    def post(self, wish: bytes) -> http.client.HTTPResponse:
+        """The answer to the wishlist: a stream of chunk records (open until close())."""
+        conn = self._connect()
+        conn.request("POST", self._target, body=wish,
+                     headers={"Connection": "close", "Content-Type": "application/octet-stream"})
+        answer = conn.getresponse()
+        if answer.status != 200:
+            text = answer.read(200).decode(errors="replace").strip()
+            raise SyncError(f"POST {self.url}: status {answer.status}: {text}")
+        return answer
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> SyncPeer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def _network_errors(url: str) -> Iterator[None]:
+    """Transport failures as one SyncError naming the URL."""
+    try:
+        yield
+    except (OSError, http.client.HTTPException) as e:
+        raise SyncError(f"{url}: {e}") from None
+
+
 def sync_get(url: str, output: str, seeds: Iterable[str] = (), timeout: float = 60,
              progress: Callable[[int], None] | None = None) -> dict[str, int]:
     """Fetch the file a sync-serve (or CAFS httpsync) URL offers into `output`: GET its SyncInfo,
     POST the wishlist (whole, with `Connection: close`), rebuild from the answer and the chunks
     the `seeds` (local files) hold. The output is a temporary file renamed at the end."""
-    import http.client
-    from urllib.parse import urlsplit
-
-    from .fsutil import temp_name_for
-
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise SyncError(f"not an http(s) URL: {url}")
-    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    target = parts.path or "/"
-
-    def connect() -> http.client.HTTPConnection:
-        return kind(parts.hostname, parts.port, timeout=timeout)  # type: ignore[arg-type]
-
-    try:
-        conn = connect()
-        conn.request("GET", target)
-        answer = conn.getresponse()
-        body = answer.read()
-        conn.close()
-        if answer.status != 200:
-            raise SyncError(f"GET {url}: status {answer.status}")
-        info = SyncInfo.from_json(body)
+    with _network_errors(url), SyncPeer(url, timeout) as peer:
+        info = peer.syncinfo()
         local = local_chunks(seeds)
         wish = b"".join(wishlist(info, lambda key: key in local))
-        conn = connect()
-        conn.request("POST", target, body=wish, headers={"Connection": "close",
-                                                          "Content-Type": "application/octet-stream"})
-        answer = conn.getresponse()
-        if answer.status != 200:
-            text = answer.read(200).decode(errors="replace").strip()
-            raise SyncError(f"POST {url}: status {answer.status}: {text}")
-        temp = temp_name_for(output)
-        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            received = rebuild(info, fd, wish, answer, local, progress)  # type: ignore[arg-type]
-            os.close(fd)
-            fd = -1
-            os.replace(temp, output)
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-            raise
-        finally:
-            conn.close()
-    except (OSError, http.client.HTTPException) as e:
-        raise SyncError(f"{url}: {e}") from None
-    total = sum(c.size for c in info.chunks)
+        answer = peer.post(wish)
+        with atomic_write(output) as f:
+            received = rebuild(info, f.fileno(), wish, answer, local, progress)  # type: ignore[arg-type]
+    unique = {c.key: c.size for c in info.chunks}
     return {"chunks": len(info.chunks), "chunks-received": received,
-            "bytes-received": sum(c.size for c in {c.key: c for c in info.chunks}.values()
-                                  if c.key not in local), "bytes-total": total}
+            "bytes-received": sum(size for key, size in unique.items() if key not in local),
+            "bytes-total": sum(c.size for c in info.chunks)}
 
 
 # ---- our mode: casync chunks from an index, compressed on the wire ---------------------------------
@@ -485,42 +503,16 @@ def index_syncinfo(index_bytes: bytes, chunks: Iterable[tuple[bytes, int]], max_
 
 def sync_prefetch(url: str, expected: list[tuple[bytes, int]], max_size: int, have: Callable[[bytes], bool],
                   decode: Callable[[bytes], bytes], check: Callable[[bytes], bytes],
-                  put: Callable[[bytes, bytes], object], timeout: float = 60) -> dict[str, int]:
+                  put: Callable[[bytes, bytes], object], timeout: float = 60) -> int:
     """Our mode's client: GET the SyncInfo at `url` (it must list exactly `expected`, the index's
     chunks), POST the wishlist of chunks `have` lacks as one body, and hand each chunk that
-    arrives (as sent: compressed) to put(key, wire) once decode and check prove it is the chunk."""
-    import http.client
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise SyncError(f"not an http(s) URL: {url}")
-    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    target = parts.path + (f"?{parts.query}" if parts.query else "")
-    try:
-        conn = kind(parts.hostname, parts.port, timeout=timeout)  # type: ignore[arg-type]
-        conn.request("GET", target)
-        answer = conn.getresponse()
-        body = answer.read()
-        conn.close()
-        if answer.status != 200:
-            raise SyncError(f"GET {url}: status {answer.status}")
-        info = SyncInfo.from_json(body, max_size)
+    arrives (as sent: compressed) to put(key, wire) once decode and check prove it is the chunk.
+    Returns the chunks received."""
+    with _network_errors(url), SyncPeer(url, timeout) as peer:
+        info = peer.syncinfo(max_size)
         if [(c.key, c.size) for c in info.chunks] != [(bytes(k), n) for k, n in expected]:
             raise SyncError(f"{url} describes another index than the one being extracted")
         wish = b"".join(wishlist(info, have))
-        conn = kind(parts.hostname, parts.port, timeout=timeout)  # type: ignore[arg-type]
-        conn.request("POST", target, body=wish, headers={"Connection": "close",
-                                                          "Content-Type": "application/octet-stream"})
-        answer = conn.getresponse()
-        if answer.status != 200:
-            text = answer.read(200).decode(errors="replace").strip()
-            raise SyncError(f"POST {url}: status {answer.status}: {text}")
-        try:
-            count = receive(info, wish, answer, lambda c, wire: put(c.key, wire), check=check,  # type: ignore[arg-type]
-                            decode=decode)
-        finally:
-            conn.close()
-    except (OSError, http.client.HTTPException) as e:
-        raise SyncError(f"{url}: {e}") from None
-    return {"chunks-requested": bin(int.from_bytes(wish, "big")).count("1"), "chunks-received": count}
+        answer = peer.post(wish)
+        return receive(info, wish, answer, lambda c, wire: put(c.key, wire),  # type: ignore[arg-type]
+                       check=check, decode=decode)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 from ..errors import UsageError
 from ..index import Index
-from ..mount import ChunkReader, SeekableStream, _fuse, make_operations, mount, scan_tree
+from ..mount import ChunkReader, SeekableStream, load_fuse, make_operations, mount, scan_tree
 from ..store.base import Store
 from .blob import seeds_from_flags as _seeds
 from .common import Context, add_seeds, add_store_options, add_stores
@@ -40,7 +40,7 @@ def _warn(message: str) -> None:
 
 def run_mount_index(ctx: Context) -> int:
     a = ctx.args
-    fuse = _fuse()  # a missing FUSE is one clear line, before anything is opened
+    fuse = load_fuse()  # a missing FUSE is one clear line, before anything is opened
     if not os.path.isdir(a.mountpoint):
         raise UsageError(f"mount point {a.mountpoint} is not a directory")
     name = os.path.basename(a.index.rstrip("/"))

@@ -21,7 +21,7 @@ from ..codec import CodecError
 from ..digest import ChunkId, digest_of
 from ..errors import ChunkInvalid, ChunkMissing, PydesyncError
 from ..index import parse_index
-from ..remotesync import SyncError, index_syncinfo, send, wishlist_bits
+from ..remotesync import SyncError, check_wishlist_length, index_syncinfo, send
 from ..store.base import Store, verify_chunk
 from ..store.converters import COMPRESSED, PLAIN, Converters
 from ..store.local import LocalStore
@@ -94,7 +94,7 @@ class ChunkServer(App):
         if wish is None:
             return
         try:
-            wishlist_bits(wish, info.positions)
+            check_wishlist_length(wish, info.positions)
         except SyncError as e:
             req.reply(400, f"{e}\n".encode())
             return

@@ -93,14 +93,8 @@ class Exchange:
         return self.req.read_body(MAX_BODY)
 
     def stream(self, content_type: str = "application/octet-stream") -> Callable[[bytes], None]:
-        """Answer 200 with a body of unknown length, ended by closing the connection; returns the
-        function that writes it."""
-        conn = self.req._conn
-        conn.keep_alive = False
-        conn._log(self.req, 200)
-        conn.sock.sendall(f"HTTP/1.1 200 OK\r\nServer: pydesync\r\nContent-Type: {content_type}\r\n"
-                          "Connection: close\r\n\r\n".encode())
-        return conn.sock.sendall
+        """Answer 200 with a body ended by closing the connection; returns its writer."""
+        return self.req._conn.reply_stream(self.req, content_type)
 
 
 class App:

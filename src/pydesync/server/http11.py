@@ -141,10 +141,12 @@ class Connection:
         return Request(method, target, version, headers, self.client, self)
 
     # ---- output --------------------------------------------------------------------------------
-    def _head(self, status: int, length: int, content_type: str) -> bytes:
+    def _head(self, status: int, length: int | None, content_type: str) -> bytes:
+        """A response head; length None = a body ended by closing the connection."""
         phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
-        lines = [f"HTTP/1.1 {status} {phrase}", "Server: pydesync", f"Content-Type: {content_type}",
-                 f"Content-Length: {length}"]
+        lines = [f"HTTP/1.1 {status} {phrase}", "Server: pydesync", f"Content-Type: {content_type}"]
+        if length is not None:
+            lines.append(f"Content-Length: {length}")
         if not self.keep_alive:
             lines.append("Connection: close")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -160,6 +162,15 @@ class Connection:
             self.queued += (head, body) if body else (head,)
         else:
             send_parts(self.sock, head, body)
+
+    def reply_stream(self, req: Request,
+                     content_type: str = "application/octet-stream") -> Callable[[bytes], None]:
+        """200 with a body of unknown length, ended by closing the connection (threaded connections
+        only); returns the function that writes the body."""
+        self.keep_alive = False
+        self.sock.sendall(self._head(200, None, content_type))
+        self._log(req, 200)
+        return self.sock.sendall
 
     def reply_file(self, req: Request, fd: int, size: int,
                    content_type: str = "application/octet-stream") -> None:

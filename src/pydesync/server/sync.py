@@ -9,8 +9,9 @@ requested chunks as soon as their bits arrive, until the server closes the conne
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
+from ..netio import chunked_pieces
 from ..remotesync import ServedFile, SyncError
 from .http11 import Http11Server, Request
 
@@ -34,12 +35,10 @@ class SyncApp:
         if "close" not in req.headers.get("connection", "").lower():
             conn.reply(req, 400, b"Connection: close required\n")
             return
-        conn.keep_alive = False
         req.body_read = True
-        conn.sock.sendall(b"HTTP/1.1 200 OK\r\nServer: pydesync\r\nContent-Type: application/octet-stream\r\n"
-                          b"Connection: close\r\n\r\n")
+        write = conn.reply_stream(req)
         try:
-            served.stream(body_reader(req), conn.sock.sendall)
+            served.stream(body_reader(req), write)
         except (SyncError, ValueError) as e:
             sys.stderr.write(f"sync-serve: {req.target}: {e}\n")
 
@@ -48,13 +47,16 @@ def body_reader(req: Request) -> Callable[[int], bytes]:
     """read(n) over the request body, chunked or with a Content-Length."""
     reader = req._conn.reader
     if "chunked" in req.headers.get("transfer-encoding", "").lower():
-        pieces = _chunked(reader)
+        pieces = chunked_pieces(reader)
         pending = b""
 
         def read_chunked(n: int) -> bytes:
             nonlocal pending
             if not pending:
-                pending = next(pieces, b"")
+                try:
+                    pending = bytes(next(pieces, b""))
+                except ConnectionResetError:
+                    pending = b""  # the wishlist ends early: "wishlist too short"
             out, pending = pending[:n], pending[n:]
             return out
         return read_chunked
@@ -68,23 +70,6 @@ def body_reader(req: Request) -> Callable[[int], bytes]:
         left -= len(data)
         return data
     return read_length
-
-
-def _chunked(reader) -> Iterator[bytes]:  # type: ignore[no-untyped-def]
-    while True:
-        line = reader.read_until(b"\r\n", 1024)
-        if line is None:
-            return
-        size = int(line.split(b";", 1)[0].strip() or b"0", 16)
-        if size == 0:
-            while reader.read_until(b"\r\n", 8192):  # trailers
-                pass
-            return
-        data = reader.read_exact(size)
-        reader.read_exact(2)
-        if data is None:
-            return
-        yield bytes(data)
 
 
 def sync_servers(files: dict[str, ServedFile], address: tuple[str, int]) -> Http11Server:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from ..netio import SocketReader, set_timeouts
+from ..netio import SocketReader, chunked_pieces, set_timeouts
 
 MAX_HEAD = 64 * 1024
 MAX_BODY = 256 * 1024 * 1024  # an unframed body (read to close) larger than any chunk or index is refused
@@ -219,19 +219,10 @@ class FastHttp:
     @staticmethod
     def _read_body(conn: _Conn, headers: dict[str, str]) -> bytes | bytearray:
         if "chunked" in headers.get("transfer-encoding", "").lower():
-            pieces = []
-            while True:
-                size_line = conn.read_until(b"\r\n", 1024).split(b";", 1)[0].strip()
-                try:
-                    size = int(size_line, 16)
-                except ValueError:
-                    raise ProtocolError("malformed chunked encoding") from None
-                if size == 0:
-                    while conn.read_until(b"\r\n", MAX_HEAD):  # trailers
-                        pass
-                    return b"".join(pieces)
-                pieces.append(conn.read_exact(size))
-                conn.read_exact(2)
+            try:
+                return b"".join(chunked_pieces(conn.reader))
+            except ValueError as e:
+                raise ProtocolError(str(e)) from None
         length = headers.get("content-length", "")
         if not length.isdigit():
             raise ProtocolError("malformed Content-Length")
