@@ -349,3 +349,23 @@ def test_location_parsing_addressing_and_regions():
     assert gcs_location("gs://bkt/some/prefix") == "s3+https://storage.googleapis.com/bkt/some/prefix?lookup=path"
     assert s3_credentials_key("s3+http://127.0.0.1:9000/b/p") == "http://127.0.0.1:9000"
     assert s3_credentials_key("gs://bkt/p") == "https://storage.googleapis.com"
+
+
+def test_an_object_larger_than_allowed_is_refused_before_reading(s3_server: S3Server,
+                                                                 monkeypatch: pytest.MonkeyPatch):
+    """The declared length decides: an object longer than the reader's limit is an error at once
+    (as a 129 MiB object is for a chunk, and 4 GB for an index)."""
+    from pydesync.errors import StoreError
+    from pydesync.store import open_store
+
+    bucket = s3_server.bucket()
+    s3_server.client().put_object(Bucket=bucket, Key="big", Body=bytes(5000))
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    store = open_store(f"s3+{s3_server.endpoint}/{bucket}/")
+    try:
+        assert store.objects.read("big", limit=5000) == bytes(5000)
+        with pytest.raises(StoreError, match="object of 5000 bytes, longer than 4999 bytes"):
+            store.objects.read("big", limit=4999)
+    finally:
+        store.close()

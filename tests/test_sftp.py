@@ -309,3 +309,17 @@ def test_ssh_command_line(monkeypatch: pytest.MonkeyPatch):
     assert ssh_command("h", None, None) == ["ssh", "-s", "--", "h", "sftp"]
     monkeypatch.setenv("CASYNC_SSH_PATH", "/opt/my ssh")
     assert ssh_command("h", 2222, "u") == ["/opt/my ssh", "-p", "2222", "-s", "--", "u@h", "sftp"]
+
+
+def test_a_file_larger_than_any_chunk_is_refused_unread(sshd: Sshd, tmp_path: Path):
+    """A hostile or stray 200 MiB file under a chunk's name is refused from its size (the file is
+    sparse: reading it would take seconds and the memory; refusing it takes neither)."""
+    blob(tmp_path / "blob", 4)
+    store = tmp_path / "store"
+    assert run_cli("make", "-s", store, tmp_path / "blob.caibx", tmp_path / "blob").returncode == 0
+    victim = next(store.glob("*/*.cacnk"))
+    with open(victim, "r+b") as f:
+        f.truncate(200 << 20)
+    r = sftp_cli(sshd, "extract", "-s", url(store), tmp_path / "blob.caibx", tmp_path / "out")
+    assert_clean_error(r, victim.name, "longer than")
+    assert not (tmp_path / "out").exists()

@@ -1,7 +1,8 @@
 """Chunk file encoding: zstd (default), xz and gzip, detected by magic bytes.
 
-casync writes zstd frames without a content size, so decoding always goes
-through a streaming decompressor; every decoder also rejects trailing garbage.
+casync writes zstd frames without a content size, so decoding goes through a
+streaming decompressor, after the frame's block headers have bounded what it can
+produce; every decoder also rejects trailing garbage.
 Compressor objects are not thread-safe, so each thread keeps its own.
 """
 
@@ -26,6 +27,12 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 XZ_MAGIC = b"\xfd7zXZ\x00"
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_CHUNK = 128 * 1024 * 1024
+#: A stored or transferred chunk: the largest chunk, compressed in the worst case (zstd adds
+#: 0.4% to incompressible data), encrypted. Readers refuse more before holding it.
+MAX_ENCODED_CHUNK = MAX_CHUNK + (1 << 20)
+ZSTD_BLOCK_MAX = 128 * 1024  # RFC 8878: no block, of any kind, decodes to more than this
+_DICT_ID_BYTES = (0, 1, 2, 4)
+_CONTENT_SIZE_BYTES = (0, 2, 4, 8)
 
 
 class CodecError(PydesyncError):
@@ -74,6 +81,36 @@ def compress(data: bytes | memoryview, method: str = ZSTD) -> bytes:
     raise CodecError(f"unknown compression '{method}'")
 
 
+def zstd_output_bound(data: bytes | memoryview) -> int:
+    """The most one zstd frame can decode to, read from its block headers without decoding.
+
+    A frame without a content size can expand 30,000-fold (a 4-byte RLE block is 128 KiB), so
+    this is what keeps a hostile chunk from taking gigabytes before the size check. Raw and RLE
+    blocks count their declared size, a compressed block the largest a block can be; the walk
+    stops at the last block or the end of the data, which is all a decoder could reach either.
+    Costs a few microseconds per 128 KiB of output.
+    """
+    view = memoryview(data)
+    end = len(view)
+    if end < 5:
+        return 0
+    descriptor = view[4]
+    single_segment = descriptor & 0x20
+    content_size_bytes = _CONTENT_SIZE_BYTES[descriptor >> 6] or (1 if single_segment else 0)
+    at = 5 + (0 if single_segment else 1) + _DICT_ID_BYTES[descriptor & 3] + content_size_bytes
+    total = 0
+    while at + 3 <= end and total <= MAX_CHUNK:
+        header = view[at] | view[at + 1] << 8 | view[at + 2] << 16
+        kind, size = (header >> 1) & 3, header >> 3
+        if kind == 1:  # RLE: one byte, repeated `size` times
+            total, at = total + size, at + 4
+        else:  # raw: `size` bytes as they are; compressed: `size` bytes, at most a block out
+            total, at = total + (size if kind == 0 else ZSTD_BLOCK_MAX), at + 3 + size
+        if header & 1:  # Last_Block
+            break
+    return total
+
+
 def decompress(data: bytes | memoryview) -> bytes:
     """Decode one compressed chunk of any supported kind; trailing bytes are an error."""
     method = detect(data)
@@ -85,7 +122,9 @@ def decompress(data: bytes | memoryview) -> bytes:
             if size > 0:
                 # One-shot: exact-size output; trailing bytes raise ZstdError.
                 out, ok, rest = _zstd_decompressor().decompress(data, allow_extra_data=False), True, b""
-            else:  # casync's streaming frames carry no content size (see SECURITY.md on their output)
+            else:  # casync's streaming frames carry no content size: bound them by their blocks
+                if zstd_output_bound(data) > MAX_CHUNK:
+                    raise CodecError("chunk larger than 128 MiB")
                 obj = _zstd_decompressor().decompressobj()
                 out = obj.decompress(data)
                 ok, rest = obj.eof, obj.unused_data

@@ -24,6 +24,9 @@ CA_FORMAT_TABLE_TAIL_MARKER = 0x4B4F050E5549ECD1
 TABLE_SIZE_UNKNOWN = 0xFFFFFFFFFFFFFFFF
 HEADER_SIZE = 48
 ITEM_SIZE = 40
+#: The largest index read from a peer: 100 million chunks, some 6 TiB of blob at 64 KiB a chunk.
+#: Enough for any real image, and a bound on what a hostile server can make us hold.
+MAX_INDEX_BYTES = HEADER_SIZE + 16 + ITEM_SIZE * (100_000_000 + 1)
 
 FLAG_EXCLUDE_NODUMP = 0x8000000000000000
 FLAG_EXCLUDE_FILE = 0x1000000000000000

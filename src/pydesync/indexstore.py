@@ -7,6 +7,7 @@ store (`http://h/p/x.caibx` is `x.caibx` in the store `http://h/p/`).
 from __future__ import annotations
 
 from .errors import IndexFormatError
+from .index import MAX_INDEX_BYTES
 from .store import location_scheme
 from .store.base import StoreOptions
 
@@ -26,7 +27,7 @@ def fetch_index_bytes(location: str, options: StoreOptions | None = None) -> byt
         base, name = split_location(location)
         client = HttpClient(base, options or StoreOptions())
         try:
-            data = client.request("GET", name)
+            data = client.request("GET", name, limit=MAX_INDEX_BYTES)
         finally:
             client.close()
         if data is None:

@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterator
 
 _TIMEVAL = struct.Struct("@ll")
+MAX_TRAILERS = 100
+PREALLOCATE = 16 << 20  # read_exact allocates a declared length up to this at once
 
 
 def set_timeouts(sock: socket.socket, seconds: float | None) -> None:
@@ -122,7 +124,11 @@ class SocketReader:
         return out
 
     def read_exact(self, n: int) -> bytearray | None:
-        """Exactly n bytes (one allocation, received straight into it); None if the stream ends."""
+        """Exactly n bytes (one allocation, received straight into it); None if the stream ends.
+        Beyond PREALLOCATE bytes the buffer grows as data arrives, so a length a peer declares
+        but never sends costs no memory."""
+        if n > PREALLOCATE:
+            return self._read_growing(n)
         out = bytearray(n)
         have = min(n, self._end - self._start)
         out[:have] = self._view[self._start:self._start + have]
@@ -137,6 +143,15 @@ class SocketReader:
             have += got
         return out
 
+    def _read_growing(self, n: int) -> bytearray | None:
+        out = bytearray()
+        while len(out) < n:
+            piece = self.read_exact(min(PREALLOCATE, n - len(out)))
+            if piece is None:
+                return None
+            out += piece
+        return out
+
     def read_to_close(self, limit: int) -> bytes:
         """Everything until the peer closes. Raises ValueError past `limit` bytes."""
         parts = [bytes(self._view[self._start:self._end])]
@@ -148,29 +163,42 @@ class SocketReader:
                 return b"".join(parts)
             total += n
             if total > limit:
-                raise ValueError("too long")
+                raise BodyTooLong(f"longer than {limit} bytes")
             parts.append(bytes(self._view[:n]))
 
 
-def chunked_pieces(reader: SocketReader) -> Iterator[bytearray]:
+class BodyTooLong(ValueError):
+    """A body past the reader's limit."""
+
+
+def chunked_pieces(reader: SocketReader, limit: int | None = None) -> Iterator[bytearray]:
     """The pieces of a chunked-encoded body, as they arrive (trailers skipped). Raises ValueError
-    on malformed framing and ConnectionResetError if the stream ends inside it."""
+    on malformed framing or past `limit` bytes in all, and ConnectionResetError if the stream
+    ends inside it."""
+    total = 0
     while True:
         line = reader.read_until(b"\r\n", 1024)
         if line is None:
             raise ConnectionResetError("connection closed inside a chunked body")
-        try:
-            size = int(line.split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            raise ValueError("malformed chunked encoding") from None
+        digits = line.split(b";", 1)[0].strip()
+        if not digits or len(digits) > 16 or digits.strip(b"0123456789abcdefABCDEF"):
+            raise ValueError("malformed chunked encoding")
+        size = int(digits, 16)
         if size == 0:
-            while True:
+            for _ in range(MAX_TRAILERS):
                 trailer = reader.read_until(b"\r\n", 8192)
                 if not trailer:  # the empty line ends the body (None: closed, as good as ended)
                     return
+            raise ValueError("too many trailers after a chunked body")
+        total += size
+        if limit is not None and total > limit:
+            raise BodyTooLong(f"chunked body longer than {limit} bytes")
         data = reader.read_exact(size)
-        if data is None or reader.read_exact(2) is None:
+        end = reader.read_exact(2)
+        if data is None or end is None:
             raise ConnectionResetError("connection closed inside a chunked body")
+        if end != b"\r\n":
+            raise ValueError("malformed chunked encoding")
         yield data
 
 

@@ -12,10 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
+from ..codec import MAX_ENCODED_CHUNK
 from ..errors import UsageError
 from .http11 import Http11Server, Request
 
-MAX_BODY = 128 * 1024 * 1024 + 1024 * 1024  # a chunk (128 MiB at most) plus room for its encoding
+MAX_BODY = MAX_ENCODED_CHUNK  # an upload: a chunk (128 MiB at most) plus room for its encoding
 
 
 @dataclass
@@ -89,8 +90,8 @@ class Exchange:
     def reply_file(self, fd: int, size: int) -> None:
         self.req._conn.reply_file(self.req, fd, size)
 
-    def read_body(self) -> bytes | None:
-        return self.req.read_body(MAX_BODY)
+    def read_body(self, limit: int = MAX_BODY) -> bytes | None:
+        return self.req.read_body(limit)
 
     def stream(self, content_type: str = "application/octet-stream") -> Callable[[bytes], None]:
         """Answer 200 with a body ended by closing the connection; returns its writer."""

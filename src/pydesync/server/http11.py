@@ -62,7 +62,7 @@ class Request:
             self._conn.keep_alive = False
             return None
         length = self.headers.get("content-length", "")
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):
             self._conn.reply(self, 411, b"Content-Length required\n")
             self._conn.keep_alive = False
             return None

@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..errors import IndexFormatError
 from ..fsutil import write_bytes_atomic
-from ..index import parse_index
+from ..index import MAX_INDEX_BYTES, parse_index
 from .common import App, Exchange
 
 
@@ -61,7 +61,7 @@ class IndexServer(App):
         if not self.writable:
             req.reply(400, b"writing to upstream index store is not enabled\n")
             return
-        body = req.read_body()
+        body = req.read_body(MAX_INDEX_BYTES)
         if body is None:
             return
         try:

@@ -38,16 +38,17 @@ class SyncApp:
         req.body_read = True
         write = conn.reply_stream(req)
         try:
-            served.stream(body_reader(req), write)
+            served.stream(body_reader(req, (served.info.positions + 7) // 8 + 1), write)
         except (SyncError, ValueError) as e:
             sys.stderr.write(f"sync-serve: {req.target}: {e}\n")
 
 
-def body_reader(req: Request) -> Callable[[int], bytes]:
-    """read(n) over the request body, chunked or with a Content-Length."""
+def body_reader(req: Request, limit: int) -> Callable[[int], bytes]:
+    """read(n) over the request body, chunked or with a Content-Length; no more than `limit`
+    bytes are taken (a wishlist's length is known: more is refused as too long anyway)."""
     reader = req._conn.reader
     if "chunked" in req.headers.get("transfer-encoding", "").lower():
-        pieces = chunked_pieces(reader)
+        pieces = chunked_pieces(reader, limit)
         pending = b""
 
         def read_chunked(n: int) -> bytes:
@@ -60,7 +61,8 @@ def body_reader(req: Request) -> Callable[[int], bytes]:
             out, pending = pending[:n], pending[n:]
             return out
         return read_chunked
-    left = int(req.headers.get("content-length", "0") or 0)
+    declared = req.headers.get("content-length", "0")
+    left = min(int(declared), limit) if declared.isascii() and declared.isdigit() else 0
 
     def read_length(n: int) -> bytes:
         nonlocal left

@@ -20,11 +20,12 @@ from urllib.parse import quote
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
 
+from ..codec import MAX_ENCODED_CHUNK
 from ..digest import ChunkId
 from ..errors import ChunkMissing, StoreError, UsageError
 from .base import Store, StoreOptions, decode_chunk, verify_chunk
 from .converters import Converters, converters_for
-from .http_fast import FastHttp, Response, tls_context
+from .http_fast import FastHttp, Response, TooLarge, tls_context
 
 SUFFIX = ".cacnk"
 
@@ -117,31 +118,34 @@ class HttpClient:
     def url(self, name: str) -> str:
         return self.base + self.quoted(name)
 
-    def _once(self, method: str, name: str, body: bytes | None,
+    def _once(self, method: str, name: str, body: bytes | None, limit: int,
               started: Callable[[], Response] | None = None) -> tuple[int, bytes]:
         """One attempt; `started` finishes a request already sent (FastHttp.begin)."""
         if self.fast is not None:
             if started is not None:
                 response = started()
             else:
-                response = self.fast.request(method, self.path_of(name), body)
+                response = self.fast.request(method, self.path_of(name), body, limit)
             if not (300 <= response.status < 400 and "location" in response.headers):
                 return response.status, response.data
         answer = self.pool.request(method, self.url(name), body=body, headers=self.headers, retries=False,
-                                   preload_content=True, redirect=True)
-        return answer.status, answer.data
+                                   preload_content=False, redirect=True)
+        return answer.status, read_capped(answer, limit)
 
     def request(self, method: str, name: str, body: bytes | None = None, ok: tuple[int, ...] = (200,),
-                missing: tuple[int, ...] = (404,),
-                started: Callable[[], Response] | None = None) -> bytes | None:
+                missing: tuple[int, ...] = (404,), started: Callable[[], Response] | None = None,
+                limit: int = MAX_ENCODED_CHUNK) -> bytes | None:
         """The body for an `ok` status, None for a `missing` one; raises HttpError otherwise.
-        `started`: the first attempt was already sent (FastHttp.begin), this finishes it."""
+        `started`: the first attempt was already sent (FastHttp.begin), this finishes it. A body
+        longer than `limit` is an error before it is held (a hostile server cannot fill memory)."""
         url = self.url(name)
         attempts = max(1, self.options.error_retry)
         last: HttpError | None = None
         for attempt in range(1, attempts + 1):
             try:
-                status, data = self._once(method, name, body, started if attempt == 1 else None)
+                status, data = self._once(method, name, body, limit, started if attempt == 1 else None)
+            except TooLarge as e:
+                raise HttpError(f"{method} {url}: {e}") from None
             except (Urllib3Error, OSError, ssl.SSLError) as e:
                 last = HttpError(f"{method} {url}: {_reason(e)}")
             else:
@@ -163,6 +167,26 @@ class HttpClient:
         if self.fast is not None:
             self.fast.close()
         self.pool.clear()
+
+
+def read_capped(answer: urllib3.BaseHTTPResponse, limit: int) -> bytes:
+    """A urllib3 answer's body (read unbuffered), refused as TooLarge past `limit` bytes: declared
+    lengths are checked first, and an undeclared or lying one is cut off at the limit."""
+    try:
+        declared = answer.headers.get("Content-Length", "")
+        if declared.isascii() and declared.isdigit() and int(declared) > limit:
+            raise TooLarge(f"answer of {declared} bytes, longer than {limit} bytes")
+        pieces, total = [], 0
+        for piece in answer.stream(1 << 20):  # in pieces: http.client preallocates a whole read(n)
+            total += len(piece)
+            if total > limit:
+                raise TooLarge(f"answer longer than {limit} bytes")
+            pieces.append(piece)
+        answer.release_conn()
+        return b"".join(pieces)
+    except BaseException:
+        answer.close()  # unread bytes would be taken for the next answer: not back to the pool
+        raise
 
 
 def _reason(e: Exception) -> str:

@@ -23,14 +23,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from ..netio import SocketReader, chunked_pieces, set_timeouts
+from ..codec import MAX_ENCODED_CHUNK
+from ..netio import BodyTooLong, SocketReader, chunked_pieces, set_timeouts
 
 MAX_HEAD = 64 * 1024
-MAX_BODY = 256 * 1024 * 1024  # an unframed body (read to close) larger than any chunk or index is refused
 
 
 class ProtocolError(OSError):
     """The server's answer is not HTTP we understand (the caller retries or falls back)."""
+
+
+class TooLarge(ProtocolError):
+    """The answer's body is longer than the caller allows (not retried on a new connection)."""
 
 
 @dataclass
@@ -64,8 +68,8 @@ class _Conn:
         """Everything until the server closes the connection (a body without framing)."""
         try:
             return self.reader.read_to_close(limit)
-        except ValueError:
-            raise ProtocolError("response body too large") from None
+        except BodyTooLong as e:
+            raise TooLarge(f"answer {e}") from None
 
     def send(self, data: bytes) -> None:
         try:
@@ -115,27 +119,29 @@ class FastHttp:
             idle = self._local.idle = []
         return idle
 
-    def request(self, method: str, path: str, body: bytes | None = None) -> Response:
-        """One request; a reused connection that turns out closed is reopened once."""
+    def request(self, method: str, path: str, body: bytes | None = None,
+                limit: int = MAX_ENCODED_CHUNK) -> Response:
+        """One request; a reused connection that turns out closed is reopened once. An answer
+        whose body is longer than `limit` is a ProtocolError, before it is held in memory."""
         idle = self._idle()
         fresh = not idle
         conn = idle.pop() if idle else self._connect()
         try:
             self._send(conn, method, path, body)
-            return self._receive(conn, method)
+            return self._receive(conn, method, limit)
         except (ConnectionError, ProtocolError, ssl.SSLError, OSError) as e:
             self._drop(conn)
-            if fresh or isinstance(e, TimeoutError):
+            if fresh or isinstance(e, (TimeoutError, TooLarge)):
                 raise
             conn = self._connect()
             try:
                 self._send(conn, method, path, body)
-                return self._receive(conn, method)
+                return self._receive(conn, method, limit)
             except BaseException:
                 self._drop(conn)
                 raise
 
-    def begin(self, method: str, path: str) -> Callable[[], Response]:
+    def begin(self, method: str, path: str, limit: int = MAX_ENCODED_CHUNK) -> Callable[[], Response]:
         """Send a request now on one of this thread's connections (a new one if all are busy);
         the returned call reads its answer. Lets one thread keep several requests in flight.
         No retry here: the caller falls back to request() on errors."""
@@ -148,19 +154,19 @@ class FastHttp:
             self._drop(conn)
             if fresh:
                 raise
-            return functools.partial(self.request, method, path)  # it was stale: start over
+            return functools.partial(self.request, method, path, None, limit)  # stale: start over
         except BaseException:
             self._drop(conn)
             raise
 
         def finish() -> Response:
             try:
-                return self._receive(conn, method)
+                return self._receive(conn, method, limit)
             except (ConnectionError, ProtocolError, ssl.SSLError, OSError) as e:
                 self._drop(conn)
-                if fresh or isinstance(e, TimeoutError):
+                if fresh or isinstance(e, (TimeoutError, TooLarge)):
                     raise
-                return self.request(method, path)  # a kept-alive connection the server had closed
+                return self.request(method, path, None, limit)  # a kept-alive one the server closed
             except BaseException:
                 self._drop(conn)
                 raise
@@ -181,7 +187,7 @@ class FastHttp:
             conn.reader.deadline = time.monotonic() + self.timeout
         conn.send(payload + body if body else payload)
 
-    def _receive(self, conn: _Conn, method: str) -> Response:
+    def _receive(self, conn: _Conn, method: str, limit: int) -> Response:
         """The answer to the request sent on conn; conn goes back to this thread's idle list."""
         while True:
             status, headers, keep_alive = self._read_head(conn)
@@ -190,9 +196,9 @@ class FastHttp:
         if method == "HEAD" or status in (204, 304):
             data: bytes | bytearray = b""
         elif "content-length" in headers or "chunked" in headers.get("transfer-encoding", "").lower():
-            data = self._read_body(conn, headers)
+            data = self._read_body(conn, headers, limit)
         else:  # no framing: the body ends when the server closes the connection (HTTP/1.0 style)
-            data = conn.read_to_close(MAX_BODY)
+            data = conn.read_to_close(limit)
             keep_alive = False
         if keep_alive:
             self._idle().append(conn)
@@ -206,7 +212,8 @@ class FastHttp:
         head = conn.read_until(b"\r\n\r\n", MAX_HEAD).decode("latin-1")
         lines = head.split("\r\n")
         parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") \
+                or not (parts[1].isascii() and parts[1].isdigit()):
             raise ProtocolError(f"malformed status line {lines[0][:80]!r}")
         headers: dict[str, str] = {}
         for line in lines[1:]:
@@ -217,15 +224,19 @@ class FastHttp:
         return int(parts[1]), headers, keep_alive
 
     @staticmethod
-    def _read_body(conn: _Conn, headers: dict[str, str]) -> bytes | bytearray:
+    def _read_body(conn: _Conn, headers: dict[str, str], limit: int) -> bytes | bytearray:
         if "chunked" in headers.get("transfer-encoding", "").lower():
             try:
-                return b"".join(chunked_pieces(conn.reader))
+                return b"".join(chunked_pieces(conn.reader, limit))
+            except BodyTooLong as e:
+                raise TooLarge(f"answer {e}") from None
             except ValueError as e:
                 raise ProtocolError(str(e)) from None
         length = headers.get("content-length", "")
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):
             raise ProtocolError("malformed Content-Length")
+        if int(length) > limit:
+            raise TooLarge(f"answer of {length} bytes, longer than {limit} bytes")
         return conn.read_exact(int(length))
 
     def close(self) -> None:

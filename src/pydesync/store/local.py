@@ -19,6 +19,7 @@ import secrets
 import stat
 from collections.abc import Iterator
 
+from ..codec import MAX_ENCODED_CHUNK
 from ..digest import ChunkId
 from ..errors import ChunkMissing, StoreError
 from .base import Store, StoreOptions, decode_chunk, verify_chunk
@@ -86,6 +87,8 @@ class LocalStore(Store):
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
                 raise StoreError(f"cannot read {path}: is a directory")
+            if st.st_size > MAX_ENCODED_CHUNK:  # a shared store's stray or hostile file
+                raise StoreError(f"cannot read {path}: {st.st_size} bytes, longer than any chunk")
             data = os.read(fd, st.st_size)
             while len(data) < st.st_size:  # short read (unusual for regular files)
                 more = os.read(fd, st.st_size - len(data))

@@ -36,10 +36,13 @@ from urllib.parse import quote, urljoin, urlsplit
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
 
+from ..codec import MAX_ENCODED_CHUNK
 from ..digest import ChunkId
 from ..errors import ChunkMissing, StoreError, UsageError
 from .base import Store, StoreOptions, decode_chunk, verify_chunk
 from .converters import converters_for
+from .http import read_capped
+from .http_fast import Response, TooLarge
 
 CHUNK_ARTIFACT = "application/vnd.desync.chunk.v1"
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -47,7 +50,8 @@ EMPTY_TYPE = "application/vnd.oci.empty.v1+json"
 EMPTY_BLOB = b"{}"
 EMPTY_DIGEST = "sha256:" + hashlib.sha256(EMPTY_BLOB).hexdigest()
 TITLE = "org.opencontainers.image.title"
-MAX_BLOB = 1 << 30  # far above any chunk: a hostile manifest cannot make us allocate more
+MAX_BLOB = MAX_ENCODED_CHUNK  # a manifest naming a larger blob is refused before it is fetched
+MAX_TOKEN_ANSWER = 1 << 20
 TAG_PAGE = 1000
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -144,8 +148,9 @@ class RegistryClient:
         return f"{self.where.base}/v2/{self.where.repository}/{path}"
 
     def request(self, method: str, url: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None, redirect: bool = True) -> urllib3.BaseHTTPResponse:
-        """One call with retries on transport errors, 408, 429 and 5xx, answering auth challenges."""
+                headers: dict[str, str] | None = None, redirect: bool = True) -> Response:
+        """One call with retries on transport errors, 408, 429 and 5xx, answering auth challenges.
+        Bodies are read whole, up to the largest chunk blob (a longer one is an error)."""
         attempts = 1 + max(0, self.options.error_retry)
         last: Exception | None = None
         for attempt in range(attempts):
@@ -161,13 +166,22 @@ class RegistryClient:
             return response
         raise StoreError(f"{method} {url}: {getattr(last, 'reason', None) or last}")
 
+    def _fetch(self, method: str, url: str, body: bytes | None, headers: dict[str, str],
+               redirect: bool, limit: int = MAX_ENCODED_CHUNK) -> Response:
+        answer = self.pool.request(method, url, body=body, headers=headers, redirect=redirect,
+                                   preload_content=False)
+        try:
+            return Response(answer.status, answer.headers, read_capped(answer, limit))  # type: ignore[arg-type]
+        except TooLarge as e:
+            raise StoreError(f"{method} {url}: {e}") from None
+
     def _authorised(self, method: str, url: str, body: bytes | None, headers: dict[str, str],
-                    redirect: bool) -> urllib3.BaseHTTPResponse:
+                    redirect: bool) -> Response:
         scope_key = self._scope_key(method)
         auth = self._tokens.get(scope_key)
         headers = {"User-Agent": "pydesync", **headers}
         sent = {**headers, **({"Authorization": auth} if auth else {})}
-        response = self.pool.request(method, url, body=body, headers=sent, redirect=redirect)
+        response = self._fetch(method, url, body, sent, redirect)
         if response.status != 401:
             return response
         challenge = response.headers.get("WWW-Authenticate", "")
@@ -176,8 +190,7 @@ class RegistryClient:
             return response
         with self._lock:
             self._tokens[scope_key] = auth
-        return self.pool.request(method, url, body=body, headers={**headers, "Authorization": auth},
-                                 redirect=redirect)
+        return self._fetch(method, url, body, {**headers, "Authorization": auth}, redirect)
 
     @staticmethod
     def _scope_key(method: str) -> str:
@@ -204,7 +217,8 @@ class RegistryClient:
         if self.credentials is not None:
             headers["Authorization"] = self._basic()
         try:
-            answer = self.pool.request("GET", realm + ("&" if "?" in realm else "?") + query, headers=headers)
+            answer = self._fetch("GET", realm + ("&" if "?" in realm else "?") + query, None, headers, True,
+                                 limit=MAX_TOKEN_ANSWER)
         except Urllib3Error as e:
             raise StoreError(f"cannot get a registry token from {realm}: {e}") from None
         if answer.status != 200:
@@ -220,7 +234,7 @@ class RegistryClient:
         assert self.credentials is not None
         return "Basic " + base64.b64encode(":".join(self.credentials).encode()).decode()
 
-    def fail(self, what: str, response: urllib3.BaseHTTPResponse) -> StoreError:
+    def fail(self, what: str, response: Response) -> StoreError:
         """A clear error for an unexpected answer."""
         if response.status in (401, 403):
             return StoreError(f"{what}: access denied by {self.where.host} ({response.status}): check the "

@@ -31,9 +31,10 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
-from ..codec import CodecError
+from ..codec import MAX_ENCODED_CHUNK, CodecError
 from ..digest import ChunkId
 from ..errors import ChunkInvalid, ChunkMissing, StoreError, UsageError
+from ..index import MAX_INDEX_BYTES
 from .base import Store, StoreOptions, close_at_exit, decode_chunk, verify_chunk
 from .converters import converters_for
 
@@ -229,11 +230,16 @@ class S3Objects:
                 raise
             raise StoreError(self.describe(e, key)) from None
 
-    def read(self, key: str) -> bytes | None:
-        """The object's bytes, None if there is no such key; a short body is an error."""
+    def read(self, key: str, limit: int = MAX_ENCODED_CHUNK) -> bytes | None:
+        """The object's bytes, None if there is no such key; a short body is an error, and so is
+        one longer than `limit` (refused from its declared length, before it is read)."""
         def get() -> bytes:
             answer = self.client.get_object(Bucket=self.where.bucket, Key=key)
             body = answer["Body"]
+            if answer.get("ContentLength", 0) > limit:
+                body.close()
+                raise StoreError(f"s3://{self.where.bucket}/{key}: object of {answer['ContentLength']} "
+                                 f"bytes, longer than {limit} bytes")
             try:
                 data = body.read()  # botocore checks the length against Content-Length
             except self._errors.BotoCoreError as e:
@@ -396,7 +402,7 @@ def read_index_bytes(location: str, options: StoreOptions | None = None) -> byte
     """An index file in a bucket (`s3+https://host/bucket/prefix/name.caibx`)."""
     objects = _index_objects(location, options)
     try:
-        return objects.read(_index_key(objects, location))
+        return objects.read(_index_key(objects, location), MAX_INDEX_BYTES)
     finally:
         objects.close()
 

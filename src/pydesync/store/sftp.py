@@ -30,8 +30,10 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
+from ..codec import MAX_ENCODED_CHUNK
 from ..digest import ChunkId
 from ..errors import ChunkMissing, StoreError, UsageError
+from ..index import MAX_INDEX_BYTES
 from .base import Store, StoreOptions, close_at_exit, decode_chunk, verify_chunk
 from .converters import converters_for
 
@@ -158,14 +160,17 @@ class SftpConnection:
     def stat(self, path: str) -> Any:
         return self.call(f"stat {path}", lambda s: s.stat(path))
 
-    def read(self, path: str) -> bytes | None:
-        """The file's bytes, or None if it does not exist."""
+    def read(self, path: str, limit: int = MAX_ENCODED_CHUNK) -> bytes | None:
+        """The file's bytes, or None if it does not exist; a file longer than `limit` is an error
+        (its size is checked before anything is read)."""
         def read(sftp: Any) -> bytes:
             with sftp.open(path, "rb") as f:
                 st = f.stat()
                 if stat.S_ISDIR(st.st_mode or 0):
                     raise IsADirectoryError(0, "is a directory")
                 size = st.st_size or 0
+                if size > limit:
+                    raise StoreError(f"{self.label}: {path}: file of {size} bytes, longer than {limit} bytes")
                 f.prefetch(size)  # pipelined reads instead of one round trip per 32 KiB
                 data: bytes = f.read(size)
                 return data
@@ -428,7 +433,7 @@ def read_index_bytes(location: str, options: StoreOptions | None = None) -> byte
     base, name = _index_base(location, options)
     try:
         with base.connection() as conn:
-            return conn.read(base.path + name)
+            return conn.read(base.path + name, MAX_INDEX_BYTES)
     finally:
         base.close()
 
