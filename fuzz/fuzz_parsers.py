@@ -445,12 +445,12 @@ def fuzz(target: str, seconds: float, rng: random.Random) -> tuple[int, int]:
 
 
 # ---- atheris: coverage-guided, one child process per target ---------------------------------------------
-def atheris_child(target: str, seconds: float, artifacts: Path) -> None:
+def atheris_child(target: str, seconds: float, artifacts: Path, corpora: Path) -> None:
     """Run libFuzzer on one target (does not return). Any problem is raised, so that libFuzzer
     saves the input in `artifacts`; its -timeout and -rss_limit_mb catch hangs and memory."""
     import atheris  # type: ignore[import-not-found]
 
-    corpus = HERE / "corpus" / target
+    corpus = corpora / target
     corpus.mkdir(parents=True, exist_ok=True)
     with atheris.instrument_imports(include=["pydesync"]):
         import pydesync  # noqa: F401
@@ -473,14 +473,14 @@ def atheris_child(target: str, seconds: float, artifacts: Path) -> None:
     atheris.Fuzz()
 
 
-def fuzz_atheris(target: str, seconds: float) -> tuple[int, int]:
+def fuzz_atheris(target: str, seconds: float, corpora: Path) -> tuple[int, int]:
     """Run the atheris child until the time is up, restarting it after each failure it finds."""
     deadline = time.monotonic() + seconds
     runs = failures = 0
     with tempfile.TemporaryDirectory() as artifacts:
         while (left := deadline - time.monotonic()) > 1 and failures < 20:
             argv = [sys.executable, __file__, "--atheris-child", target, "--seconds", str(left),
-                    "--artifacts", artifacts]
+                    "--artifacts", artifacts, "--corpus", str(corpora)]
             child = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
             runs += sum(int(m) for m in re.findall(r"stat::number_of_executed_units: (\d+)", child.stderr))
             for found in sorted(Path(artifacts).iterdir()):
@@ -505,11 +505,13 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=None, help="random seed of the mutate engine (default: time)")
     ap.add_argument("--engine", choices=["mutate", "atheris"], default="mutate")
     ap.add_argument("--replay", type=Path, help="run the saved inputs in this folder instead")
+    ap.add_argument("--corpus", type=Path, default=HERE / "corpus",
+                    help="atheris: where each target's learnt inputs are kept (default: fuzz/corpus)")
     ap.add_argument("--atheris-child", choices=list(TARGETS), help=argparse.SUPPRESS)
     ap.add_argument("--artifacts", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.atheris_child:
-        atheris_child(args.atheris_child, args.seconds, args.artifacts)
+        atheris_child(args.atheris_child, args.seconds, args.artifacts, args.corpus)
         return 0
     if args.engine == "mutate" or args.replay:  # atheris children have libFuzzer's RSS limit instead
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
@@ -529,7 +531,7 @@ def main() -> int:
     total_failures = 0
     for target in (TARGETS if args.target == "all" else [args.target]):
         if args.engine == "atheris":
-            cases, failures = fuzz_atheris(target, args.seconds)
+            cases, failures = fuzz_atheris(target, args.seconds, args.corpus)
         else:
             cases, failures = fuzz(target, args.seconds, rng)
         total_failures += failures
