@@ -146,3 +146,59 @@ def test_chunk_missing_remotely_falls_through(cli, casync_data: Path, casync_inp
 
 def test_ssh_location_validation(cli, tmp_path: Path):
     assert_clean_error(cli("extract", "-s", "ssh://-oProxyCommand=x/y", "x.caibx", tmp_path / "o"))
+
+
+HOSTILE_REMOTE = '''
+import struct, sys
+out, inp = sys.stdout.buffer, sys.stdin.buffer
+def send(kind, body=b""):
+    out.write(struct.pack("<QQ", 16 + len(body), kind) + body)
+    out.flush()
+def receive():
+    size, kind = struct.unpack("<QQ", inp.read(16))
+    return kind, inp.read(size - 16)
+receive()                                          # the client's HELLO
+send({hello}, struct.pack("<Q", {readable}))
+kind, body = receive()                             # its first REQUEST: flags, then ids
+ids = [body[i:i + 32] for i in range(8, len(body), 32)]
+mode = sys.argv[-1].strip("/")
+for key in ids:                                    # every id asked for gets a hostile answer
+    if mode == "huge":
+        out.write(struct.pack("<QQ", 1 << 40, {chunk}))
+        break
+    elif mode == "wrong":
+        send({chunk}, struct.pack("<Q", 0) + key + b"not the chunk's data")
+    elif mode == "bomb":
+        rle = (128 << 13 | 2).to_bytes(3, "little") + b"A"
+        send({chunk}, struct.pack("<Q", 1) + key + bytes.fromhex("28b52ffd0038") + rle * 4000)
+    elif mode == "stall-inside":
+        out.write(struct.pack("<QQ", 1000, {chunk}) + bytes(10))
+        break
+out.flush()
+inp.read()                                         # "stall": asked, never answers
+'''
+
+
+@pytest.mark.parametrize(("mode", "message"), [
+    ("huge", "message of 1099511627776 bytes"),
+    ("wrong", "does not match"),
+    ("bomb", "larger than 128 MiB"),
+    ("stall", "no answer for 2 s"),
+    ("stall-inside", "stalled for 2 s in the middle of a message"),
+])
+def test_hostile_pull_server(cli, casync_data: Path, fake_ssh: Path, tmp_path: Path, mode: str, message: str):
+    """A remote that declares a 1 TiB message, answers with chunks that are not the ones asked
+    for or that would decode to 500 MiB, or goes silent (before or inside an answer; the store's
+    timeout is 2 s here): one clear error naming the problem, and no output."""
+    script = tmp_path / "hostile.py"
+    script.write_text(HOSTILE_REMOTE.format(hello=P.HELLO, readable=P.READABLE_STORE, chunk=P.CHUNK))
+    config = tmp_path / ".config" / "pydesync" / "config.json"
+    config.parent.mkdir(parents=True)
+    config.write_text('{"store-options": {"ssh://localhost/*": {"timeout": 2000000000}}}')
+    env = {**remote_env(fake_ssh, f"{sys.executable} {script}"), "HOME": str(tmp_path)}
+    started = time.monotonic()
+    r = cli("extract", "-s", f"ssh://localhost/{mode}", casync_data / "blob.caibx", tmp_path / "out", env=env)
+    assert time.monotonic() - started < 30
+    assert_clean_error(r, message)
+    assert not (tmp_path / "out").exists()
+    assert no_leftovers(str(script))

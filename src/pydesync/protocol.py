@@ -6,12 +6,18 @@ HIGH_PRIORITY id for what it needs now, big low-priority lists to prefetch;
 the same id may come again) and the server answers each id once with CHUNK
 (compressed .cacnk bytes, flag COMPRESSED) or MISSING. A casync client hangs up
 without GOODBYE; EOF and a broken pipe are a normal end.
+
+Neither casync nor desync time out a silent peer. Our client does, after the store's
+`timeout` (1 min by default) without a byte while an answer is owed, so a remote that
+stalls ends the command with an error instead of hanging it.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 import queue
+import select
 import struct
 import threading
 from collections.abc import Iterator
@@ -59,25 +65,51 @@ def encode(kind: int, body: bytes = b"") -> bytes:
     return struct.pack("<QQ", 16 + len(body), kind) + body
 
 
-class Channel:
-    """Messages over a pair of byte streams (pipes of ssh or of our own stdin/stdout)."""
+class PeerQuiet(ProtocolError):
+    """Nothing arrived within the channel's timeout, between messages."""
 
-    def __init__(self, reader: BinaryIO, writer: BinaryIO, peer: str = "peer"):
+
+class Channel:
+    """Messages over a pair of byte streams (pipes of ssh or of our own stdin/stdout).
+
+    With `timeout` (seconds; the reader must be an unbuffered pipe), a read that waits longer
+    raises PeerQuiet between messages and ProtocolError inside one."""
+
+    def __init__(self, reader: BinaryIO, writer: BinaryIO, peer: str = "peer", timeout: float | None = None):
         self.reader = reader
         self.writer = writer
         self.peer = peer
+        self.timeout = timeout if timeout is not None and math.isfinite(timeout) and timeout > 0 else None
         self._send_lock = threading.Lock()
 
+    def _wait(self, inside: bool) -> None:
+        if self.timeout is None:
+            return
+        ready, _, _ = select.select([self.reader], [], [], self.timeout)
+        if not ready:
+            if inside:
+                raise ProtocolError(f"{self.peer}: stalled for {self.timeout:g} s in the middle of a message")
+            raise PeerQuiet(f"{self.peer}: no answer for {self.timeout:g} s")
+
     def _read_exact(self, n: int) -> bytes | None:
+        self._wait(inside=False)
         data = self.reader.read(n)
         if not data:
             return None
         while len(data) < n:
+            self._wait(inside=True)
             more = self.reader.read(n - len(data))
             if not more:
                 raise ProtocolError(f"{self.peer}: connection closed in the middle of a message")
             data += more
         return data
+
+    def _read_inside(self, n: int) -> bytes | None:
+        try:
+            return self._read_exact(n)
+        except PeerQuiet:  # the body is late: the message is cut, not the peer idle
+            raise ProtocolError(f"{self.peer}: stalled for {self.timeout:g} s in the middle of a message") \
+                from None
 
     def receive(self) -> tuple[int, bytes] | None:
         """(type, body) of the next message, or None when the peer closed the stream."""
@@ -87,7 +119,7 @@ class Channel:
         size, kind = struct.unpack("<QQ", head)
         if not 16 <= size <= MAX_MESSAGE:
             raise ProtocolError(f"{self.peer}: message of {size} bytes")
-        body = self._read_exact(size - 16) if size > 16 else b""
+        body = self._read_inside(size - 16) if size > 16 else b""
         if body is None:
             raise ProtocolError(f"{self.peer}: connection closed in the middle of a message")
         if kind == ABORT:
@@ -275,7 +307,7 @@ class PullSession:
         unique = list(dict.fromkeys(ids))
         with self._lock:
             if self.broken is not None:
-                raise ProtocolError(f"{self.channel.peer}: {self.broken}")
+                raise self._failure(self.broken)
             for key in unique:
                 self._streams[key] = answers
 
@@ -291,7 +323,7 @@ class PullSession:
         for _ in range(len(unique)):
             key, answer = answers.get()
             if isinstance(answer, BaseException):
-                raise ProtocolError(f"{self.channel.peer}: {answer}")
+                raise self._failure(answer)
             yield key, answer
 
     def fetch(self, chunk_id: ChunkId) -> tuple[bytes, bool] | None:
@@ -300,20 +332,41 @@ class PullSession:
         key = bytes(chunk_id)
         with self._lock:
             if self.broken is not None:
-                raise ProtocolError(f"{self.channel.peer}: {self.broken}")
+                raise self._failure(self.broken)
             first = key not in self._waiting
             self._waiting.setdefault(key, []).append(waiter)
         if first:
             self.channel.send(REQUEST, struct.pack("<Q", REQUEST_HIGH_PRIORITY) + key)
         waiter.event.wait()
         if waiter.error is not None:
-            raise waiter.error
+            raise self._failure(waiter.error)
         return waiter.result
+
+    def _failure(self, error: BaseException) -> ProtocolError:
+        """What a caller sees when the session broke: the reader's own error (it names the peer)."""
+        return error if isinstance(error, ProtocolError) else ProtocolError(f"{self.channel.peer}: {error}")
+
+    def _outstanding(self) -> bool:
+        with self._lock:
+            return bool(self._waiting or self._streams)
+
+    def _answers(self) -> Iterator[tuple[int, bytes]]:
+        """The server's messages; quiet spells are fine while no answer is owed."""
+        while True:
+            try:
+                message = self.channel.receive()
+            except PeerQuiet:
+                if self._outstanding():
+                    raise
+                continue
+            if message is None:
+                return
+            yield message
 
     def _read_answers(self) -> None:
         error: BaseException = ProtocolError(f"{self.channel.peer}: connection closed")
         try:
-            for kind, body in self.channel.messages():
+            for kind, body in self._answers():
                 if kind == CHUNK and len(body) >= 41:
                     flags, = struct.unpack_from("<Q", body)
                     self._resolve(body[8:40], (body[40:], bool(flags & CHUNK_COMPRESSED)))

@@ -4,7 +4,9 @@ Each session runs `$CASYNC_SSH_PATH` (default ssh) with the remote command
 `$CASYNC_REMOTE_PATH pull - - - '<path>'` (default casync; `pydesync` or
 `desync` work too). Up to `concurrency` sessions run at once, started on
 demand; every chunk received is verified. Sessions end on close(), on errors
-and at interpreter exit, so no ssh process outlives the command.
+and at interpreter exit, so no ssh process outlives the command. A remote that
+owes answers and sends nothing for the store's `timeout` is an error (casync
+and desync wait forever).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ MAX_SESSIONS = 2
 
 
 class _Session:
-    def __init__(self, argv: list[str], peer: str):
+    def __init__(self, argv: list[str], peer: str, timeout: float | None):
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE, bufsize=0)
@@ -39,7 +41,7 @@ class _Session:
         self.errors: list[bytes] = []
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         assert self.proc.stdout is not None and self.proc.stdin is not None
-        self.channel = Channel(self.proc.stdout, self.proc.stdin, peer)  # type: ignore[arg-type]
+        self.channel = Channel(self.proc.stdout, self.proc.stdin, peer, timeout)  # type: ignore[arg-type]
         try:
             self.pull = PullSession(self.channel)
         except (ProtocolError, OSError) as e:
@@ -113,7 +115,7 @@ class SshStore(Store):
             self._sessions = [x for x in self._sessions if x.pull.broken is None]
             if len(self._sessions) >= self._max_sessions:
                 return self._sessions[next(self._turn) % len(self._sessions)]
-        session = _Session(self._argv(), f"ssh {self.destination}")
+        session = _Session(self._argv(), f"ssh {self.destination}", self.options.timeout)
         with self._lock:
             self._sessions.append(session)
         return session
