@@ -98,6 +98,28 @@ def test_full_disk(tmp_path: Path):
     assert len(data) == 24 << 20
 
 
+def test_tar_and_untar_onto_a_full_disk(tmp_path: Path):
+    """An archive larger than the disk: one ENOSPC line and no archive. A tree larger than the
+    disk: one ENOSPC line naming the file that did not fit; every file that is there is whole
+    (written under a temporary name, renamed when complete)."""
+    tree = tmp_path / "tree" / "sub"
+    tree.mkdir(parents=True)
+    files = {f"f{i}": random.Random(i).randbytes(2 << 20) for i in range(8)}
+    for name, content in files.items():
+        (tree / name).write_bytes(content)
+    assert run_cli("tar", tmp_path / "t.catar", tmp_path / "tree").returncode == 0
+    with small_tmpfs(tmp_path / "small", "7m") as small:
+        r = run_cli("tar", small / "t.catar", tmp_path / "tree")
+        assert_clean_error(r, "No space left on device")
+        assert os.listdir(small) == []
+        r = run_cli("untar", tmp_path / "t.catar", small / "out")
+        assert_clean_error(r, "No space left on device", str(small / "out" / "sub"))
+        present = sorted(os.listdir(small / "out" / "sub"))
+        assert present and len(present) < len(files)
+        for name in present:  # no temporary names, no cut files
+            assert (small / "out" / "sub" / name).read_bytes() == files[name]
+
+
 def test_read_only_store(tmp_path: Path):
     random_file(tmp_path / "a", 2, 4)
     with small_tmpfs(tmp_path / "ro", "64m") as ro:
