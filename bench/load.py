@@ -3,11 +3,14 @@
 
     python3 bench/load.py                          # 64 clients, 20 s, a 256 MiB store made here
     python3 bench/load.py --clients 200 --seconds 60 --store /dev/shm/x.castr
+    python3 bench/load.py --wrk --clients 200     # the load from wrk (Debian's package) instead
 
 Each client is a process-local thread with its own kept-alive connection, requesting random chunks
 of the store (GET, with a HEAD every tenth request) as fast as the server answers, and checking
 each answer's status and length. Reports requests per second, latency percentiles and errors
-(any status but 200, a short body, a dropped connection). Not a test: no assertions, numbers only.
+(any status but 200, a short body, a dropped connection). With --wrk, wrk (C, 2 threads) makes
+the same GETs of random chunks, so the figure is the server's, not our Python client's; it reports
+non-2xx answers and socket errors. Not a test: no assertions, numbers only.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import socket
 import statistics
 import subprocess
@@ -47,12 +51,39 @@ def chunk_paths(store: Path) -> list[tuple[str, int]]:
     return [(f"/{p.parent.name}/{p.name}", p.stat().st_size) for p in store.glob("*/*.cacnk")]
 
 
+WRK_SCRIPT = """
+paths = {%s}
+request = function()
+  return wrk.format("GET", paths[math.random(#paths)])
+end
+"""
+
+
+def run_wrk(port: int, paths: list[tuple[str, int]], clients: int, seconds: float, work: Path) -> None:
+    """wrk against the server; prints its rate, latency percentiles and errors."""
+    script = work / "paths.lua"
+    script.write_text(WRK_SCRIPT % ", ".join(f'"{p}"' for p, _ in paths))
+    out = subprocess.run(["wrk", "-t", "2", "-c", str(clients), "-d", f"{seconds:.0f}s", "--latency",
+                          "-s", str(script), f"http://127.0.0.1:{port}/"], capture_output=True, text=True,
+                         check=True).stdout
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    errors = re.findall(r"(Non-2xx or 3xx responses: \d+|Socket errors: .*)", out)
+    print(f"chunk-server under wrk, {clients} connections, {seconds:.0f} s, {len(paths)} chunks on 127.0.0.1 "
+          f"({os.cpu_count()} cores shared by wrk and the server)")
+    failures = "; ".join(errors) or "none"
+    print(f"requests {total.group(1) if total else '?'}, {float(rate.group(1)) if rate else 0:.0f}/s; "
+          f"latency p50 {pct.get('50', '?')}, p99 {pct.get('99', '?')}; errors: {failures}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--store", type=Path, help="existing local store (default: 256 MiB of random data)")
     ap.add_argument("--dir", default="/dev/shm")
+    ap.add_argument("--wrk", action="store_true", help="load from wrk instead of Python threads")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="pydesync-load-", dir=args.dir) as d:
         store = args.store or make_store(Path(d), 256 << 20)
@@ -65,6 +96,9 @@ def main() -> int:
                                   stderr=subprocess.DEVNULL)
         try:
             time.sleep(1.5)
+            if args.wrk:
+                run_wrk(port, paths, args.clients, args.seconds, Path(d))
+                return 0
             latencies: list[list[float]] = [[] for _ in range(args.clients)]
             errors: list[str] = []
             stop = time.monotonic() + args.seconds
