@@ -22,6 +22,12 @@ MAX_TRAILERS = 100
 PREALLOCATE = 16 << 20  # read_exact allocates a declared length up to this at once
 
 
+def decimal(text: str) -> int | None:
+    """A header's non-negative decimal number, or None. ASCII digits only: str.isdigit() also
+    accepts characters such as "²" that int() refuses."""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 def set_timeouts(sock: socket.socket, seconds: float | None) -> None:
     """Blocking I/O on `sock` that fails with TimeoutError after `seconds` without progress."""
     if isinstance(sock, ssl.SSLSocket) or seconds is None:

@@ -73,7 +73,8 @@ class Channel:
     """Messages over a pair of byte streams (pipes of ssh or of our own stdin/stdout).
 
     With `timeout` (seconds; the reader must be an unbuffered pipe), a read that waits longer
-    raises PeerQuiet between messages and ProtocolError inside one."""
+    raises PeerQuiet between messages and ProtocolError inside one (a late body is a cut message,
+    not an idle peer)."""
 
     def __init__(self, reader: BinaryIO, writer: BinaryIO, peer: str = "peer", timeout: float | None = None):
         self.reader = reader
@@ -91,8 +92,8 @@ class Channel:
                 raise ProtocolError(f"{self.peer}: stalled for {self.timeout:g} s in the middle of a message")
             raise PeerQuiet(f"{self.peer}: no answer for {self.timeout:g} s")
 
-    def _read_exact(self, n: int) -> bytes | None:
-        self._wait(inside=False)
+    def _read_exact(self, n: int, inside: bool = False) -> bytes | None:
+        self._wait(inside)
         data = self.reader.read(n)
         if not data:
             return None
@@ -104,13 +105,6 @@ class Channel:
             data += more
         return data
 
-    def _read_inside(self, n: int) -> bytes | None:
-        try:
-            return self._read_exact(n)
-        except PeerQuiet:  # the body is late: the message is cut, not the peer idle
-            raise ProtocolError(f"{self.peer}: stalled for {self.timeout:g} s in the middle of a message") \
-                from None
-
     def receive(self) -> tuple[int, bytes] | None:
         """(type, body) of the next message, or None when the peer closed the stream."""
         head = self._read_exact(16)
@@ -119,7 +113,7 @@ class Channel:
         size, kind = struct.unpack("<QQ", head)
         if not 16 <= size <= MAX_MESSAGE:
             raise ProtocolError(f"{self.peer}: message of {size} bytes")
-        body = self._read_inside(size - 16) if size > 16 else b""
+        body = self._read_exact(size - 16, inside=True) if size > 16 else b""
         if body is None:
             raise ProtocolError(f"{self.peer}: connection closed in the middle of a message")
         if kind == ABORT:

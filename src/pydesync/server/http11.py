@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TextIO
 
-from ..netio import SocketReader, send_parts, set_timeouts
+from ..netio import SocketReader, decimal, send_parts, set_timeouts
 
 MAX_HEAD = 64 * 1024
 MAX_HEADERS = 100
@@ -61,12 +61,11 @@ class Request:
             self._conn.reply(self, 411, b"chunked uploads are not supported; send Content-Length\n")
             self._conn.keep_alive = False
             return None
-        length = self.headers.get("content-length", "")
-        if not (length.isascii() and length.isdigit()):
+        size = decimal(self.headers.get("content-length", ""))
+        if size is None:
             self._conn.reply(self, 411, b"Content-Length required\n")
             self._conn.keep_alive = False
             return None
-        size = int(length)
         if size > limit:
             self._conn.reply(self, 413, b"body too large\n")
             self._conn.keep_alive = False

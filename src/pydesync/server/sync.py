@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from ..netio import chunked_pieces
+from ..netio import chunked_pieces, decimal
 from ..remotesync import ServedFile, SyncError
 from .http11 import Http11Server, Request
 
@@ -61,8 +61,7 @@ def body_reader(req: Request, limit: int) -> Callable[[int], bytes]:
             out, pending = pending[:n], pending[n:]
             return out
         return read_chunked
-    declared = req.headers.get("content-length", "0")
-    left = min(int(declared), limit) if declared.isascii() and declared.isdigit() else 0
+    left = min(decimal(req.headers.get("content-length", "0")) or 0, limit)
 
     def read_length(n: int) -> bytes:
         nonlocal left

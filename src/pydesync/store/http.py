@@ -23,6 +23,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from ..codec import MAX_ENCODED_CHUNK
 from ..digest import ChunkId
 from ..errors import ChunkMissing, StoreError, UsageError
+from ..netio import decimal
 from .base import Store, StoreOptions, decode_chunk, verify_chunk
 from .converters import Converters, converters_for
 from .http_fast import FastHttp, Response, TooLarge, tls_context
@@ -173,8 +174,8 @@ def read_capped(answer: urllib3.BaseHTTPResponse, limit: int) -> bytes:
     """A urllib3 answer's body (read unbuffered), refused as TooLarge past `limit` bytes: declared
     lengths are checked first, and an undeclared or lying one is cut off at the limit."""
     try:
-        declared = answer.headers.get("Content-Length", "")
-        if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        declared = decimal(answer.headers.get("Content-Length", ""))
+        if declared is not None and declared > limit:
             raise TooLarge(f"answer of {declared} bytes, longer than {limit} bytes")
         pieces, total = [], 0
         for piece in answer.stream(1 << 20):  # in pieces: http.client preallocates a whole read(n)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from ..codec import MAX_ENCODED_CHUNK
-from ..netio import BodyTooLong, SocketReader, chunked_pieces, set_timeouts
+from ..netio import BodyTooLong, SocketReader, chunked_pieces, decimal, set_timeouts
 
 MAX_HEAD = 64 * 1024
 
@@ -212,8 +212,8 @@ class FastHttp:
         head = conn.read_until(b"\r\n\r\n", MAX_HEAD).decode("latin-1")
         lines = head.split("\r\n")
         parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") \
-                or not (parts[1].isascii() and parts[1].isdigit()):
+        status = decimal(parts[1]) if len(parts) >= 2 and parts[0].startswith("HTTP/1.") else None
+        if status is None:
             raise ProtocolError(f"malformed status line {lines[0][:80]!r}")
         headers: dict[str, str] = {}
         for line in lines[1:]:
@@ -221,7 +221,7 @@ class FastHttp:
             headers[name.strip().lower()] = value.strip()
         connection = headers.get("connection", "").lower()
         keep_alive = "keep-alive" in connection if parts[0] == "HTTP/1.0" else "close" not in connection
-        return int(parts[1]), headers, keep_alive
+        return status, headers, keep_alive
 
     @staticmethod
     def _read_body(conn: _Conn, headers: dict[str, str], limit: int) -> bytes | bytearray:
@@ -232,12 +232,12 @@ class FastHttp:
                 raise TooLarge(f"answer {e}") from None
             except ValueError as e:
                 raise ProtocolError(str(e)) from None
-        length = headers.get("content-length", "")
-        if not (length.isascii() and length.isdigit()):
+        length = decimal(headers.get("content-length", ""))
+        if length is None:
             raise ProtocolError("malformed Content-Length")
-        if int(length) > limit:
+        if length > limit:
             raise TooLarge(f"answer of {length} bytes, longer than {limit} bytes")
-        return conn.read_exact(int(length))
+        return conn.read_exact(length)
 
     def close(self) -> None:
         with self._lock:
