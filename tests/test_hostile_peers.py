@@ -87,10 +87,10 @@ def hostile_server(answer: Answer) -> Iterator[str]:
         listener.close()
 
 
-def run_capped(*args: str | Path) -> Result:
+def run_capped(*args: str | Path, memory: int = MEMORY_CAP) -> Result:
     """The command line under an address-space cap: holding a hostile body whole fails loudly."""
     def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
 
     proc = subprocess.run([sys.executable, "-m", "pydesync", *map(str, args)], capture_output=True,
                           stdin=subprocess.DEVNULL, preexec_fn=cap, timeout=120)
@@ -141,3 +141,22 @@ def test_a_local_store_file_larger_than_any_chunk_is_refused(made: Path, tmp_pat
     r = run_capped("extract", "-s", store, made / "blob.caibx", tmp_path / "out")
     assert_clean_error(r, victim.name, "longer than any chunk")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_index_too_large_for_the_memory_limit_is_one_line(tmp_path: Path):
+    """Under a memory limit (what SECURITY.md advises where indexes come from untrusted servers), an
+    index too large to hold parsed ends in one line, not a traceback (nor the interpreter's own
+    complaints while it shuts down short of memory), and leaves no output."""
+    import os
+
+    from pydesync.index import Index
+
+    index = Index()
+    ids = os.urandom(32 * 2_000_000)
+    for i in range(2_000_000):
+        index.append(ids[32 * i:32 * i + 32], 65536)
+    (tmp_path / "huge.caibx").write_bytes(index.to_bytes())  # 80 MB, some 420 MB once parsed
+    r = run_capped("extract", "-s", tmp_path / "store", tmp_path / "huge.caibx", tmp_path / "out",
+                   memory=400 << 20)
+    assert_clean_error(r, "out of memory")
+    assert no_stray_files(tmp_path, {"huge.caibx", "store"}) == []

@@ -7,11 +7,14 @@ This is the only layer that prints or exits. Every library error becomes one
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import os
 import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import NoReturn
 
 from ..errors import PydesyncError
 from . import archive, blob, inspect, mount, remote, server, store, sync, treeinfo
@@ -91,6 +94,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = f" {e.filename}" if e.filename else ""
         sys.stderr.write(f"Error:{name} {e.strerror or e}\n")
         return 1
+    except MemoryError:  # e.g. a huge index under `ulimit -v`; temporary outputs went while unwinding
+        pass  # leaving the handler drops the traceback, and with it what filled the memory
+    _out_of_memory()
+
+
+def _out_of_memory() -> NoReturn:
+    """One line and an immediate exit: the interpreter's shutdown, still short of memory after a
+    MemoryError, would otherwise add noise of its own."""
+    gc.collect()
+    with contextlib.suppress(Exception):
+        sys.stderr.write("Error: out of memory\n")
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(1)
 
 
 def entry() -> None:
