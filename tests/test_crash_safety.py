@@ -32,16 +32,18 @@ SEED = int(os.environ.get("PYDESYNC_CRASH_SEED", "0"))
 
 def pydesync(*args: object) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pydesync", *map(str, args)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def kill_at_random(proc: subprocess.Popen, rng: random.Random, longest: float) -> bool:
-    """SIGKILL after a random delay; True if it was still running (so really interrupted)."""
+    """SIGKILL after a random delay; True if it was still running (so really interrupted). A run
+    that ended before must have succeeded."""
     time.sleep(rng.uniform(0.02, longest))
     alive = proc.poll() is None
     if alive:
         proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert alive or proc.returncode == 0, proc.stderr.read().decode()  # type: ignore[union-attr]
     return alive
 
 
@@ -120,7 +122,7 @@ def test_chunk_server_killed_during_uploads(data: Path):
     for round_ in range(ROUNDS // 2 + 1):
         port = free_port()
         server = pydesync("chunk-server", "-w", "-s", store, "-l", f"127.0.0.1:{port}")
-        assert wait_listening(server, port)
+        assert wait_listening(server, port), server.stderr.read().decode()  # type: ignore[union-attr]
         client = pydesync("make", "-s", f"http://127.0.0.1:{port}/", data / "a.caibx", data / "a")
         if round_ < ROUNDS // 2:
             time.sleep(rng.uniform(0.2, 1.0))

@@ -701,6 +701,18 @@ def test_oversized_upload_is_413(serve, tmp_path, first_chunk):
     assert all_files(tmp_path) == {"chunks", "indexes"}
 
 
+def test_request_targets(blob1_server, desync_cmd, first_chunk):
+    """Absolute form (as proxies send) is served; "//" and a stray "[" (which urlsplit takes for a
+    host, or refuses) are a 400, not a handler's 500. Found by the httpserver fuzz target."""
+    expected = (desync_cmd / "blob1.store" / first_chunk[:4] / f"{first_chunk}.cacnk").read_bytes()
+    absolute = f"GET http://127.0.0.1{chunk_path(first_chunk)}?x=1 HTTP/1.1\r\nConnection: close\r\n\r\n"
+    reply = raw_exchange(blob1_server.port, absolute.encode())
+    assert status_of(reply) == 200 and reply.endswith(expected)
+    for target in (f"/{chunk_path(first_chunk)}", "//b43b.ca[nd", "http://[x/a", "*"):
+        head = f"HEAD {target} HTTP/1.1\r\nConnection: close\r\n\r\n"
+        assert status_of(raw_exchange(blob1_server.port, head.encode())) == 400, target
+
+
 def test_keep_alive_and_unread_bodies(blob1_server, desync_cmd, first_chunk):
     expected = (desync_cmd / "blob1.store" / first_chunk[:4] / f"{first_chunk}.cacnk").read_bytes()
     get = f"GET {chunk_path(first_chunk)} HTTP/1.1\r\nHost: x\r\n\r\n".encode()

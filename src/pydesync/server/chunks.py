@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from ..codec import CodecError
 from ..digest import ChunkId, digest_of
@@ -56,7 +56,7 @@ class ChunkServer(App):
             and not req.target.startswith(SYNC_PREFIX)
 
     def _dispatch(self, req: Exchange) -> None:
-        if req.path.startswith(SYNC_PREFIX) and self.sync_indexes is not None:
+        if req.target_path.startswith(SYNC_PREFIX) and self.sync_indexes is not None:
             self._sync(req)
             return
         super()._dispatch(req)
@@ -65,7 +65,7 @@ class ChunkServer(App):
         """One-round-trip transfer of an index's chunks (remotesync, our mode): GET gives the
         SyncInfo, POST (the whole wishlist as body, `Connection: close`) streams the chunks asked
         for in the served format, each as a varint length and the bytes."""
-        name = unquote(urlsplit(req.path).path[len(SYNC_PREFIX):])
+        name = unquote(req.target_path[len(SYNC_PREFIX):])
         if req.command not in ("GET", "HEAD", "POST"):
             req.reply(405, b"only GET and POST are supported here\n")
             return
@@ -123,7 +123,7 @@ class ChunkServer(App):
             req.reply(500, b"internal server error\n")
 
     def _parse(self, req: Exchange) -> ChunkId | None:
-        path = unquote(urlsplit(req.path).path)
+        path = unquote(req.target_path)
         if not path.endswith(self.suffix):
             req.reply(400, b"invalid chunk extension, verify compression and encryption settings\n")
             return None

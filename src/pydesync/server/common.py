@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
+from urllib.parse import urlsplit
 
 from ..codec import MAX_ENCODED_CHUNK
 from ..errors import UsageError
@@ -65,13 +66,28 @@ def parse_listen(address: str) -> tuple[str, int]:
     return host, number
 
 
+def target_path(target: str) -> str | None:
+    """The path of a request target, still percent-encoded, without query or fragment; None if it
+    is not one. Origin form ("/a/b?q") is split by hand: urlsplit would take "//x/y" for a host
+    and raise on a stray "[". Absolute form ("http://h/a", as proxies send) is parsed."""
+    if target.startswith("/"):
+        return target.split("?", 1)[0].split("#", 1)[0]
+    try:
+        parts = urlsplit(target)
+    except ValueError:
+        return None
+    return parts.path if parts.scheme in ("http", "https") and parts.path.startswith("/") else None
+
+
 class Exchange:
-    """One request as the handlers see it: method, path, headers, and ways to answer."""
+    """One request as the handlers see it: method, path, headers, and ways to answer.
+    `target_path` is the target's path (see target_path), checked before any handler runs."""
 
-    __slots__ = ("req",)
+    __slots__ = ("req", "target_path")
 
-    def __init__(self, req: Request):
+    def __init__(self, req: Request, path: str = "/"):
         self.req = req
+        self.target_path = path
 
     @property
     def command(self) -> str:
@@ -128,7 +144,11 @@ def make_app(handle: Callable[[Exchange], None], options: ServerOptions) -> Call
     expected = options.authorization.encode() if options.authorization else None
 
     def app(req: Request) -> None:
-        ex = Exchange(req)
+        path = target_path(req.target)
+        ex = Exchange(req, path or "/")
+        if path is None:
+            ex.reply(400, b"invalid request target\n")
+            return
         if expected is not None:
             given = (req.headers.get("authorization") or "").encode()
             if not hmac.compare_digest(given, expected):

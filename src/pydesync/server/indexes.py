@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from ..errors import IndexFormatError
 from ..fsutil import write_bytes_atomic
@@ -31,7 +31,7 @@ class IndexServer(App):
         self.writable = writable
 
     def handle(self, req: Exchange) -> None:
-        raw = urlsplit(req.path).path
+        raw = req.target_path
         name = unquote(raw.rsplit("/", 1)[-1])
         decoded = unquote(raw)
         if not valid_index_name(name) or "\\" in decoded or ".." in decoded.split("/"):
