@@ -168,3 +168,27 @@ def test_tar_index_killed_leaves_a_sound_store_and_completes(tmp_path: Path):
         for f in range(6):
             name = Path(f"d{d}") / f"f{f}"
             assert (tmp_path / "out" / name).read_bytes() == (tree / name).read_bytes()
+
+
+def test_temporary_files_of_killed_runs_are_removed_by_the_next(data: Path):
+    """kill -9 leaves extract's temporary output behind (nothing can remove it then); a later run
+    to the same output removes it once it is stale (writer gone, untouched for a minute), but
+    never one whose writer is alive."""
+    from pydesync.fsutil import STALE_AFTER
+
+    assert run_cli("make", "-s", data / "store", data / "a.caibx", data / "a").returncode == 0
+    proc = pydesync("extract", "-n", "1", "-s", data / "store", data / "a.caibx", data / "out")
+    deadline = time.monotonic() + 30
+    while not list(data.glob(".out.*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = list(data.glob(".out.*.tmp"))
+    assert len(left) == 1 and not (data / "out").exists()
+    live = data / f".out.{os.getpid()}-0123456789ab.tmp"  # this test's own pid: a live writer
+    live.write_bytes(b"in progress")
+    for path in (left[0], live):
+        os.utime(path, (time.time() - STALE_AFTER - 5,) * 2)
+    r = run_cli("extract", "-s", data / "store", data / "a.caibx", data / "out")
+    assert r.returncode == 0 and (data / "out").read_bytes() == (data / "a").read_bytes()
+    assert sorted(data.glob(".out.*.tmp")) == [live]
