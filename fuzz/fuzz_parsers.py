@@ -221,7 +221,7 @@ def run_protocol(data: bytes) -> None:
 
 def run_remotesync(data: bytes) -> None:
     from pydesync.errors import PydesyncError
-    from pydesync.remotesync import SyncInfo, receive, send, wishlist
+    from pydesync.remotesync import SyncInfo, receive, send, wishlist, wishlist_size
 
     for parse in (SyncInfo.from_json, SyncInfo.from_binary):
         with contextlib.suppress(PydesyncError):
@@ -233,7 +233,7 @@ def run_remotesync(data: bytes) -> None:
     info = SyncInfo([ChunkInfo(hashlib.sha256(x).digest(), len(x)) for x in datas], [1, 2, 0])
     wish = b"".join(wishlist(info, lambda key: False))
     receive(info, wish, io.BytesIO(data), lambda c, d: None)  # data as a hostile sender's stream
-    send(info, data[: (info.positions + 7) // 8 + 1], lambda c: b"", lambda b: None)  # as a wishlist
+    send(info, data[: wishlist_size(info.positions) + 1], lambda c: b"", lambda b: None)  # as a wishlist
 
 
 class ServerAfterRequests(io.BytesIO):

@@ -224,16 +224,21 @@ def test_cafs_chunker_matches_the_definition(kind: str):
 
 
 # ---- over HTTP: sync-serve and sync-get ------------------------------------------------------------
+def two_versions(folder: Path, seed: int, size: int, pieces: int, piece: int) -> None:
+    """folder/v1 of random bytes, and folder/v2: v1 with `pieces` runs of `piece` bytes rewritten."""
+    rng = random.Random(seed)
+    data = bytearray(rng.randbytes(size))
+    (folder / "v1").write_bytes(data)
+    for _ in range(pieces):
+        at = rng.randrange(0, size - piece)
+        data[at:at + piece] = rng.randbytes(piece)
+    (folder / "v2").write_bytes(data)
+
+
 @pytest.fixture
 def served(tmp_path: Path):
     """v1, and v2 = v1 with a few pieces rewritten, v2 offered by a sync-serve process."""
-    rng = random.Random(11)
-    v1 = bytearray(rng.randbytes(1_500_000))
-    (tmp_path / "v1").write_bytes(v1)
-    for _ in range(4):
-        at = rng.randrange(0, len(v1) - 10_000)
-        v1[at:at + 10_000] = rng.randbytes(10_000)
-    (tmp_path / "v2").write_bytes(v1)
+    two_versions(tmp_path, 11, 1_500_000, 4, 10_000)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pydesync", "sync-serve", "-l", f"127.0.0.1:{port}",
                              str(tmp_path / "v2")], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -336,13 +341,7 @@ def test_sync_get_from_a_lying_server(tmp_path: Path):
 # ---- our mode: chunk-server /sync/<index> and extract --sync ------------------------------------------
 @pytest.fixture
 def sync_server(tmp_path: Path):
-    rng = random.Random(21)
-    v1 = bytearray(rng.randbytes(2_000_000))
-    (tmp_path / "v1").write_bytes(v1)
-    for _ in range(3):
-        at = rng.randrange(0, len(v1) - 30_000)
-        v1[at:at + 30_000] = rng.randbytes(30_000)
-    (tmp_path / "v2").write_bytes(v1)
+    two_versions(tmp_path, 21, 2_000_000, 3, 30_000)
     (tmp_path / "idx").mkdir()
     for name in ("v1", "v2"):
         r = run_cli("make", "-m", "4:16:64", "-s", tmp_path / "store", tmp_path / "idx" / f"{name}.caibx",

@@ -203,8 +203,8 @@ def extract(index: Index, output: str, store: Store, concurrency: int = DEFAULT_
         usable = _open_seeds(seeds, output)
         nulls = [i for i, c in enumerate(index.chunks) if c.id == null_id and c.size == index.sizes.max]
         _write_zeros(target, [index.chunks[i] for i in nulls], stats, digest)
-        if progress and nulls:
-            progress(len(nulls))
+        if nulls:
+            _report(progress, len(nulls))
         if usable:
             copier = _SeedCopier(index, target, usable, invalid_seeds, stats, concurrency, progress, nulls)
             fetch = copier.run()
@@ -242,6 +242,14 @@ def _fetch(index: Index, wanted: list[int], target: _Target, store: Store, stats
         positions.setdefault(chunk.id, []).append(chunk)
     digest = index.digest
 
+    def place(data: bytes, need: list[IndexChunk], done: int) -> None:
+        """One fetched chunk, size-checked, written at each of `need`; `done` positions reported."""
+        check_size(need[0], data)
+        for c in need:
+            target.write(data, c.start)
+        stats.add("chunks_from_store", len(need))
+        _report(progress, done)
+
     def begin(chunk_id: ChunkId) -> Callable[[], None]:
         """Decide what a chunk needs and start fetching it; the call returned writes it."""
         todo = positions[chunk_id]
@@ -251,25 +259,13 @@ def _fetch(index: Index, wanted: list[int], target: _Target, store: Store, stats
             return functools.partial(_report, progress, len(todo))
         fetch = store.begin_get(chunk_id, digest)
 
-        def finish() -> None:
-            data = fetch()
-            check_size(need[0], data)
-            for c in need:
-                target.write(data, c.start)
-            stats.add("chunks_from_store", len(need))
-            _report(progress, len(todo))
-        return finish
+        return lambda: place(fetch(), need, len(todo))
 
     if store.remote and target.blank and getattr(store, "streams", False):
         for chunk_id, data in store.fetch_many(list(positions), digest):  # type: ignore[attr-defined]
             if data is None:
                 raise ChunkMissing(chunk_id, [store.location])
-            todo = positions[chunk_id]
-            check_size(todo[0], data)
-            for c in todo:
-                target.write(data, c.start)
-            stats.add("chunks_from_store", len(todo))
-            _report(progress, len(todo))
+            place(data, positions[chunk_id], len(positions[chunk_id]))
         return
     threads, depth = pipeline_shape(concurrency, store.remote, store.pipelined)
     for_each_pipelined(begin, list(positions), threads, depth)
@@ -321,7 +317,6 @@ class _SeedCopier:
         todo = [i for i in range(len(self.chunks)) if i not in self.nulls]
         while True:
             generations = [s.generation for s in self.seeds]
-            self.leftover = []
             segments = [seg for a, b in _ranges(todo) for seg in plan(self.chunks, self._usable(), self.nulls,
                                                                        a, b)]
             self.leftover = [s.p for s in segments if s.seed is None]

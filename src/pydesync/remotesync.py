@@ -254,9 +254,14 @@ def wishlist(info: SyncInfo, have: Callable[[bytes], bool]) -> Iterator[bytes]:
         yield bytes([byte << (8 - bits)])
 
 
+def wishlist_size(positions: int) -> int:
+    """A whole wishlist's bytes: one bit per position, rounded up."""
+    return (positions + 7) // 8
+
+
 def check_wishlist_length(data: bytes, positions: int) -> None:
-    """A whole wishlist has exactly ceil(positions/8) bytes."""
-    need = (positions + 7) // 8
+    """A whole wishlist has exactly wishlist_size(positions) bytes."""
+    need = wishlist_size(positions)
     if len(data) > need:
         raise SyncError("wishlist too long")
     if len(data) < need:
@@ -283,7 +288,7 @@ def send_as_read(info: SyncInfo, read: Callable[[int], bytes], get: Callable[[Ch
     """send(), reading the wishlist as it arrives (`read(n)`: up to n bytes, b"" at its end) and
     writing each requested chunk as soon as its bit is known: full duplex, as CAFS's clients expect."""
     positions = info.positions
-    need = (positions + 7) // 8
+    need = wishlist_size(positions)
     order = shuffle(info.chunks, info.perm)
     got = sent = 0
     while got < need:

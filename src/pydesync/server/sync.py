@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 
 from ..netio import chunked_pieces, decimal
-from ..remotesync import ServedFile, SyncError
+from ..remotesync import ServedFile, SyncError, wishlist_size
 from .http11 import Http11Server, Request
 
 
@@ -38,7 +38,7 @@ class SyncApp:
         req.body_read = True
         write = conn.reply_stream(req)
         try:
-            served.stream(body_reader(req, (served.info.positions + 7) // 8 + 1), write)
+            served.stream(body_reader(req, wishlist_size(served.info.positions) + 1), write)
         except (SyncError, ValueError) as e:
             sys.stderr.write(f"sync-serve: {req.target}: {e}\n")
 

@@ -105,6 +105,15 @@ class Store(ABC):
     def get(self, chunk_id: ChunkId, digest: str | None = None) -> bytes:
         """Chunk data; ChunkMissing if absent, ChunkInvalid if it fails to decode or verify."""
 
+    def checked(self, chunk_id: ChunkId, stored: bytes | bytearray, converters: Converters, where: str,
+                digest: str | None = None) -> bytes:
+        """Stored bytes as chunk data: decoded (naming the chunk if they do not decode), then hashed
+        against the id unless the store's options say skip-verify. Every store's read ends here."""
+        data = decode_chunk(chunk_id, stored, converters, where)  # type: ignore[arg-type]
+        if not self.options.skip_verify:
+            verify_chunk(chunk_id, data, digest, where)
+        return data
+
     pipelined = False  # begin_get really sends ahead (else callers want threads for concurrency)
 
     def begin_get(self, chunk_id: ChunkId, digest: str | None = None) -> Callable[[], bytes]:

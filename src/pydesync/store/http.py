@@ -24,7 +24,7 @@ from ..codec import MAX_ENCODED_CHUNK
 from ..digest import ChunkId
 from ..errors import ChunkMissing, StoreError, UsageError
 from ..netio import decimal
-from .base import Store, StoreOptions, decode_chunk, verify_chunk
+from .base import Store, StoreOptions
 from .converters import Converters, converters_for
 from .http_fast import FastHttp, Response, TooLarge, tls_context
 
@@ -240,10 +240,7 @@ class HttpStore(Store):
 
     def _decoded(self, chunk_id: ChunkId, body: bytes | bytearray, digest: str | None) -> bytes:
         where = self.client.url(self._name(chunk_id))
-        data = decode_chunk(chunk_id, body, self.converters, where)
-        if not self.options.skip_verify:
-            verify_chunk(chunk_id, data, digest, where)
-        return data
+        return self.checked(chunk_id, body, self.converters, where, digest)
 
     def get_stored(self, chunk_id: ChunkId) -> tuple[bytes, Converters]:
         """The bytes as served and the converters of their format (for servers)."""

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from ..codec import MAX_ENCODED_CHUNK
 from ..digest import ChunkId
 from ..errors import ChunkMissing, StoreError
-from .base import Store, StoreOptions, decode_chunk, verify_chunk
+from .base import Store, StoreOptions
 from .converters import COMPRESSED, PLAIN, Converters, converters_for
 
 SUFFIX = ".cacnk"
@@ -107,10 +107,7 @@ class LocalStore(Store):
             stored = self._read(path)
             if stored is None:
                 continue
-            data = decode_chunk(chunk_id, stored, converters, path)
-            if not self.options.skip_verify:
-                verify_chunk(chunk_id, data, digest, path)
-            return data
+            return self.checked(chunk_id, stored, converters, path, digest)
         raise ChunkMissing(chunk_id, [self.location])
 
     def open_stored(self, chunk_id: ChunkId) -> tuple[int, int, Converters]:

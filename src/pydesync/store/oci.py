@@ -39,7 +39,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from ..codec import MAX_ENCODED_CHUNK
 from ..digest import ChunkId
 from ..errors import ChunkMissing, StoreError, UsageError
-from .base import Store, StoreOptions, decode_chunk, verify_chunk
+from .base import Store, StoreOptions
 from .converters import converters_for
 from .http import read_capped
 from .http_fast import Response, TooLarge
@@ -265,14 +265,21 @@ class OciStore(Store):
         return f"{chunk_id.hex()}{self._suffix}"
 
     # ---- reading -------------------------------------------------------------------------------
-    def _manifest(self, tag: str) -> tuple[dict[str, Any], str] | None:
-        """The manifest tagged `tag` and its digest, or None if there is no such tag."""
-        response = self.client.request("GET", self.client.url(f"manifests/{tag}"),
+    def _ask_manifest(self, method: str, tag: str) -> Response | None:
+        """GET or HEAD of the manifest tagged `tag`; None if there is no such tag."""
+        response = self.client.request(method, self.client.url(f"manifests/{tag}"),
                                        headers={"Accept": MANIFEST_TYPE})
         if response.status == 404:
             return None
         if response.status != 200:
             raise self.client.fail(f"manifest {tag}", response)
+        return response
+
+    def _manifest(self, tag: str) -> tuple[dict[str, Any], str] | None:
+        """The manifest tagged `tag` and its digest, or None if there is no such tag."""
+        response = self._ask_manifest("GET", tag)
+        if response is None:
+            return None
         try:
             manifest = json.loads(response.data)
         except ValueError:
@@ -305,19 +312,10 @@ class OciStore(Store):
         where = f"{self.location} ({tag})"
         if len(body) != size or "sha256:" + hashlib.sha256(body).hexdigest() != blob_digest:
             raise StoreError(f"chunk {tag} in {self.location}: blob does not match its manifest")
-        data = decode_chunk(chunk_id, body, self.converters, where)
-        if not self.options.skip_verify:
-            verify_chunk(chunk_id, data, digest, where)
-        return data
+        return self.checked(chunk_id, body, self.converters, where, digest)
 
     def has(self, chunk_id: ChunkId) -> bool:
-        response = self.client.request("HEAD", self.client.url(f"manifests/{self.tag(chunk_id)}"),
-                                       headers={"Accept": MANIFEST_TYPE})
-        if response.status == 404:
-            return False
-        if response.status != 200:
-            raise self.client.fail(f"manifest {self.tag(chunk_id)}", response)
-        return True
+        return self._ask_manifest("HEAD", self.tag(chunk_id)) is not None
 
     # ---- writing -------------------------------------------------------------------------------
     @property

@@ -35,7 +35,7 @@ from ..codec import MAX_ENCODED_CHUNK, CodecError
 from ..digest import ChunkId
 from ..errors import ChunkInvalid, ChunkMissing, StoreError, UsageError
 from ..index import MAX_INDEX_BYTES
-from .base import Store, StoreOptions, close_at_exit, decode_chunk, verify_chunk
+from .base import Store, StoreOptions, close_at_exit
 from .converters import converters_for
 
 T = TypeVar("T")
@@ -318,10 +318,7 @@ class S3Store(Store):
                 body = self.objects.read(key)
                 if body is None:
                     raise ChunkMissing(chunk_id, [self.location])
-                data = decode_chunk(chunk_id, body, self.converters, where)
-                if not self.options.skip_verify:
-                    verify_chunk(chunk_id, data, digest, where)
-                return data
+                return self.checked(chunk_id, body, self.converters, where, digest)
             except (ChunkInvalid, CodecError, TransientRead):
                 if attempt == attempts:
                     raise

@@ -34,7 +34,7 @@ from ..codec import MAX_ENCODED_CHUNK
 from ..digest import ChunkId
 from ..errors import ChunkMissing, StoreError, UsageError
 from ..index import MAX_INDEX_BYTES
-from .base import Store, StoreOptions, close_at_exit, decode_chunk, verify_chunk
+from .base import Store, StoreOptions, close_at_exit
 from .converters import converters_for
 
 _CHUNK_ID = re.compile(r"^[0-9a-f]{64}")
@@ -343,10 +343,7 @@ class SftpStore(Store):
             stored = conn.read(path)
         if stored is None:
             raise ChunkMissing(chunk_id, [self.location])
-        data = decode_chunk(chunk_id, stored, self.converters, path)
-        if not self.options.skip_verify:
-            verify_chunk(chunk_id, data, digest, path)
-        return data
+        return self.checked(chunk_id, stored, self.converters, path, digest)
 
     def has(self, chunk_id: ChunkId) -> bool:
         path = self.chunk_path(chunk_id)

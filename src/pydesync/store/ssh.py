@@ -135,12 +135,15 @@ class SshStore(Store):
             raise StoreError(f"{self.location}: {e}{session.stderr_text()}") from None
         if answer is None:
             raise ChunkMissing(chunk_id, [self.location])
-        data, compressed = answer
+        return self._chunk(chunk_id, answer, digest)
+
+    def _chunk(self, chunk_id: ChunkId, answer: tuple[bytes, bool], digest: str | None) -> bytes:
+        """A CHUNK answer's data, decoded and verified (always: the protocol carries no guarantee)."""
         try:
-            chunk = decode_payload(data, compressed)
+            chunk = decode_payload(*answer)
         except CodecError as e:
             raise ChunkInvalid(chunk_id, f"invalid chunk {chunk_id}: {e}", self.location) from None
-        verify_chunk(chunk_id, chunk, digest, self.location)  # always: the protocol carries no guarantee
+        verify_chunk(chunk_id, chunk, digest, self.location)
         return chunk
 
     streams = True
@@ -158,14 +161,7 @@ class SshStore(Store):
         def decode(item: tuple[bytes, tuple[bytes, bool] | None]) -> tuple[ChunkId, bytes | None]:
             key, answer = item
             chunk_id = ChunkId(key)
-            if answer is None:
-                return chunk_id, None
-            try:
-                chunk = decode_payload(*answer)
-            except CodecError as e:
-                raise ChunkInvalid(chunk_id, f"invalid chunk {chunk_id}: {e}", self.location) from None
-            verify_chunk(chunk_id, chunk, digest, self.location)
-            return chunk_id, chunk
+            return chunk_id, None if answer is None else self._chunk(chunk_id, answer, digest)
 
         try:
             yield from ordered_map(decode, session.pull.stream([bytes(i) for i in dict.fromkeys(ids)]),
