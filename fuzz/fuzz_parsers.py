@@ -403,7 +403,7 @@ def problem_of(target: str, data: bytes) -> str | None:
     except allowed:
         pass
     except Hang:
-        return "hang (over 5 s)"
+        return f"hang (over {CASE_SECONDS} s)"
     except MemoryError:
         return "memory over the cap"
     except Exception:
@@ -416,7 +416,7 @@ def one_case(target: str, data: bytes) -> str | None:
     try:
         return problem_of(target, data)
     except Hang:  # the alarm came after the target returned
-        return "hang (over 5 s)"
+        return f"hang (over {CASE_SECONDS} s)"
     finally:
         signal.alarm(0)
 
@@ -430,11 +430,13 @@ def save(target: str, data: bytes, problem: str) -> Path:
     return path
 
 
-def fuzz(target: str, seconds: float, rng: random.Random) -> tuple[int, int]:
+def fuzz(target: str, seconds: float, rng: random.Random, runs: int | None = None) -> tuple[int, int]:
+    """Mutate seeds for `seconds`, or for exactly `runs` cases (the same cases for the same seed,
+    however fast the machine is)."""
     seeds = TARGETS[target].seeds()
     deadline = time.monotonic() + seconds
     cases = failures = 0
-    while time.monotonic() < deadline:
+    while cases < runs if runs is not None else time.monotonic() < deadline:
         data = mutate(rng, rng.choice(seeds))
         problem = one_case(target, data)
         cases += 1
@@ -445,7 +447,7 @@ def fuzz(target: str, seconds: float, rng: random.Random) -> tuple[int, int]:
 
 
 # ---- atheris: coverage-guided, one child process per target ---------------------------------------------
-def atheris_child(target: str, seconds: float, artifacts: Path, corpora: Path) -> None:
+def atheris_child(target: str, seconds: float, artifacts: Path, corpora: Path, runs: int | None) -> None:
     """Run libFuzzer on one target (does not return). Any problem is raised, so that libFuzzer
     saves the input in `artifacts`; its -timeout and -rss_limit_mb catch hangs and memory."""
     import atheris  # type: ignore[import-not-found]
@@ -467,20 +469,26 @@ def atheris_child(target: str, seconds: float, artifacts: Path, corpora: Path) -
             raise AssertionError(problem)
 
     longest = max(65536, *map(len, seeds))  # libFuzzer would cut longer seeds (catar's are ~100 KiB)
-    atheris.Setup([sys.argv[0], f"-max_total_time={int(seconds)}", f"-timeout={CASE_SECONDS}",
+    budget = f"-runs={runs}" if runs is not None else f"-max_total_time={int(seconds)}"
+    atheris.Setup([sys.argv[0], budget, f"-timeout={CASE_SECONDS}",
                    "-rss_limit_mb=2048", f"-max_len={longest}", f"-artifact_prefix={artifacts}/",
                    "-print_final_stats=1", str(corpus)], test_one)
     atheris.Fuzz()
 
 
-def fuzz_atheris(target: str, seconds: float, corpora: Path) -> tuple[int, int]:
-    """Run the atheris child until the time is up, restarting it after each failure it finds."""
+def fuzz_atheris(target: str, seconds: float, corpora: Path, budget: int | None = None) -> tuple[int, int]:
+    """Run the atheris child until the time (or the `budget` of runs) is used up, restarting it
+    after each failure it finds."""
     deadline = time.monotonic() + seconds
     runs = failures = 0
     with tempfile.TemporaryDirectory() as artifacts:
-        while (left := deadline - time.monotonic()) > 1 and failures < 20:
-            argv = [sys.executable, __file__, "--atheris-child", target, "--seconds", str(left),
-                    "--artifacts", artifacts, "--corpus", str(corpora)]
+        while failures < 20:
+            left = deadline - time.monotonic()
+            if (budget is None and left <= 1) or (budget is not None and runs >= budget):
+                break
+            limit = ["--seconds", str(left)] if budget is None else ["--runs", str(budget - runs)]
+            argv = [sys.executable, __file__, "--atheris-child", target, *limit, "--case-seconds",
+                    str(CASE_SECONDS), "--artifacts", artifacts, "--corpus", str(corpora)]
             child = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
             runs += sum(int(m) for m in re.findall(r"stat::number_of_executed_units: (\d+)", child.stderr))
             for found in sorted(Path(artifacts).iterdir()):
@@ -499,9 +507,14 @@ def fuzz_atheris(target: str, seconds: float, corpora: Path) -> tuple[int, int]:
 
 
 def main() -> int:
+    global CASE_SECONDS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", choices=[*TARGETS, "all"], default="all")
     ap.add_argument("--seconds", type=float, default=30, help="per target")
+    ap.add_argument("--runs", type=int, default=None,
+                    help="per target: exactly this many cases instead of a time (what the test suite runs)")
+    ap.add_argument("--case-seconds", type=int, default=CASE_SECONDS,
+                    help=f"a case running longer is a hang (default {CASE_SECONDS})")
     ap.add_argument("--seed", type=int, default=None, help="random seed of the mutate engine (default: time)")
     ap.add_argument("--engine", choices=["mutate", "atheris"], default="mutate")
     ap.add_argument("--replay", type=Path, help="run the saved inputs in this folder instead")
@@ -510,8 +523,9 @@ def main() -> int:
     ap.add_argument("--atheris-child", choices=list(TARGETS), help=argparse.SUPPRESS)
     ap.add_argument("--artifacts", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    CASE_SECONDS = args.case_seconds
     if args.atheris_child:
-        atheris_child(args.atheris_child, args.seconds, args.artifacts, args.corpus)
+        atheris_child(args.atheris_child, args.seconds, args.artifacts, args.corpus, args.runs)
         return 0
     if args.engine == "mutate" or args.replay:  # atheris children have libFuzzer's RSS limit instead
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
@@ -531,9 +545,9 @@ def main() -> int:
     total_failures = 0
     for target in (TARGETS if args.target == "all" else [args.target]):
         if args.engine == "atheris":
-            cases, failures = fuzz_atheris(target, args.seconds, args.corpus)
+            cases, failures = fuzz_atheris(target, args.seconds, args.corpus, args.runs)
         else:
-            cases, failures = fuzz(target, args.seconds, rng)
+            cases, failures = fuzz(target, args.seconds, rng, args.runs)
         total_failures += failures
         print(f"{target}: {cases} cases, {failures} failures", flush=True)
     return 1 if total_failures else 0

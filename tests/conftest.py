@@ -12,13 +12,14 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from procutil import free_port, stop, wait_listening
+from faultserver import Behaviour, FaultServer
+from procutil import HANG_GUARD, free_port, stop, wait_listening
 from sshd_util import SshdFailed, sshd_binaries, throwaway_sshd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +27,21 @@ SHARED = Path(os.environ.get("PYDESYNC_SHARED", ROOT.parent / "shared"))
 CASYNC_DATA = SHARED / "testdata" / "casync"
 DESYNC_DATA = SHARED / "testdata" / "desync"
 REQUIRE_PEERS = os.environ.get("PYDESYNC_REQUIRE_PEERS") == "1"
+
+
+@pytest.fixture
+def fault() -> Iterator[Callable[..., FaultServer]]:
+    """Start misbehaving HTTP stores for one test: fault(store, behave); all stopped (gates opened) after."""
+    servers: list[FaultServer] = []
+
+    def start(store: Path | None, behave: Behaviour | None = None) -> FaultServer:
+        server = FaultServer(store, behave)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
 
 
 def need(condition: bool, reason: str) -> None:
@@ -89,7 +105,7 @@ class Result:
 
 def run_cli(*args: str | os.PathLike[str], input: bytes | None = None,
             cwd: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None,
-            timeout: float = 120) -> Result:
+            timeout: float = HANG_GUARD) -> Result:
     """Run `python -m pydesync ARGS` as a real process."""
     full_env = dict(os.environ)
     full_env.pop("PYDESYNC_REQUIRE_PEERS", None)

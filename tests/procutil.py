@@ -1,15 +1,67 @@
-"""Starting and stopping the server processes tests run against (sshd, moto, ...)."""
+"""Starting and stopping the processes tests run against (our servers, sshd, moto, ...) without
+races and without betting on how fast anything is.
+
+Ports: `free_port` hands out ports below the kernel's ephemeral range, so no outgoing connection
+can be given one between the check and the server's bind, and never the same port twice in one
+process; pytest-xdist workers draw from disjoint slices. Our own servers listen on port 0 and say
+where in their start-up line (`start_server`), so they need no free port at all.
+
+`HANG_GUARD` is the one bound on waiting for something that must happen (a peer starting, a
+process ending). It is not a speed requirement: it only turns a hang into a failure.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
+import re
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+HANG_GUARD = 300.0
 
 
-def wait_listening(proc: subprocess.Popen, port: int, timeout: float = 30) -> bool:
-    """Whether `proc` accepts connections on 127.0.0.1:port within `timeout` (False if it exited)."""
+def _port_range() -> range:
+    """This process's slice of the ports below the ephemeral range."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    first, last = 10000, max(10001, low)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    worker = int(re.sub(r"\D", "", os.environ.get("PYTEST_XDIST_WORKER", "")) or 0)
+    size = (last - first) // max(1, workers)
+    return range(first + worker * size, first + (worker + 1) * size)
+
+
+def _port_cycle() -> Iterator[int]:
+    ports = _port_range()
+    start = (os.getpid() * 7919) % len(ports)  # another run on the machine starts elsewhere
+    return itertools.cycle([*ports[start:], *ports[:start]])
+
+
+_PORTS = _port_cycle()
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on and no outgoing connection can take."""
+    for port in _PORTS:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port")  # pragma: no cover (the cycle is endless)
+
+
+def wait_listening(proc: subprocess.Popen, port: int, timeout: float = HANG_GUARD) -> bool:
+    """Whether `proc` accepts connections on 127.0.0.1:port (False if it exited first)."""
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
         with socket.socket() as s, contextlib.suppress(OSError):
@@ -20,16 +72,49 @@ def wait_listening(proc: subprocess.Popen, port: int, timeout: float = 30) -> bo
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL after 10 s; always reaped."""
+    """SIGTERM, then SIGKILL if it does not end; always reaped."""
     proc.terminate()
     try:
-        proc.wait(timeout=10)
+        proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_server(kind: str, *args: str | os.PathLike[str], stderr: Path,
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
+    """Start `pydesync KIND ARGS -l 127.0.0.1:0`; (process, port) once its start-up line says where
+    it listens. Its stderr goes to the file `stderr`. A server that exits first is an AssertionError
+    carrying what it said."""
+    with open(stderr, "wb") as err:
+        argv = [sys.executable, "-m", "pydesync", kind, *map(str, args), "-l", "127.0.0.1:0"]
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                env=env)
+    serving = re.compile(rf"^{kind}: .*?127\.0\.0\.1:(\d+)", re.M)
+    deadline = time.monotonic() + HANG_GUARD
+    while time.monotonic() < deadline:
+        match = serving.search(stderr.read_text(errors="replace"))
+        if match:
+            return proc, int(match.group(1))
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    stop(proc)
+    raise AssertionError(f"{kind} did not start: {stderr.read_text(errors='replace')[-2000:]}")
+
+
+def processes(match: Callable[[list[bytes], int], bool]) -> list[int]:
+    """Pids of live processes whose argv (and parent pid) `match(argv, ppid)` accepts, from /proc.
+    Zombies have no command line and never match."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if argv != [b""] and match(argv, ppid):
+            pids.append(int(entry))
+    return pids

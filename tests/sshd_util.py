@@ -16,7 +16,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from procutil import free_port, stop, wait_listening
+from procutil import HANG_GUARD, free_port, stop, wait_listening
 
 
 class SshdFailed(RuntimeError):
@@ -45,7 +45,7 @@ def throwaway_sshd(d: Path) -> Iterator[tuple[int, str]]:
     assert ssh is not None and keygen is not None
     for key in ("host_key", "client_key"):
         subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", key, "-f", str(d / key)],
-                       check=True, timeout=30)
+                       check=True, timeout=HANG_GUARD)
     (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
     (d / "known_hosts").write_text("pydesync-test-sshd " + (d / "host_key.pub").read_text())
     port = free_port()

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 from conftest import need
+from procutil import HANG_GUARD
 from treegen import CASYNC_MAX_DEPTH, CASYNC_MAX_EXTRACT_NAME, PORTABLE, build_tree, count_entries
 
 FEATURES = {"default": [], "portable": PORTABLE}
@@ -44,7 +45,7 @@ def trees(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def casync_run(casync: str, *args: str | os.PathLike[str]) -> bytes:
-    proc = subprocess.run([casync, *map(str, args)], capture_output=True, timeout=120)
+    proc = subprocess.run([casync, *map(str, args)], capture_output=True, timeout=HANG_GUARD)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     return proc.stdout
 
@@ -171,8 +172,8 @@ def test_deep_tree_beyond_casync_limit(casync, cli, trees, tmp_path):
 @pytest.mark.parametrize("vector", ["tree-portable", "tree-full"])
 def test_tar_reproduces_casync_vector(cli, casync_data, tmp_path, vector):
     full = vector == "tree-full"
-    if full and not ROOT:
-        pytest.skip("tree-full needs root (chown, mknod, ACLs, chattr, file capabilities)")
+    if full:
+        need(ROOT, "tree-full needs root (chown, mknod, ACLs, chattr, file capabilities)")
     tree = tmp_path / vector
     subprocess.run([sys.executable, str(casync_data / "gen.py"), "tree", str(tree),
                     *(["--full"] if full else [])], check=True)

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import zstandard
+from procutil import HANG_GUARD
 
 from pydesync.codec import CodecError, compress, decompress, detect, zstd_output_bound
 
@@ -95,7 +96,7 @@ def test_a_frame_without_content_size_is_bounded_by_its_blocks(tmp_path):
         "except CodecError as e:\n"
         "    print('refused:', e)\n"
     )
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=HANG_GUARD)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "refused: chunk larger than 128 MiB"
 

@@ -16,11 +16,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from procutil import free_port, stop, wait_listening
+from faultserver import Gate
+from procutil import HANG_GUARD, start_server, stop
 
 from pydesync.codec import decompress
 from pydesync.index import read_index
@@ -35,16 +37,46 @@ def pydesync(*args: object) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def kill_at_random(proc: subprocess.Popen, rng: random.Random, longest: float) -> bool:
-    """SIGKILL after a random delay; True if it was still running (so really interrupted). A run
-    that ended before must have succeeded."""
-    time.sleep(rng.uniform(0.02, longest))
-    alive = proc.poll() is None
-    if alive:
-        proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert alive or proc.returncode == 0, proc.stderr.read().decode()  # type: ignore[union-attr]
-    return alive
+class Aim:
+    """Where in a run to kill it: a random moment within `span` seconds of its start. A run that
+    ends before its kill must have succeeded; the round is then tried again from its starting
+    state, aiming earlier. However fast or slow the machine, every round ends with a kill that
+    landed mid-run (at worst during start-up, which no run can skip)."""
+
+    def __init__(self, rng: random.Random, span: float):
+        self.rng = rng
+        self.span = span
+
+    def moment(self) -> float:
+        return self.rng.uniform(0.05, 1.0) * self.span
+
+    def missed(self, proc: subprocess.Popen) -> None:
+        """`proc` ended before its kill: it must have succeeded; aim earlier next time."""
+        assert proc.wait() == 0, proc.stderr.read().decode()  # type: ignore[union-attr]
+        self.span /= 2
+
+
+def kill_mid_run(argv: list[object], aim: Aim, reset: Callable[[], None]) -> None:
+    """Run `pydesync ARGV` and SIGKILL it at a random moment of its run; returns once a kill has
+    landed. A run that finished first is followed by `reset()` (back to the starting state) and
+    another try."""
+    while True:
+        proc = pydesync(*argv)
+        time.sleep(aim.moment())
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        aim.missed(proc)
+        reset()
+
+
+def duration(argv: list[object]) -> float:
+    """How long one uninterrupted run takes here and now (it must succeed)."""
+    started = time.monotonic()
+    r = run_cli(*argv)
+    assert r.returncode == 0, r.stderr
+    return time.monotonic() - started
 
 
 def store_is_sound(store: Path) -> None:
@@ -65,18 +97,19 @@ def data(tmp_path: Path) -> Path:
 
 
 def test_make_killed_leaves_a_sound_store_and_completes(data: Path):
-    rng = random.Random(SEED + 1)
-    killed = 0
+    make = ["make", "-s", data / "store", data / "a.caibx", data / "a"]
+    aim = Aim(random.Random(SEED + 1), duration(make))
+    shutil.rmtree(data / "store")
+
+    def start_over() -> None:
+        shutil.rmtree(data / "store")
+        (data / "a.caibx").unlink()
+
     for _ in range(ROUNDS):
-        was_killed = kill_at_random(pydesync("make", "-s", data / "store", data / "a.caibx", data / "a"), rng,
-                                    0.6)
-        killed += was_killed
+        kill_mid_run(make, aim, start_over)
         if (data / "store").exists():
             store_is_sound(data / "store")
-            if not was_killed:  # it finished: start the next round from nothing again
-                shutil.rmtree(data / "store")
-    assert killed >= 2
-    r = run_cli("make", "-s", data / "store", data / "a.caibx", data / "a")
+    r = run_cli(*make)
     assert r.returncode == 0, r.stderr
     assert run_cli("verify", "-s", data / "store").returncode == 0
     r = run_cli("extract", "-s", data / "store", data / "a.caibx", data / "out")
@@ -87,51 +120,68 @@ def test_extract_killed_leaves_old_or_new_and_completes(data: Path):
     for name in ("a", "b"):
         assert run_cli("make", "-s", data / "store", data / f"{name}.caibx", data / name).returncode == 0
     old, new = (data / "a").read_bytes(), (data / "b").read_bytes()
-    rng = random.Random(SEED + 2)
-    shutil.copy(data / "a", data / "target")
-    for _ in range(ROUNDS):
-        kill_at_random(pydesync("extract", "-s", data / "store", data / "b.caibx", data / "target"), rng, 1.0)
-        assert (data / "target").read_bytes() in (old, new)
+    extract = ["extract", "-s", data / "store", data / "b.caibx", data / "target"]
+    aim = Aim(random.Random(SEED + 2), duration(extract))
+
+    def start_over() -> None:
         shutil.copy(data / "a", data / "target")
-    r = run_cli("extract", "-s", data / "store", data / "b.caibx", data / "target")
+
+    start_over()
+    for _ in range(ROUNDS):
+        kill_mid_run(extract, aim, start_over)
+        assert (data / "target").read_bytes() in (old, new)
+        start_over()
+    r = run_cli(*extract)
     assert r.returncode == 0 and (data / "target").read_bytes() == new
 
 
 def test_prune_killed_keeps_what_is_referenced(data: Path):
-    for name in ("a", "b"):
-        assert run_cli("make", "-s", data / "store", data / f"{name}.caibx", data / name).returncode == 0
+    def make_both() -> None:
+        for name in ("a", "b"):
+            assert run_cli("make", "-s", data / "store", data / f"{name}.caibx", data / name).returncode == 0
+
+    make_both()
     keep = {c.id.hex() for c in read_index(str(data / "b.caibx"))}
-    rng = random.Random(SEED + 4)
+    prune = ["prune", "-y", "-s", data / "store", data / "b.caibx"]
+    aim = Aim(random.Random(SEED + 4), duration(prune))
+    make_both()
     for _ in range(ROUNDS // 2):
-        kill_at_random(pydesync("prune", "-y", "-s", data / "store", data / "b.caibx"), rng, 0.8)
+        kill_mid_run(prune, aim, make_both)
         names = {p.name.split(".")[0] for p in (data / "store").glob("*/*.cacnk")}
         assert keep <= names
         store_is_sound(data / "store")
-    assert run_cli("prune", "-y", "-s", data / "store", data / "b.caibx").returncode == 0
+    assert run_cli(*prune).returncode == 0
     assert {p.name.split(".")[0] for p in (data / "store").glob("*/*.cacnk")} == keep
     r = run_cli("extract", "-s", data / "store", data / "b.caibx", data / "out")
     assert r.returncode == 0 and (data / "out").read_bytes() == (data / "b").read_bytes()
 
 
 def test_chunk_server_killed_during_uploads(data: Path):
-    """make through a writable chunk-server that is killed and restarted: its store stays sound and
-    the upload completes on the last run."""
+    """make through a writable chunk-server that is killed (while the upload runs) and restarted:
+    its store stays sound and the upload completes on the last run."""
     store = data / "served"
     store.mkdir()
-    rng = random.Random(SEED + 5)
-    for round_ in range(ROUNDS // 2 + 1):
-        port = free_port()
-        server = pydesync("chunk-server", "-w", "-s", store, "-l", f"127.0.0.1:{port}")
-        assert wait_listening(server, port), server.stderr.read().decode()  # type: ignore[union-attr]
+    aim = Aim(random.Random(SEED + 5), 1.0)
+    rounds = 0
+    while rounds <= ROUNDS // 2:
+        server, port = start_server("chunk-server", "-w", "-s", store, stderr=data / "server.log")
         client = pydesync("make", "-s", f"http://127.0.0.1:{port}/", data / "a.caibx", data / "a")
-        if round_ < ROUNDS // 2:
-            time.sleep(rng.uniform(0.2, 1.0))
+        if rounds == ROUNDS // 2:  # the last run is left alone
+            assert client.wait(HANG_GUARD) == 0, client.stderr.read().decode()  # type: ignore[union-attr]
+            stop(server)
+            rounds += 1
+        else:
+            time.sleep(aim.moment())
+            finished = client.poll() is not None
             server.send_signal(signal.SIGKILL)
             server.wait()
-            client.wait(60)
-        else:
-            assert client.wait(120) == 0
-            stop(server)
+            client.wait(HANG_GUARD)
+            if finished:  # the upload was over before the kill: start again from an empty store
+                aim.missed(client)
+                shutil.rmtree(store)
+                store.mkdir()
+            else:
+                rounds += 1
         store_is_sound(store)
     r = run_cli("extract", "-s", store, data / "a.caibx", data / "out")
     assert r.returncode == 0 and (data / "out").read_bytes() == (data / "a").read_bytes()
@@ -147,20 +197,20 @@ def test_tar_index_killed_leaves_a_sound_store_and_completes(tmp_path: Path):
         (tree / f"d{d}").mkdir(parents=True)
         for f in range(6):
             (tree / f"d{d}" / f"f{f}").write_bytes(rng.randbytes(rng.randrange(1, 1 << 20)))
-    killed = 0
+    tar = ["tar", "-i", "-s", tmp_path / "store", tmp_path / "t.caidx", tree]
+
+    def start_over() -> None:
+        shutil.rmtree(tmp_path / "store")
+        (tmp_path / "t.caidx").unlink()
+
+    aim = Aim(rng, duration(tar))
+    start_over()
     for _ in range(ROUNDS):
-        tar = pydesync("tar", "-i", "-s", tmp_path / "store", tmp_path / "t.caidx", tree)
-        was_killed = kill_at_random(tar, rng, 0.6)
-        killed += was_killed
+        kill_mid_run(tar, aim, start_over)
         if (tmp_path / "store").exists():
             store_is_sound(tmp_path / "store")
-        if was_killed:
-            assert not (tmp_path / "t.caidx").exists() or read_index(str(tmp_path / "t.caidx"))
-        else:
-            shutil.rmtree(tmp_path / "store")
-            (tmp_path / "t.caidx").unlink()
-    assert killed >= 2
-    r = run_cli("tar", "-i", "-s", tmp_path / "store", tmp_path / "t.caidx", tree)
+        assert not (tmp_path / "t.caidx").exists() or read_index(str(tmp_path / "t.caidx"))
+    r = run_cli(*tar)
     assert r.returncode == 0, r.stderr
     r = run_cli("untar", "-i", "-s", tmp_path / "store", tmp_path / "t.caidx", tmp_path / "out")
     assert r.returncode == 0, r.stderr
@@ -170,17 +220,17 @@ def test_tar_index_killed_leaves_a_sound_store_and_completes(tmp_path: Path):
             assert (tmp_path / "out" / name).read_bytes() == (tree / name).read_bytes()
 
 
-def test_temporary_files_of_killed_runs_are_removed_by_the_next(data: Path):
+def test_temporary_files_of_killed_runs_are_removed_by_the_next(data: Path, fault):
     """kill -9 leaves extract's temporary output behind (nothing can remove it then); a later run
     to the same output removes it once it is stale (writer gone, untouched for a minute), but
-    never one whose writer is alive."""
+    never one whose writer is alive. The kill lands while the store holds the extract's requests."""
     from pydesync.fsutil import STALE_AFTER
 
     assert run_cli("make", "-s", data / "store", data / "a.caibx", data / "a").returncode == 0
-    proc = pydesync("extract", "-n", "1", "-s", data / "store", data / "a.caibx", data / "out")
-    deadline = time.monotonic() + 30
-    while not list(data.glob(".out.*.tmp")) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    gate = Gate(allow=3)
+    server = fault(data / "store", gate)
+    proc = pydesync("extract", "-n", "1", "-s", server.url, data / "a.caibx", data / "out")
+    gate.wait_for_waiting(1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     left = list(data.glob(".out.*.tmp"))

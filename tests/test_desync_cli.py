@@ -1,7 +1,7 @@
 """desync's CLI expectations (testdata/desync MANIFEST.md, cmd/desync/testdata), run as `python -m pydesync`.
 
 Shared data is read in place; anything a command must modify is copied into tmp_path first.
-Seeds are not covered here (a later issue).
+desync's seed cases are in test_seeds.py, its server cases in test_http.py.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 from conftest import assert_clean_error, no_stray_files
+from vectors import CHUNKER_TABLE, NULL_CHUNK_32K
 
 from pydesync import ChunkId, LocalStore, parse_index
 
-NULL_CHUNK_32K = "620797b6a249553166433873ead3ab6aadd24e1750b3e71edd642a91c006d1d0"
 TREE_CHUNK = "0589328ff916d08f5fe59a9aa0731571448e91341f37ca5484a85b9f0af14de3"
 BLOB1_CHUNK = "0b2a199263ffb2600b6f8be2e03b7439ffb0ad05a00b867f427a716e3e386c2d"
 INVALID_ID = "1234567890" + "0" * 54
@@ -269,8 +269,6 @@ def test_cat_needs_a_store(cli, d: Path):
 # ---- chunk -------------------------------------------------------------------------------------------
 
 def test_chunk_chunker_input(cli, desync_data: Path):
-    from test_desync_vectors import CHUNKER_TABLE
-
     r = cli("chunk", desync_data / "testdata" / "chunker.input")
     assert r.returncode == 0, r.stderr
     assert r.out.splitlines() == [f"{s}\t{n}\t{i}" for s, n, i in CHUNKER_TABLE]

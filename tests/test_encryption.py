@@ -14,16 +14,15 @@ import http.client
 import json
 import os
 import random
-import socket
-import subprocess
 import sys
-import time
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import assert_clean_error
+from conftest import assert_clean_error, need
+from procutil import HANG_GUARD, free_port, start_server, stop
 
 from pydesync.codec import compress
 from pydesync.digest import digest_of
@@ -41,8 +40,17 @@ from pydesync.store.converters import (
     wire_converters,
 )
 
-nacl_bindings = pytest.importorskip("nacl.bindings")
-aead = pytest.importorskip("cryptography.hazmat.primitives.ciphers.aead")
+try:  # the `crypto` extra
+    import nacl.bindings as nacl_bindings
+    from cryptography.hazmat.primitives.ciphers import aead
+except ImportError:
+    nacl_bindings = aead = None  # type: ignore[assignment]
+
+
+@pytest.fixture(autouse=True)
+def crypto_libraries() -> None:
+    need(nacl_bindings is not None and aead is not None,
+         "pynacl and cryptography not installed (pip install 'pydesync[crypto]')")
 
 # desync's unit-test key: the ASCII string, hex-encoded in configs.
 DESYNC_KEY = b"change this password to a secret"
@@ -50,7 +58,6 @@ KEY = DESYNC_KEY.hex()
 OTHER_KEY = b"totally different key used here!".hex()
 ALGORITHMS = ["xchacha20-poly1305", "aes-256-gcm"]
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-SERVE_TIMEOUT = 20.0
 
 
 def enc_options(key: str = KEY, algorithm: str | None = None, **extra: object) -> dict:
@@ -350,47 +357,24 @@ def test_cached_store_repairs_decrypt_failure(tmp_path: Path):
 
 # ---- chunk-server ----------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def chunk_server(*args: str | os.PathLike[str], env: dict[str, str] | None = None) -> Iterator[str]:
-    """A chunk-server subprocess on a free port; yields its URL."""
-    port = free_port()
+    """A chunk-server subprocess on a port of its choosing; yields its URL."""
     full_env = dict(os.environ)
     full_env.pop("DESYNC_HTTP_AUTH", None)
     full_env.pop("DESYNC_ENCRYPTION_KEY", None)
     full_env.update(env or {})
-    proc = subprocess.Popen([sys.executable, "-m", "pydesync", "chunk-server", *map(str, args),
-                             "-l", f"127.0.0.1:{port}"], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=full_env)
-    try:
-        deadline = time.monotonic() + SERVE_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"chunk-server exited: {proc.stderr.read().decode()}")  # type: ignore[union-attr]
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-            if time.monotonic() > deadline:
-                raise AssertionError("chunk-server does not answer")
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        proc.terminate()
+    with tempfile.TemporaryDirectory() as logs:
+        proc, port = start_server("chunk-server", *args, stderr=Path(logs) / "stderr", env=full_env)
         try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        proc.stderr.close()  # type: ignore[union-attr]
+            yield f"http://127.0.0.1:{port}/"
+        finally:
+            stop(proc)
 
 
 def get(url: str, path: str) -> tuple[int, bytes]:
     host, port = url.split("//", 1)[1].rstrip("/").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=SERVE_TIMEOUT)
+    conn = http.client.HTTPConnection(host, int(port), timeout=HANG_GUARD)
     try:
         conn.request("GET", path)
         response = conn.getresponse()
@@ -529,18 +513,17 @@ def test_index_locations_refuse_encryption(cli, clean_env, blob: Path, tmp_path:
     config = write_config(tmp_path / "config2.json", {str(indexes): {"encryption-algorithm": "aes-256-gcm"}})
     r = cli("--config", config, "list-chunks", target)
     assert_clean_error(r, "encryption is not supported by index stores")
-    r = cli("--config", config, "index-server", "-s", indexes, "-l", f"127.0.0.1:{free_port()}", timeout=20)
+    r = cli("--config", config, "index-server", "-s", indexes, "-l", f"127.0.0.1:{free_port()}")
     assert_clean_error(r, "encryption is not supported by index stores")
 
 
 @pytest.mark.parametrize("flags", [["--encryption"], ["--encryption-algorithm", "aes-256-gcm"]])
 def test_chunk_server_without_key(cli, clean_env, tmp_path: Path, flags: list[str]):
     r = cli("chunk-server", "-s", tmp_path, *flags, "-l", f"127.0.0.1:{free_port()}",
-            env={"DESYNC_ENCRYPTION_KEY": ""}, timeout=20)
+            env={"DESYNC_ENCRYPTION_KEY": ""})
     assert_clean_error(r, "no encryption key configured")
 
 
 def test_chunk_server_bad_key(cli, clean_env, tmp_path: Path):
-    r = cli("chunk-server", "-s", tmp_path, "--encryption-key", "abc", "-l", f"127.0.0.1:{free_port()}",
-            timeout=20)
+    r = cli("chunk-server", "-s", tmp_path, "--encryption-key", "abc", "-l", f"127.0.0.1:{free_port()}")
     assert_clean_error(r, "invalid encryption key, expected hex-encoded 256-bit key")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Result, assert_clean_error, no_stray_files, run_cli
+from procutil import HANG_GUARD
 
 MEMORY_CAP = 2 << 30  # a body held whole past the limit (129 MiB) would need far more, per thread
 Answer = Callable[[socket.socket], None]
@@ -57,7 +58,7 @@ def hostile_server(answer: Answer) -> Iterator[str]:
 
     def serve(conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError):
-            conn.settimeout(30)
+            conn.settimeout(HANG_GUARD)
             data = b""
             while b"\r\n\r\n" not in data:
                 more = conn.recv(65536)
@@ -83,7 +84,7 @@ def hostile_server(answer: Answer) -> Iterator[str]:
         yield f"http://127.0.0.1:{listener.getsockname()[1]}/"
     finally:
         done.set()
-        thread.join(5)
+        thread.join(HANG_GUARD)
         listener.close()
 
 
@@ -93,7 +94,7 @@ def run_capped(*args: str | Path, memory: int = MEMORY_CAP) -> Result:
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
 
     proc = subprocess.run([sys.executable, "-m", "pydesync", *map(str, args)], capture_output=True,
-                          stdin=subprocess.DEVNULL, preexec_fn=cap, timeout=120)
+                          stdin=subprocess.DEVNULL, preexec_fn=cap, timeout=HANG_GUARD)
     return Result(proc.returncode, proc.stdout, proc.stderr.decode(errors="replace"))
 
 

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from conftest import assert_clean_error, need, run_cli
-from procutil import free_port, stop, wait_listening
+from faultserver import Gate
+from procutil import HANG_GUARD
 
 from pydesync.codec import decompress
 
@@ -52,7 +53,7 @@ def test_two_makes_into_one_store_at_once(tmp_path: Path):
                                str(tmp_path / f"{n}.caibx"), str(tmp_path / n)],
                               stdin=subprocess.DEVNULL, stderr=subprocess.PIPE) for n in ("a", "b")]
     for p in procs:
-        assert p.wait(120) == 0, p.stderr.read()  # type: ignore[union-attr]
+        assert p.wait(HANG_GUARD) == 0, p.stderr.read()  # type: ignore[union-attr]
     store_is_sound(tmp_path / "store")
     for n in ("a", "b"):
         r = run_cli("extract", "-s", tmp_path / "store", tmp_path / f"{n}.caibx", tmp_path / f"{n}.out")
@@ -72,7 +73,7 @@ def test_prune_during_an_extract(tmp_path: Path):
     extract = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     r = run_cli("prune", "-y", "-s", tmp_path / "store", tmp_path / "b.caibx")
     assert r.returncode == 0, r.stderr
-    _, err = extract.communicate(timeout=120)
+    _, err = extract.communicate(timeout=HANG_GUARD)
     if extract.returncode == 0:
         assert (tmp_path / "out").read_bytes() == (tmp_path / "a").read_bytes()
     else:
@@ -134,27 +135,23 @@ def test_read_only_store(tmp_path: Path):
         assert r.returncode == 0 and (tmp_path / "out").read_bytes() == (tmp_path / "a").read_bytes()
 
 
-def test_too_many_open_files(tmp_path: Path):
-    """Ten connections wanted (-n 10), ten descriptors allowed in all: one clear error, no output."""
+def test_too_many_open_files(tmp_path: Path, fault):
+    """Descriptors run out mid-run: extract (-n 10) against a store that holds every request has
+    ten connections open; then its descriptor limit drops below what it holds and the store cuts
+    those connections, so every reconnection fails. One clear error, no output."""
     random_file(tmp_path / "a", 4, 6)
     assert run_cli("make", "-s", tmp_path / "store", tmp_path / "a.caibx", tmp_path / "a").returncode == 0
-    port = free_port()
-    serve = [sys.executable, "-m", "pydesync", "chunk-server", "-s", str(tmp_path / "store"), "-l",
-             f"127.0.0.1:{port}"]
-    server = subprocess.Popen(serve, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        assert wait_listening(server, port)
-
-        def few_descriptors() -> None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (10, 10))
-
-        argv = [sys.executable, "-m", "pydesync", "extract", "-n", "10", "-s", f"http://127.0.0.1:{port}/",
-                str(tmp_path / "a.caibx"), str(tmp_path / "out")]
-        proc = subprocess.run(argv, capture_output=True, text=True, preexec_fn=few_descriptors,
-                              stdin=subprocess.DEVNULL, timeout=120)
-    finally:
-        stop(server)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode != 0 and len(lines) == 1 and "Too many open files" in lines[0], proc.stderr
+    gate = Gate(allow=0)
+    server = fault(tmp_path / "store", gate)
+    argv = [sys.executable, "-m", "pydesync", "extract", "-n", "10", "-b", "10ms", "-s", server.url,
+            str(tmp_path / "a.caibx"), str(tmp_path / "out")]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    gate.wait_for_waiting(10)
+    resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (3, 3))
+    gate.release(drop=True)
+    _, err = proc.communicate(timeout=HANG_GUARD)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode != 0 and len(lines) == 1 and "Too many open files" in lines[0], err
+    assert lines[0].startswith("Error: ")
     assert not [n for n in os.listdir(tmp_path) if "out" in n]

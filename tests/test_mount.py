@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import need, run_cli
+from procutil import HANG_GUARD
 
 from pydesync.index import read_index
 
@@ -48,7 +49,7 @@ def mounted(*args: object, mountpoint: Path, wait_for: str | None = None) -> Ite
     argv = [sys.executable, "-m", "pydesync", "mount-index", *map(str, args), str(mountpoint)]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + HANG_GUARD
         while not is_mount(mountpoint) or (wait_for and not (mountpoint / wait_for).exists()):
             if proc.poll() is not None:
                 raise AssertionError(f"mount-index exited: {proc.stderr.read().decode()}")  # type: ignore[union-attr]
@@ -59,7 +60,7 @@ def mounted(*args: object, mountpoint: Path, wait_for: str | None = None) -> Ite
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(15)
+                proc.wait(HANG_GUARD)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
@@ -146,7 +147,7 @@ def test_sigterm_unmounts(blob_store: Path, tmp_path: Path):
     with mounted("-s", blob_store / "store", blob_store / "image.caibx", mountpoint=tmp_path / "m",
                  wait_for="image") as proc:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0
+        assert proc.wait(HANG_GUARD) == 0
         assert not is_mount(tmp_path / "m")
 
 

@@ -86,7 +86,7 @@ def blob(path: Path, seed: int, size: int = 500_000) -> bytes:
 
 def oci_cli(*args: object, env: dict[str, str] | None = None):
     clean = {"DESYNC_OCI_USERNAME": "", "DESYNC_OCI_PASSWORD": "", "DOCKER_CONFIG": "/nonexistent"}
-    return run_cli(*map(str, args), env={**clean, **(env or {})}, timeout=120)
+    return run_cli(*map(str, args), env={**clean, **(env or {})})
 
 
 def manifest(registry: Registry, repository: str, tag: str) -> dict:

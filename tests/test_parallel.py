@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 
 import pytest
+from procutil import HANG_GUARD
 
 from pydesync.parallel import for_each, for_each_pipelined, pipeline_shape
 
@@ -34,19 +34,25 @@ def test_for_each_draws_an_iterator_lazily_and_once():
 
 
 def test_for_each_pipelined_keeps_depth_in_flight_per_thread():
+    """Each thread has `depth` items begun before it finishes its oldest. Both threads are made to
+    reach that depth (the first to get there waits for the other), so neither can take all the
+    work before the other starts."""
     outstanding: Counter[int] = Counter()
     peak: Counter[int] = Counter()
     done: list[int] = []
     lock = threading.Lock()
+    both_full = threading.Barrier(2, timeout=HANG_GUARD)
 
     def begin(i: int):
         me = threading.get_ident()
         with lock:
             outstanding[me] += 1
+            first_time_full = outstanding[me] == 5 and peak[me] < 5
             peak[me] = max(peak[me], outstanding[me])
+        if first_time_full:
+            both_full.wait()
 
         def finish() -> None:
-            time.sleep(0.0005)
             with lock:
                 outstanding[me] -= 1
                 done.append(i)
@@ -58,19 +64,29 @@ def test_for_each_pipelined_keeps_depth_in_flight_per_thread():
 
 
 def test_for_each_pipelined_stops_at_the_first_failure():
+    """Item 50 fails. The other thread, holding later items, finishes each only once the failing
+    thread has ended (so the failure is recorded): it then stops at its next step instead of
+    working through the rest."""
     finished: list[int] = []
+    failing: list[threading.Thread] = []
+    failed = threading.Event()
 
     def begin(i: int):
         def finish() -> None:
             if i == 50:
+                failing.append(threading.current_thread())
+                failed.set()
                 raise ValueError("chunk 50 is bad")
-            time.sleep(0.001)
+            if i > 50:
+                assert failed.wait(HANG_GUARD)
+                if failing[0] is not threading.current_thread():
+                    failing[0].join(HANG_GUARD)
             finished.append(i)
         return finish
 
     with pytest.raises(ValueError, match="chunk 50"):
         for_each_pipelined(begin, list(range(2000)), workers=2, depth=4)
-    assert len(finished) < 500
+    assert max(finished) < 50 + 2 * 4 + 2, sorted(finished)  # at most what was begun when 50 failed
 
 
 def test_pipeline_shape():

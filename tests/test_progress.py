@@ -17,30 +17,42 @@ COUNT = re.compile(r"^(?P<prefix>.*?)\s+(?P<n>\d+) (bytes|chunks|chunks deleted)
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("progress")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A blob and a tree to work on (read only: each test works in a folder of its own)."""
+    d = tmp_path_factory.mktemp("progress-inputs")
     (d / "blob").write_bytes(random.Random(1).randbytes(3 << 20))
     (d / "tree").mkdir()
     (d / "tree" / "f").write_bytes(random.Random(2).randbytes(1 << 20))
     return d
 
 
+# What each command needs made first (quietly): a store and index, or an archive.
+STORE = [["make", "-s", "{d}/store", "{d}/b.caibx", "{i}/blob"]]
+ARCHIVE = [["tar", "{d}/t.catar", "{i}/tree"]]
+
+
 def lines_of(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize(("command", "prefix"), [
-    (["make", "-s", "{d}/store", "{d}/b.caibx", "{d}/blob"], "Chunking"),
-    (["extract", "-s", "{d}/store", "{d}/b.caibx", "{d}/out"], "Attempt 1: Assembling"),
-    (["cache", "-s", "{d}/store", "-c", "{d}/cache", "{d}/b.caibx"], ""),
-    (["tar", "{d}/t.catar", "{d}/tree"], "Packing"),
-    (["untar", "{d}/t.catar", "{d}/untarred"], "Unpacking"),
-    (["verify", "-s", "{d}/store"], "Verifying"),
-    (["prune", "-y", "-s", "{d}/store", "{d}/b.caibx"], "Pruning"),
+def run_in(d: Path, i: Path, command: list[str], env: dict[str, str] | None = None):
+    return run_cli(*[a.format(d=d, i=i) for a in command], env=env)
+
+
+@pytest.mark.parametrize(("command", "prefix", "before"), [
+    (["make", "-s", "{d}/store", "{d}/b.caibx", "{i}/blob"], "Chunking", []),
+    (["extract", "-s", "{d}/store", "{d}/b.caibx", "{d}/out"], "Attempt 1: Assembling", STORE),
+    (["cache", "-s", "{d}/store", "-c", "{d}/cache", "{d}/b.caibx"], "", STORE),
+    (["tar", "{d}/t.catar", "{i}/tree"], "Packing", []),
+    (["untar", "{d}/t.catar", "{d}/untarred"], "Unpacking", ARCHIVE),
+    (["verify", "-s", "{d}/store"], "Verifying", STORE),
+    (["prune", "-y", "-s", "{d}/store", "{d}/b.caibx"], "Pruning", STORE),
 ])
-def test_parsable_progress_lines(work: Path, command: list[str], prefix: str):
-    args = [a.format(d=work) for a in command]
-    r = run_cli(*args, env={"DESYNC_ENABLE_PARSABLE_PROGRESS": "1"})
+def test_parsable_progress_lines(inputs: Path, tmp_path: Path, command: list[str], prefix: str,
+                                 before: list[list[str]]):
+    for step in before:
+        assert run_in(tmp_path, inputs, step).returncode == 0
+    r = run_in(tmp_path, inputs, command, env={"DESYNC_ENABLE_PARSABLE_PROGRESS": "1"})
     assert r.returncode == 0, r.stderr
     lines = lines_of(r.stderr)
     assert lines, "no progress printed"
@@ -52,8 +64,9 @@ def test_parsable_progress_lines(work: Path, command: list[str], prefix: str):
         assert last["pct"] == "100.00"
 
 
-def test_no_progress_when_stderr_is_not_a_terminal(work: Path):
-    r = run_cli("extract", "-s", work / "store", work / "b.caibx", work / "out2")
+def test_no_progress_when_stderr_is_not_a_terminal(inputs: Path, tmp_path: Path):
+    assert run_in(tmp_path, inputs, STORE[0]).returncode == 0
+    r = run_cli("extract", "-s", tmp_path / "store", tmp_path / "b.caibx", tmp_path / "out2")
     assert r.returncode == 0 and r.stderr == ""
 
 

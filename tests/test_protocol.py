@@ -1,7 +1,7 @@
 """casync's protocol both ways: our `pull` for casync clients, our ssh:// store against casync's pull.
 
 A stand-in `ssh` (CASYNC_SSH_PATH) runs the remote command locally, as casync's own capture tool does;
-the real-sshd tests live with the SFTP store.
+the same exchanges through a real sshd are in test_ssh_interop.py.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import assert_clean_error
+from procutil import HANG_GUARD
 
 from pydesync import protocol as P
 
@@ -43,12 +44,14 @@ def messages(data: bytes) -> list[tuple[int, bytes]]:
 
 
 def no_leftovers(marker: str) -> bool:
-    """No process whose command line mentions `marker` is still running (checked briefly)."""
-    for _ in range(20):
+    """No process whose command line mentions `marker` is left running: the remote side of a
+    session ends once its client has (it may take a moment to see the end of its input)."""
+    deadline = time.monotonic() + HANG_GUARD
+    while time.monotonic() < deadline:
         found = subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout.strip()
         if not found:
             return True
-        time.sleep(0.1)
+        time.sleep(0.05)
     return False
 
 
@@ -56,7 +59,8 @@ def test_pull_answers_recorded_client_once_per_chunk(casync_data: Path):
     """casync's client asked for 2a07... twice (low, then high priority); it gets it once."""
     client = (casync_data / "protocol" / "pull-store-only.c2s.bin").read_bytes()
     r = subprocess.run([sys.executable, "-m", "pydesync", "pull", "-", "-", "-",
-                        str(casync_data / "blob-min.castr")], input=client, capture_output=True, timeout=60)
+                        str(casync_data / "blob-min.castr")], input=client,
+                       capture_output=True, timeout=HANG_GUARD)
     assert r.returncode == 0, r.stderr
     got = messages(r.stdout)
     assert got[0] == (P.HELLO, struct.pack("<Q", P.READABLE_STORE))
@@ -69,7 +73,8 @@ def test_pull_serves_index_and_rejects_bad_hello(casync_data: Path):
     index = casync_data / "blob-min.caibx"
     hello = P.encode(P.HELLO, struct.pack("<Q", P.PULL_INDEX | P.PULL_CHUNKS))
     r = subprocess.run([sys.executable, "-m", "pydesync", "pull", "-", "-", str(index),
-                        str(casync_data / "blob-min.castr")], input=hello, capture_output=True, timeout=60)
+                        str(casync_data / "blob-min.castr")], input=hello,
+                       capture_output=True, timeout=HANG_GUARD)
     assert r.returncode == 0, r.stderr
     got = messages(r.stdout)
     assert got[0][1] == struct.pack("<Q", P.READABLE_STORE | P.READABLE_INDEX)
@@ -77,7 +82,8 @@ def test_pull_serves_index_and_rejects_bad_hello(casync_data: Path):
     assert got[-1][0] == P.INDEX_EOF
     bad = P.encode(P.HELLO, struct.pack("<Q", P.PULL_ARCHIVE))
     r = subprocess.run([sys.executable, "-m", "pydesync", "pull", "-", "-", "-",
-                        str(casync_data / "blob-min.castr")], input=bad, capture_output=True, timeout=60)
+                        str(casync_data / "blob-min.castr")], input=bad,
+                       capture_output=True, timeout=HANG_GUARD)
     assert r.returncode != 0 and "Error:" in r.stderr.decode()
     assert messages(r.stdout)[-1][0] == P.ABORT
 
@@ -89,11 +95,11 @@ def test_casync_client_reads_from_our_pull(casync, casync_data: Path, casync_inp
     env = {**os.environ, **remote_env(fake_ssh)}
     index = casync_data / "blob.caibx"
     subprocess.run([casync, "extract", f"--store=localhost:{store}", str(index), str(out)],
-                   check=True, env=env, timeout=120, capture_output=True)
+                   check=True, env=env, timeout=HANG_GUARD, capture_output=True)
     assert out.read_bytes() == (casync_inputs / "blob.bin").read_bytes()
     out2 = tmp_path / "out2"
     subprocess.run([casync, "extract", f"--store=localhost:{store}", f"localhost:{index}", str(out2)],
-                   check=True, env=env, timeout=120, capture_output=True)
+                   check=True, env=env, timeout=HANG_GUARD, capture_output=True)
     assert out2.read_bytes() == out.read_bytes()
     assert no_leftovers(str(fake_ssh))
 
@@ -196,9 +202,7 @@ def test_hostile_pull_server(cli, casync_data: Path, fake_ssh: Path, tmp_path: P
     config.parent.mkdir(parents=True)
     config.write_text('{"store-options": {"ssh://localhost/*": {"timeout": 2000000000}}}')
     env = {**remote_env(fake_ssh, f"{sys.executable} {script}"), "HOME": str(tmp_path)}
-    started = time.monotonic()
     r = cli("extract", "-s", f"ssh://localhost/{mode}", casync_data / "blob.caibx", tmp_path / "out", env=env)
-    assert time.monotonic() - started < 30
     assert_clean_error(r, message)
     assert not (tmp_path / "out").exists()
     assert no_leftovers(str(script))

@@ -19,7 +19,7 @@ import pytest
 from conftest import assert_clean_error, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from procutil import free_port, stop, wait_listening
+from procutil import HANG_GUARD, free_port, stop, wait_listening
 
 from pydesync.index import read_index
 from pydesync.remotesync import (
@@ -264,14 +264,14 @@ def test_sync_get_with_and_without_a_seed(served):
 
 def test_http_rules(served):
     _, port = served
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HANG_GUARD)
     conn.request("GET", "/v2")
     answer = conn.getresponse()
     info = SyncInfo.from_json(answer.read())
     assert answer.status == 200 and info.positions == len(info.chunks) + 255
     for method, path, headers, status in (("POST", "/v2", {}, 400), ("PUT", "/v2", {}, 405),
                                           ("GET", "/nothing", {}, 404)):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HANG_GUARD)
         conn.request(method, path, body=b"\x00" if method != "GET" else None, headers=headers)
         assert conn.getresponse().status == status, (method, path)
 
@@ -280,11 +280,11 @@ def test_full_duplex_with_a_chunked_wishlist(served):
     """As CAFS's client does: the wishlist trickles in chunked encoding while the answer streams;
     the first chunk arrives before the wishlist is finished."""
     d, port = served
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HANG_GUARD)
     conn.request("GET", "/v2")
     info = SyncInfo.from_json(conn.getresponse().read())
     wish = b"".join(wishlist(info, lambda key: False))
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+    with socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD) as s:
         s.sendall(b"POST /v2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n")
         first = wish[:40]  # enough bits for the first requested chunks (k = 256: past the flushing delay)
         s.sendall(b"%x\r\n%s\r\n" % (len(first), first))
@@ -387,9 +387,9 @@ def test_sync_refusals(sync_server):
     assert_clean_error(r, "another index")
     port = int(base.rsplit(":", 1)[1])
     for headers, body, status in (({}, b"\x00", 400), ({"Connection": "close"}, b"\x00" * 100_000, 400)):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HANG_GUARD)
         conn.request("POST", "/sync/v2.caibx", body=body, headers=headers)
         assert conn.getresponse().status == status
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HANG_GUARD)
     conn.request("GET", "/sync/nothing.caibx")
     assert conn.getresponse().status == 404

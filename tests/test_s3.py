@@ -1,8 +1,11 @@
 """s3+http:// chunk and index stores against a real S3 API server on 127.0.0.1 (moto's standalone
-server, started by the `s3_server` fixture with authentication on).
+server): make/extract, cache, prune/verify, upgrade-s3, tar/untar/chop, retries through a faulty
+proxy, size limits, and location parsing.
 
-Each test gets its own bucket. Commands run as real processes with the credentials in the
-environment (S3_ACCESS_KEY / S3_SECRET_KEY) unless a test is about credentials.
+Two session servers: `s3_server` accepts any credentials (and unsigned requests, for public
+buckets); `s3_auth_server` checks signatures against its one IAM key, for the credential lookups
+and refusals. Each test gets its own bucket. Commands run as real processes with the credentials
+in the environment (S3_ACCESS_KEY / S3_SECRET_KEY) unless a test is about credentials.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import S3Server, assert_clean_error, run_cli
+from procutil import HANG_GUARD
 
 from pydesync.index import read_index
 
@@ -35,7 +39,7 @@ def s3_cli(server: S3Server, *args: object, env: dict[str, str] | None = None, h
     full = {**clean, **server.env, **(env or {})}
     if home is not None:
         full["HOME"] = str(home)
-    return run_cli(*map(str, args), env=full, timeout=120)
+    return run_cli(*map(str, args), env=full)
 
 
 def keys(server: S3Server, bucket: str, prefix: str = "") -> list[str]:
@@ -258,7 +262,7 @@ class _FaultyProxy(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(text)
             return
-        conn = http.client.HTTPConnection("127.0.0.1", self.upstream, timeout=30)
+        conn = http.client.HTTPConnection("127.0.0.1", self.upstream, timeout=HANG_GUARD)
         try:
             conn.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
             answer = conn.getresponse()

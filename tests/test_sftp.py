@@ -17,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import Sshd, assert_clean_error, run_cli
+from conftest import Sshd, assert_clean_error, need, run_cli
+from procutil import HANG_GUARD, processes
 from sshd_util import ipv6_loopback
 
 from pydesync.digest import SHA512_256, digest_of
@@ -27,17 +28,17 @@ from pydesync.store import open_store
 from pydesync.store.base import StoreOptions
 
 CHUNK_FILE = re.compile(r"^([0-9a-f]{4})/(\1[0-9a-f]{60})\.cacnk$")
-CLI_TIMEOUT = 60
+CLI_TIMEOUT = HANG_GUARD
 
 
 @pytest.fixture(autouse=True)
-def time_bound():
-    """No test here may hang: SIGALRM fails it after 120 s (CLI runs have their own 60 s)."""
+def hang_guard():
+    """No test here may hang (in-process sftp sessions too): SIGALRM fails it after HANG_GUARD."""
     def expired(signum: int, frame: object) -> None:
-        raise TimeoutError("sftp test took longer than 120 s")
+        raise TimeoutError(f"sftp test still running after {HANG_GUARD:.0f} s")
 
     old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(120)
+    signal.alarm(int(HANG_GUARD))
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, old)
@@ -57,23 +58,10 @@ def sftp_cli(sshd: Sshd, *args: str | os.PathLike[str]):
 
 
 def ssh_clients(sshd: Sshd, parent: int | None = None) -> list[int]:
-    """Pids of ssh clients using the fixture's config (children of `parent` if given), from /proc."""
+    """Pids of ssh clients using the fixture's config (children of `parent` if given)."""
     config = f"{sshd.dir}/ssh_config".encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        if config not in argv and sshd.ssh.encode() not in argv:
-            continue
-        if parent is not None and int(stat.rsplit(")", 1)[1].split()[1]) != parent:
-            continue
-        pids.append(int(entry))
-    return pids
+    return processes(lambda argv, ppid: (config in argv or sshd.ssh.encode() in argv)
+                     and (parent is None or ppid == parent))
 
 
 def blob(path: Path, seed: int, size: int = 700_000) -> bytes:
@@ -112,8 +100,7 @@ def test_make_extract_round_trip(sshd: Sshd, tmp_path: Path):
 def test_ipv6_host_literal(sshd: Sshd, tmp_path: Path):
     """`sftp://[::1]:PORT/path` and `ssh://[::1]:PORT/path`: the bracketed literal reaches ssh bare
     (the ssh:// store runs our `pull` on the far side of the real sshd)."""
-    if not ipv6_loopback():
-        pytest.skip("no IPv6 loopback on this machine")
+    need(ipv6_loopback(), "no IPv6 loopback on this machine")
     data = blob(tmp_path / "blob", 7)
     store = tmp_path / "store"
     store.mkdir()

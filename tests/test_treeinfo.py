@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean_error
+from conftest import assert_clean_error, need
+from procutil import HANG_GUARD
 
 from pydesync.catar.decoder import Node
 from pydesync.digest import SHA256, SHA512_256
@@ -32,7 +33,7 @@ def out(result) -> str:  # type: ignore[no-untyped-def]
 
 
 def casync_digest(casync: str, *args: str | os.PathLike[str]) -> str:
-    proc = subprocess.run([casync, "digest", *map(str, args)], capture_output=True, timeout=60)
+    proc = subprocess.run([casync, "digest", *map(str, args)], capture_output=True, timeout=HANG_GUARD)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.decode().strip()
 
@@ -132,8 +133,7 @@ def test_digest_directory(casync, cli, vector_trees):
 
 
 def test_digest_full_tree_as_root(casync, cli, vector_trees):
-    if not ROOT:
-        pytest.skip("tree-full needs root")
+    need(ROOT, "tree-full needs root")
     tree = vector_trees / "tree-full"
     expected = "d6ec011a477e29d703052756a6633b714adba48718239380b770b1f4e93cd716"  # MANIFEST.md
     assert casync_digest(casync, tree) == expected

@@ -25,7 +25,8 @@ import traceback
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean_error, run_cli
+from conftest import assert_clean_error, need, run_cli
+from procutil import HANG_GUARD
 
 from pydesync.catar import DirectoryEnd, Node
 from pydesync.catar import format as F
@@ -73,7 +74,7 @@ def work(tmp_path_factory: pytest.TempPathFactory):
     fallback = Path(tempfile.mkdtemp(prefix="pydesync-untar-", dir="/var/tmp"))
     try:
         if not supports_metadata(fallback):
-            pytest.skip("no filesystem with xattrs + ACLs + chattr for the untar tests")
+            need(False, "no filesystem with xattrs + ACLs + chattr for the untar tests")
         yield fallback
     finally:
         subprocess.run(["chattr", "-R", "-i", "-a", str(fallback)], capture_output=True)
@@ -103,9 +104,8 @@ def trees(casync_data: Path, work: Path) -> dict[str, Path]:
 
 
 def need_root(what: str) -> None:
-    """Root-only tests skip (never fail) as an ordinary user: root is not a missing peer."""
-    if not IS_ROOT:
-        pytest.skip(f"{what} needs root")
+    """Root-only tests skip as an ordinary user (and fail under PYDESYNC_REQUIRE_PEERS=1)."""
+    need(IS_ROOT, f"{what} needs root")
 
 
 def tree(trees: dict[str, Path], kind: str) -> Path:
@@ -678,7 +678,7 @@ def test_chattr_the_target_filesystem_lacks(cli, wdir):
     """chattr +S restores on ext4 but not on tmpfs: error by default, warning with --best-effort."""
     shm = Path("/dev/shm")
     if not (shm.is_dir() and os.access(shm, os.W_OK)):
-        pytest.skip("no writable /dev/shm")
+        need(False, "no writable /dev/shm")
     src = wdir / "src"
     src.mkdir()
     (src / "synced").write_bytes(b"sync me\n")
@@ -686,7 +686,7 @@ def test_chattr_the_target_filesystem_lacks(cli, wdir):
     try:
         write_chattr(fd, FS_SYNC_FL, FS_SYNC_FL)
     except OSError:
-        pytest.skip("the work filesystem has no chattr +S")
+        need(False, "the work filesystem has no chattr +S")
     finally:
         os.close(fd)
     archive = wdir / "sync.catar"
@@ -698,7 +698,7 @@ def test_chattr_the_target_filesystem_lacks(cli, wdir):
         fd = os.open(probe, os.O_RDONLY)
         try:
             fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("<I", FS_SYNC_FL))
-            pytest.skip("this tmpfs supports chattr +S")
+            need(False, "this tmpfs supports chattr +S")
         except OSError:
             pass
         finally:
@@ -806,13 +806,13 @@ def test_untar_write_failure_is_one_clean_error(cli, wdir):
     with open(fifo, "wb") as f:
         f.write(data[:cut])
         f.flush()
-        for _ in range(200):
-            if (wdir / "out" / "d").is_dir():
-                break
+        deadline = time.monotonic() + HANG_GUARD  # untar is waiting for the rest of the archive
+        while not (wdir / "out" / "d").is_dir():
+            assert proc.poll() is None and time.monotonic() < deadline, "untar never made out/d"
             time.sleep(0.01)
         (wdir / "out" / "d" / "f599").mkdir()
         f.write(data[cut:])
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=HANG_GUARD)
     assert proc.returncode != 0
     assert err.strip().splitlines() == [f"Error: cannot create {wdir}/out/d/f599: Is a directory"]
     assert not [n for n in os.listdir(wdir / "out" / "d") if n.startswith(".#")]

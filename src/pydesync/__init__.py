@@ -6,6 +6,9 @@ The library API (the CLI is a thin layer over it)::
     store = pydesync.open_store("demo.castr", create=True)
     index, stats = pydesync.make("demo.caibx", "disk.img", store=store)
     pydesync.extract(pydesync.read_index("demo.caibx"), "copy.img", store)
+
+`read_index` / `write_index` take a path or `-`; `read_index_at` / `write_index_at` also take an
+index store URL (`https://host/indexes/demo.caibx`, `sftp://`, `s3+https://`, `gs://`).
 """
 
 from .chunker import ChunkSizes, chunk_bytes, iter_chunks
@@ -20,6 +23,7 @@ from .errors import (
 )
 from .extract import BlobReader, ExtractStats, extract
 from .index import Index, IndexChunk, parse_index, read_index, write_index
+from .indexstore import read_index_at, write_index_at
 from .make import MakeStats, chunk_stream, make
 from .store import (
     CachedStore,
@@ -39,5 +43,5 @@ __all__ = [
     "ChunkSizes", "ExtractStats", "FailoverGroup", "Index", "IndexChunk", "IndexFormatError", "LocalStore",
     "MakeStats", "PydesyncError", "Store", "StoreError", "StoreOptions", "StoreRouter", "UsageError",
     "chunk_bytes", "chunk_stream", "digest_of", "extract", "iter_chunks", "make", "open_chain",
-    "open_store", "parse_index", "read_index", "write_index",
+    "open_store", "parse_index", "read_index", "read_index_at", "write_index", "write_index_at",
 ]

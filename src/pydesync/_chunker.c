@@ -1,7 +1,8 @@
 /*
- * The hot loop of pydesync: casync's buzhash content-defined chunker.
+ * The content-defined chunkers: casync's buzhash (the hot loop of pydesync) and, at the end,
+ * CAFS's rolling sum (remotesync's CAFS mode). Both are byte-by-byte scans that need C speed.
  *
- * The scan is stateless: a chunk's cut depends only on the chunk's own bytes
+ * The buzhash scan is stateless: a chunk's cut depends only on the chunk's own bytes
  * (the 48-byte window never crosses a cut), so the caller hands in a buffer
  * and the offset where the current chunk starts, and gets back every cut that
  * can be decided inside that buffer. Undecided tails are rescanned by the
@@ -15,13 +16,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <time.h>
-#include <unistd.h>
 
 #include "_buzhash_table.h"
 
@@ -240,180 +235,6 @@ static PyObject *is_zero(PyObject *self, PyObject *args)
     return PyBool_FromLong(zero);
 }
 
-/* SipHash-2-4 (Aumasson & Bernstein), 64-bit output: names in catar goodbye tables. */
-#define SIPROUND                                                    \
-    do {                                                            \
-        v0 += v1; v1 = rol64(v1, 13); v1 ^= v0; v0 = rol64(v0, 32); \
-        v2 += v3; v3 = rol64(v3, 16); v3 ^= v2;                     \
-        v0 += v3; v3 = rol64(v3, 21); v3 ^= v0;                     \
-        v2 += v1; v1 = rol64(v1, 17); v1 ^= v2; v2 = rol64(v2, 32); \
-    } while (0)
-
-static inline uint64_t rol64(uint64_t x, unsigned n) { return (x << n) | (x >> (64 - n)); }
-
-static inline uint64_t load_le64(const uint8_t *p)
-{
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--)
-        v = (v << 8) | p[i];
-    return v;
-}
-
-static uint64_t siphash24_impl(const uint8_t key[16], const uint8_t *data, size_t len)
-{
-    uint64_t k0 = load_le64(key), k1 = load_le64(key + 8);
-    uint64_t v0 = k0 ^ UINT64_C(0x736f6d6570736575), v1 = k1 ^ UINT64_C(0x646f72616e646f6d);
-    uint64_t v2 = k0 ^ UINT64_C(0x6c7967656e657261), v3 = k1 ^ UINT64_C(0x7465646279746573);
-    size_t full = len - len % 8;
-    for (size_t i = 0; i < full; i += 8) {
-        uint64_t m = load_le64(data + i);
-        v3 ^= m;
-        SIPROUND;
-        SIPROUND;
-        v0 ^= m;
-    }
-    uint64_t last = (uint64_t)len << 56;
-    for (size_t i = 0; i < len % 8; i++)
-        last |= (uint64_t)data[full + i] << (8 * i);
-    v3 ^= last;
-    SIPROUND;
-    SIPROUND;
-    v0 ^= last;
-    v2 ^= 0xff;
-    SIPROUND;
-    SIPROUND;
-    SIPROUND;
-    SIPROUND;
-    return v0 ^ v1 ^ v2 ^ v3;
-}
-
-PyDoc_STRVAR(siphash24_doc, "siphash24(key, data) -> int\n\nSipHash-2-4 of data with a 16-byte key.");
-
-static PyObject *siphash24(PyObject *self, PyObject *args)
-{
-    Py_buffer key, data;
-    if (!PyArg_ParseTuple(args, "y*y*", &key, &data))
-        return NULL;
-    PyObject *result = NULL;
-    if (key.len != 16)
-        PyErr_SetString(PyExc_ValueError, "siphash24: key must be 16 bytes");
-    else
-        result = PyLong_FromUnsignedLongLong(
-            siphash24_impl((const uint8_t *)key.buf, (const uint8_t *)data.buf, (size_t)data.len));
-    PyBuffer_Release(&key);
-    PyBuffer_Release(&data);
-    return result;
-}
-
-PyDoc_STRVAR(write_new_files_doc,
-"write_new_files(items, umask) -> None or (index, errno)\n\n"
-"items: a sequence of (dir_fd, temp, name, data, mode, mtime_ns). For each in order, create\n"
-"`temp` in dir_fd (O_EXCL, never following symlinks), write data, set the mode and\n"
-"(mtime_ns >= 0) the modification time, and rename it to `name`: the common case of untar,\n"
-"a whole batch with the GIL released once, so a writer thread overlaps the decoder. `umask`\n"
-"is the process umask (files whose mode it keeps are created with it). Stops at\n"
-"the first failure, removes that temporary file and returns its index and errno.");
-
-struct new_file {
-    int dir_fd;
-    const char *temp, *name;
-    Py_buffer data;
-    unsigned int mode, umask;
-    long long mtime_ns;
-};
-
-/* One file: 0 or an errno. */
-static int write_one_file(const struct new_file *f)
-{
-    int err = 0;
-    /* Created with its final permission bits when the umask keeps them all (most files), else
-     * 0600 and a fchmod: one system call fewer in the common case. */
-    int exact = (f->mode & ~0777u) == 0 && (f->mode & f->umask) == 0;
-    int fd = openat(f->dir_fd, f->temp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY,
-                    exact ? (mode_t)f->mode : 0600);
-    if (fd < 0)
-        return errno;
-    const char *p = f->data.buf;
-    Py_ssize_t left = f->data.len;
-    while (left > 0 && !err) {
-        ssize_t n = write(fd, p, (size_t)left);
-        if (n < 0) {
-            if (errno != EINTR)
-                err = errno;
-        } else {
-            p += n;
-            left -= n;
-        }
-    }
-    if (!err && !exact && fchmod(fd, (mode_t)f->mode) < 0)
-        err = errno;
-    if (!err && f->mtime_ns >= 0) {
-        struct timespec ts[2];
-        ts[0].tv_sec = 0;
-        ts[0].tv_nsec = UTIME_OMIT;
-        ts[1].tv_sec = (time_t)(f->mtime_ns / 1000000000LL);
-        ts[1].tv_nsec = (long)(f->mtime_ns % 1000000000LL);
-        if (futimens(fd, ts) < 0)
-            err = errno;
-    }
-    if (close(fd) < 0 && !err)
-        err = errno;
-    if (!err && renameat(f->dir_fd, f->temp, f->dir_fd, f->name) < 0)
-        err = errno;
-    if (err)
-        unlinkat(f->dir_fd, f->temp, 0);
-    return err;
-}
-
-static PyObject *write_new_files(PyObject *self, PyObject *args)
-{
-    PyObject *items;
-    unsigned int umask_bits;
-    if (!PyArg_ParseTuple(args, "OI", &items, &umask_bits))
-        return NULL;
-    PyObject *seq = PySequence_Fast(items, "write_new_files() takes a sequence of tuples");
-    if (seq == NULL)
-        return NULL;
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq), parsed = 0;
-    struct new_file *files = PyMem_Calloc(count ? (size_t)count : 1, sizeof *files);
-    PyObject *result = NULL;
-    if (files == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    /* "y": bytes without NUL inside, NUL-terminated; the tuples (held by seq) keep them alive. */
-    for (; parsed < count; parsed++) {
-        struct new_file *f = &files[parsed];
-        f->umask = umask_bits;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, parsed), "iyyy*IL", &f->dir_fd, &f->temp,
-                              &f->name, &f->data, &f->mode, &f->mtime_ns))
-            goto done;
-    }
-    Py_ssize_t failed = -1;
-    int err = 0;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < count; i++) {
-        err = write_one_file(&files[i]);
-        if (err) {
-            failed = i;
-            break;
-        }
-    }
-    Py_END_ALLOW_THREADS
-    if (failed < 0) {
-        Py_INCREF(Py_None);
-        result = Py_None;
-    } else {
-        result = Py_BuildValue("(ni)", failed, err);
-    }
-done:
-    for (Py_ssize_t i = 0; i < parsed; i++)
-        PyBuffer_Release(&files[i].data);
-    PyMem_Free(files);
-    Py_DECREF(seq);
-    return result;
-}
-
 /* ---- CAFS's chunker (remotesync's CAFS mode) ----------------------------------------------------
  * An Adler-32 style rolling sum over a 48-byte window: s1 = 1 + sum of the window's bytes, s2 =
  * the sum of the running s1 values, both mod 65521; the checksum is s2 << 16 | s1. Each chunk
@@ -497,8 +318,6 @@ static PyObject *cafs_cuts(PyObject *self, PyObject *args)
 }
 
 static PyMethodDef methods[] = {
-    {"write_new_files", write_new_files, METH_VARARGS, write_new_files_doc},
-    {"siphash24", siphash24, METH_VARARGS, siphash24_doc},
     {"cafs_cuts", cafs_cuts, METH_VARARGS, cafs_cuts_doc},
     {"is_zero", is_zero, METH_VARARGS, is_zero_doc},
     {"find_cuts", find_cuts, METH_VARARGS, find_cuts_doc},
@@ -507,7 +326,8 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "pydesync._chunker", "casync's buzhash chunker scan loop.", -1, methods,
+    PyModuleDef_HEAD_INIT, "pydesync._chunker", "Content-defined chunkers: casync's buzhash and CAFS's.", -1,
+    methods,
 };
 
 PyMODINIT_FUNC PyInit__chunker(void)

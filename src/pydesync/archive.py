@@ -14,10 +14,11 @@ from .chunker import DEFAULT_SIZES, ChunkSizes
 from .digest import SHA512_256, hasher
 from .errors import PydesyncError
 from .fsutil import atomic_write
-from .index import Index, write_index
+from .index import Index
+from .indexstore import write_index_at
 from .make import MakeStats, chunk_stream
 from .parallel import DEFAULT_CONCURRENCY
-from .store.base import Store
+from .store.base import Store, StoreOptions
 from .streams import IterReader
 
 
@@ -45,12 +46,14 @@ def tar_to_file(source: str, output: str, flags: int, progress: Callable[[int], 
 def tar_to_index(source: str, index_path: str, store: Store, flags: int,
                  sizes: ChunkSizes = DEFAULT_SIZES, digest: str = SHA512_256,
                  concurrency: int = DEFAULT_CONCURRENCY,
-                 progress: Callable[[int], None] | None = None) -> tuple[Index, MakeStats]:
-    """Chunk the catar of `source` into `store` and write its .caidx (flags = the archive's)."""
+                 progress: Callable[[int], None] | None = None,
+                 index_options: StoreOptions | None = None) -> tuple[Index, MakeStats]:
+    """Chunk the catar of `source` into `store` and write its .caidx (flags = the archive's) to a path,
+    `-` or an index store URL (written with `index_options`)."""
     _check_source(source)
     reader: BinaryIO = IterReader(TreeEncoder(source, flags))  # type: ignore[assignment]
     index, stats = chunk_stream(reader, sizes, digest, store, concurrency, flags=flags, progress=progress)
-    write_index(index, index_path)
+    write_index_at(index, index_path, index_options)
     return index, stats
 
 

@@ -160,21 +160,17 @@ def check_index_digest(index: Index, digest: str, name: str = "index") -> Index:
     return index
 
 
-def read_index(location: str, digest: str | None = None, options: object = None) -> Index:
-    """Read an index from a path, or from standard input for `-`.
+def read_index(location: str, digest: str | None = None) -> Index:
+    """Read an index from a local path, or from standard input for `-`.
 
     With `digest`, an index made with the other digest is rejected (as desync does);
-    without, the index's own flag decides (as casync does).
+    without, the index's own flag decides (as casync does). Index store URLs are the
+    caller's: `indexstore.read_index_at` reads those too.
     """
     if digest is not None:
-        return check_index_digest(read_index(location, None, options), digest,
-                                  "<stdin>" if location == "-" else location)
+        return check_index_digest(read_index(location), digest, "<stdin>" if location == "-" else location)
     if location == "-":
         return parse_index(sys.stdin.buffer.read(), "<stdin>")
-    from . import indexstore  # URLs of index stores
-
-    if indexstore.is_remote(location):
-        return parse_index(indexstore.fetch_index_bytes(location, options), location)  # type: ignore[arg-type]
     try:
         with open(location, "rb") as f:
             data = f.read()
@@ -187,13 +183,11 @@ def read_index(location: str, digest: str | None = None, options: object = None)
     return parse_index(data, location)
 
 
-def write_index(index: Index, location: str, options: object = None) -> None:
-    """Write an index to a path atomically, to standard output for `-`, or to an index store URL."""
-    from . import indexstore
+def write_index(index: Index, location: str) -> None:
+    """Write an index to a local path atomically, or to standard output for `-`.
 
-    if indexstore.is_remote(location):
-        indexstore.store_index_bytes(location, index.to_bytes(), options)  # type: ignore[arg-type]
-        return
+    Index store URLs are the caller's: `indexstore.write_index_at` writes those too.
+    """
     try:
         with atomic_write(location) as f:
             index.write_to(f)

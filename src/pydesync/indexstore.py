@@ -2,12 +2,16 @@
 
 desync's rule: the last path element is the index name, the rest is the index
 store (`http://h/p/x.caibx` is `x.caibx` in the store `http://h/p/`).
+
+`read_index_at` / `write_index_at` take any of these; `index.read_index` / `index.write_index`
+only paths and `-`, so the index format does not depend on the stores (which would be an import
+cycle: the stores' clients are what fetch a remote index).
 """
 
 from __future__ import annotations
 
 from .errors import IndexFormatError
-from .index import MAX_INDEX_BYTES
+from .index import MAX_INDEX_BYTES, Index, check_index_digest, parse_index, read_index, write_index
 from .store import location_scheme
 from .store.base import StoreOptions
 
@@ -47,6 +51,7 @@ def fetch_index_bytes(location: str, options: StoreOptions | None = None) -> byt
 
 
 def store_index_bytes(location: str, data: bytes, options: StoreOptions | None = None) -> None:
+    """Put the bytes of an index into a remote index store (HTTP(S), SFTP, S3)."""
     scheme = location_scheme(location)
     if scheme in ("http", "https"):
         from .store.http import HttpClient
@@ -72,4 +77,31 @@ def store_index_bytes(location: str, data: bytes, options: StoreOptions | None =
 
 
 def is_remote(location: str) -> bool:
+    """Whether the location is an index store URL rather than a local path or `-`."""
     return location != "-" and location_scheme(location) is not None
+
+
+def read_index_at(location: str, digest: str | None = None, options: StoreOptions | None = None) -> Index:
+    """An index from a path, `-` (stdin) or an index store URL (read with `options`).
+
+    With `digest`, an index made with the other digest is rejected (as desync does);
+    without, the index's own flag decides (as casync does).
+    """
+    if not is_remote(location):
+        return read_index(location, digest)
+    index = parse_index(fetch_index_bytes(location, options), location)
+    return index if digest is None else check_index_digest(index, digest, location)
+
+
+def write_index_at(index: Index, location: str, options: StoreOptions | None = None) -> None:
+    """Write an index to a path (atomically), to `-` (stdout) or into an index store (with `options`)."""
+    if is_remote(location):
+        store_index_bytes(location, index.to_bytes(), options)
+    else:
+        write_index(index, location)
+
+
+__all__ = [
+    "fetch_index_bytes", "is_remote", "read_index_at", "split_location", "store_index_bytes",
+    "write_index_at",
+]

@@ -29,9 +29,10 @@ from . import _chunker
 from .chunker import DEFAULT_SIZES, ChunkSizes, iter_chunks
 from .digest import SHA512_256, ChunkId, check_digest, digest_of
 from .errors import PydesyncError
-from .index import Index, blob_flags, write_index
+from .index import Index, blob_flags
+from .indexstore import write_index_at
 from .parallel import DEFAULT_CONCURRENCY, ordered_map, workers_for
-from .store.base import Store
+from .store.base import Store, StoreOptions
 
 BATCH_BYTES = 4 * 1024 * 1024
 PART_BLOCK = 4 * 1024 * 1024  # read size of a part worker
@@ -279,8 +280,10 @@ def _batches(chunks: Iterator[tuple[int, memoryview]]) -> Iterator[list[memoryvi
 def make(index_path: str | None, source: str | os.PathLike[str], store: Store | None = None,
          sizes: ChunkSizes = DEFAULT_SIZES, digest: str = SHA512_256,
          concurrency: int = DEFAULT_CONCURRENCY,
-         progress: Callable[[int], None] | None = None) -> tuple[Index, MakeStats]:
-    """Chunk the file `source`, store its chunks, and write the index to `index_path` (`-` = stdout).
+         progress: Callable[[int], None] | None = None,
+         index_options: StoreOptions | None = None) -> tuple[Index, MakeStats]:
+    """Chunk the file `source`, store its chunks, and write the index to `index_path` (`-` = stdout,
+    or an index store URL, written with `index_options`).
 
     The index is written last, atomically, so it never refers to chunks that
     were not stored.
@@ -288,5 +291,5 @@ def make(index_path: str | None, source: str | os.PathLike[str], store: Store | 
     with open_input(source) as reader:
         index, stats = chunk_stream(reader, sizes, digest, store, concurrency, progress=progress)
     if index_path is not None:
-        write_index(index, index_path)
+        write_index_at(index, index_path, index_options)
     return index, stats

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
 
-from .. import _chunker as _native
+from .. import _filewriter
 
 T = TypeVar("T")  # deferred work items
 L = TypeVar("L")  # labels naming files in errors
@@ -81,7 +81,7 @@ class BatchWriter(Generic[T, L]):
         files, labels, deferred = self._take()
         try:
             if files:
-                _check(_native.write_new_files(files, self._umask), labels)
+                _check(_filewriter.write_new_files(files, self._umask), labels)
         except BaseException:
             self._unfinished += deferred
             raise
@@ -115,7 +115,7 @@ class BatchWriter(Generic[T, L]):
             return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="pydesync-untar")
-        future = self._executor.submit(_native.write_new_files, files, self._umask)
+        future = self._executor.submit(_filewriter.write_new_files, files, self._umask)
         self._inflight = (future, labels, deferred)
 
     def _wait(self) -> None:

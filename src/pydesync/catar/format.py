@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Sequence
 
-from .. import _chunker
+from .. import _siphash
 from ..errors import UsageError
 
 # ---- record types ---------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def cstring(kind: int, text: bytes) -> bytes:
 
 def name_hash(name: bytes) -> int:
     """SipHash-2-4 of a file name with casync's fixed key (goodbye tables)."""
-    return _chunker.siphash24(GOODBYE_KEY, name)
+    return _siphash.siphash24(GOODBYE_KEY, name)
 
 
 def eytzinger_order(count: int) -> list[int]:

@@ -94,11 +94,12 @@ def run_tar(ctx: Context) -> int:
         return 0
     if len(a.store) != 1:
         raise UsageError("-i needs exactly one target store (-s)")
-    ctx.index_options(a.output)  # index stores refuse encryption options
+    index_options = ctx.index_options(a.output)  # checked first: index stores refuse encryption options
     store = ctx.target(a.store[0], create=True)
     with store, Progress("Packing ", None, unit=" bytes") as bar:
         tar_to_index(a.source, a.output, store, flags, ChunkSizes.parse_kib(a.chunk_size),
-                     check_digest(ctx.digest), ctx.concurrency, progress=bar.callback())
+                     check_digest(ctx.digest), ctx.concurrency, progress=bar.callback(),
+                     index_options=index_options)
     return 0
 
 

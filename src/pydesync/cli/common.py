@@ -18,7 +18,8 @@ from typing import Any
 from ..config import Config, load_config
 from ..digest import DIGESTS, SHA512_256, check_digest
 from ..errors import UsageError
-from ..index import Index, read_index, write_index
+from ..index import Index
+from ..indexstore import read_index_at, write_index_at
 from ..store import Store, StoreOptions, open_chain, open_store
 
 DEFAULT_CONCURRENCY = 10
@@ -179,11 +180,12 @@ class Context:
     def read_index(self, location: str, check_digest: bool = True) -> Index:
         """An index from a path, `-` or an index store URL, with that store's options; with
         check_digest an explicit --digest must agree with the index."""
-        return read_index(location, self.requested_digest if check_digest else None,
-                          self.index_options(location))
+        return read_index_at(location, self.requested_digest if check_digest else None,
+                             self.index_options(location))
 
     def write_index(self, index: Index, location: str) -> None:
-        write_index(index, location, self.index_options(location))
+        """Write an index to a path, `-` or an index store URL, with that store's options."""
+        write_index_at(index, location, self.index_options(location))
 
     def source(self, required: bool = True, cache: bool = True) -> Store | None:
         """The `-s` stores as a chain, behind the `-c` cache if given (and `cache`)."""

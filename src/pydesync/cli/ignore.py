@@ -6,13 +6,13 @@ from collections.abc import Sequence
 
 from ..digest import ChunkId
 from ..errors import UsageError
-from ..index import read_index
+from ..indexstore import read_index_at
 
 
 def ignored_ids(indexes: Sequence[str], id_files: Sequence[str], digest: str | None = None) -> set[ChunkId]:
     ids: set[ChunkId] = set()
     for location in indexes:
-        ids.update(c.id for c in read_index(location, digest))
+        ids.update(c.id for c in read_index_at(location, digest))
     for path in id_files:
         try:
             with open(path, encoding="ascii") as f:

@@ -140,6 +140,9 @@ def reload_on_sighup(ctx: Context, swap: SwapStore) -> None:
                 swap.swap(chunk_server_store(ctx))
             except (PydesyncError, OSError) as e:
                 print(f"failed to reload configuration: {e}", file=sys.stderr, flush=True)
+            else:
+                print(f"chunk-server: reloaded {ctx.args.store_file}: serving {swap.location}",
+                      file=sys.stderr, flush=True)
 
     threading.Thread(target=reloader, name="store-file-reload", daemon=True).start()
     signal.signal(signal.SIGHUP, lambda _signum, _frame: wanted.set())
