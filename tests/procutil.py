@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -71,6 +72,14 @@ def wait_listening(proc: subprocess.Popen, port: int, timeout: float = HANG_GUAR
     return False
 
 
+def default_signals() -> None:
+    """A Popen preexec_fn: SIGINT and SIGTERM at their defaults, as in a command started from a
+    shell. pytest-xdist's workers ignore SIGINT, and an ignored signal stays ignored in children,
+    so a test that interrupts a child must start it with this."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def stop(proc: subprocess.Popen) -> None:
     """SIGTERM, then SIGKILL if it does not end; always reaped."""
     proc.terminate()
@@ -89,7 +98,7 @@ def start_server(kind: str, *args: str | os.PathLike[str], stderr: Path,
     with open(stderr, "wb") as err:
         argv = [sys.executable, "-m", "pydesync", kind, *map(str, args), "-l", "127.0.0.1:0"]
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                                env=env)
+                                env=env, preexec_fn=default_signals)
     serving = re.compile(rf"^{kind}: .*?127\.0\.0\.1:(\d+)", re.M)
     deadline = time.monotonic() + HANG_GUARD
     while time.monotonic() < deadline:

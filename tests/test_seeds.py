@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import assert_clean_error, need, run_cli
 from faultserver import Gate
-from procutil import HANG_GUARD, free_port, stop, wait_listening
+from procutil import HANG_GUARD, default_signals, free_port, stop, wait_listening
 
 from pydesync.index import read_index
 
@@ -273,7 +273,8 @@ def test_interrupted_extract_leaves_the_old_target(ab: Path, sig: int, fault):
         shutil.copy(ab / "v1", ab / "target")
         proc = subprocess.Popen([sys.executable, "-m", "pydesync", "extract", "-n", "2", "-s", server.url,
                                  str(ab / "v2.caibx"), str(ab / "target")],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                preexec_fn=default_signals)
         gate.wait_for_waiting(1)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=HANG_GUARD)
