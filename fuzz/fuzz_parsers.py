@@ -308,24 +308,46 @@ def socket_pair_fed(data: bytes) -> tuple[socket.socket, threading.Thread]:
     return ours, thread
 
 
-def run_httpserver(data: bytes) -> None:
-    from pydesync.netio import set_timeouts
-    from pydesync.server.chunks import ChunkServer
-    from pydesync.server.common import ServerOptions, make_app
-    from pydesync.server.http11 import Connection
-    from pydesync.store.local import LocalStore
+_HTTP_SERVER: list = []  # one chunk-server core per fuzzing process, started on first use
 
-    with tempfile.TemporaryDirectory() as d:
-        app = make_app(ChunkServer(LocalStore(d, create=True), writable=True)._dispatch,
-                       ServerOptions(listen=[]))
-        sock, feeder = socket_pair_fed(data)
-        set_timeouts(sock, 2)
-        errors = io.StringIO()
-        with contextlib.redirect_stderr(errors):
-            Connection(sock, ("127.0.0.1", 1), app, None, threading.Lock()).serve()
-        feeder.join(5)
-        if "internal error" in errors.getvalue():  # a handler raised: a bug answered with 500
-            raise AssertionError(errors.getvalue().strip())
+
+def fuzz_server():
+    """A writable chunk-server over a temporary local store, its loop on a thread of its own."""
+    if not _HTTP_SERVER:
+        from pydesync.server.chunks import ChunkServer
+        from pydesync.server.common import ServerOptions
+        from pydesync.store.local import LocalStore
+
+        store = LocalStore(tempfile.mkdtemp(prefix="pydesync-fuzz-"), create=True)
+        server = ChunkServer(store, writable=True).server(ServerOptions(listen=[]))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        _HTTP_SERVER.append(server)
+    return _HTTP_SERVER[0]
+
+
+def run_httpserver(data: bytes) -> None:
+    """A client's byte stream into the server core (parsing, limits, handlers) over a socket pair,
+    then the end of its stream; the server must answer and close, and no handler may raise."""
+    server = fuzz_server()
+    ours, theirs = socket.socketpair()
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors):
+        server.adopt(ours, ("127.0.0.1", 1))
+
+        def feed() -> None:
+            with contextlib.suppress(OSError):
+                theirs.sendall(data)
+                theirs.shutdown(socket.SHUT_WR)
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        theirs.settimeout(CASE_SECONDS)
+        with theirs, contextlib.suppress(ConnectionResetError):
+            while theirs.recv(65536):  # until the server has answered and closed
+                pass
+        feeder.join()
+    if "internal error" in errors.getvalue():  # a handler raised: a bug answered with 500
+        raise AssertionError(errors.getvalue().strip())
 
 
 def run_httpclient(data: bytes) -> None:
@@ -421,9 +443,12 @@ def one_case(target: str, data: bytes) -> str | None:
         signal.alarm(0)
 
 
+CRASHES = HERE / "crashes"  # where failing inputs are saved (--crashes)
+
+
 def save(target: str, data: bytes, problem: str) -> Path:
-    folder = HERE / "crashes"
-    folder.mkdir(exist_ok=True)
+    folder = CRASHES
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{target}-{hashlib.sha256(data).hexdigest()[:16]}.bin"
     path.write_bytes(data)
     path.with_suffix(".txt").write_text(problem)
@@ -507,7 +532,7 @@ def fuzz_atheris(target: str, seconds: float, corpora: Path, budget: int | None 
 
 
 def main() -> int:
-    global CASE_SECONDS
+    global CASE_SECONDS, CRASHES
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", choices=[*TARGETS, "all"], default="all")
     ap.add_argument("--seconds", type=float, default=30, help="per target")
@@ -520,10 +545,13 @@ def main() -> int:
     ap.add_argument("--replay", type=Path, help="run the saved inputs in this folder instead")
     ap.add_argument("--corpus", type=Path, default=HERE / "corpus",
                     help="atheris: where each target's learnt inputs are kept (default: fuzz/corpus)")
+    ap.add_argument("--crashes", type=Path, default=CRASHES,
+                    help="where failing inputs are saved (default: fuzz/crashes, replayed by the suite)")
     ap.add_argument("--atheris-child", choices=list(TARGETS), help=argparse.SUPPRESS)
     ap.add_argument("--artifacts", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     CASE_SECONDS = args.case_seconds
+    CRASHES = args.crashes
     if args.atheris_child:
         atheris_child(args.atheris_child, args.seconds, args.artifacts, args.corpus, args.runs)
         return 0

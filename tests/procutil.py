@@ -99,7 +99,7 @@ def start_server(kind: str, *args: str | os.PathLike[str], stderr: Path,
         argv = [sys.executable, "-m", "pydesync", kind, *map(str, args), "-l", "127.0.0.1:0"]
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                 env=env, preexec_fn=default_signals)
-    serving = re.compile(rf"^{kind}: .*?127\.0\.0\.1:(\d+)", re.M)
+    serving = re.compile(rf"^{kind}: serving .* at https?://127\.0\.0\.1:(\d+)", re.M)
     deadline = time.monotonic() + HANG_GUARD
     while time.monotonic() < deadline:
         match = serving.search(stderr.read_text(errors="replace"))
@@ -127,3 +127,16 @@ def processes(match: Callable[[list[bytes], int], bool]) -> list[int]:
         if argv != [b""] and match(argv, ppid):
             pids.append(int(entry))
     return pids
+
+
+def exchange(port: int, data: bytes) -> bytes:
+    """Send raw bytes to 127.0.0.1:port and return all the server answers until it closes the
+    connection (the request must make it close: `Connection: close`, or an error)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD) as s:
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            s.sendall(data)
+        out = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(65536):
+                out += chunk
+        return out

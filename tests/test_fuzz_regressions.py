@@ -53,8 +53,8 @@ BUDGET = ["--runs", "200"]
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_short_fuzz_run(target: str):
-    r = run("--target", target, *BUDGET, "--seed", "11")
+def test_short_fuzz_run(target: str, tmp_path: Path):
+    r = run("--target", target, *BUDGET, "--seed", "11", "--crashes", str(tmp_path))
     assert r.returncode == 0, r.stdout + r.stderr
     assert re.search(rf"^{target}: 200 cases, 0 failures$", r.stdout, re.M), r.stdout
 
@@ -63,7 +63,8 @@ def test_coverage_guided_engine_runs(tmp_path: Path):
     """atheris (the `fuzz` extra) over one target for 3,000 runs: it starts, learns inputs into the
     corpus and finds nothing."""
     need(importlib.util.find_spec("atheris") is not None, "atheris is not installed (pip install .[fuzz])")
-    r = run("--engine", "atheris", "--target", "chunk", "--runs", "3000", "--corpus", str(tmp_path))
+    r = run("--engine", "atheris", "--target", "chunk", "--runs", "3000", "--corpus", str(tmp_path),
+            "--crashes", str(tmp_path / "crashes"))
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert re.search(r"^chunk: 3000 cases, 0 failures$", r.stdout, re.M), r.stdout
     assert len(list((tmp_path / "chunk").iterdir())) > 6  # the seeds and what it learnt

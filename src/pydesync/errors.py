@@ -41,4 +41,11 @@ class ChunkInvalid(ChunkError):
 
 
 class StoreError(PydesyncError):
-    """A store cannot be opened or used (not a directory, not writable, unsupported kind)."""
+    """A store cannot be opened or used (not a directory, not writable, unsupported kind).
+
+    `errno` is the system's error number where one caused it: a server answers 503 (try again)
+    rather than 500 when the machine ran out of descriptors or memory."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno

@@ -77,9 +77,9 @@ class SocketReader:
             have = self._end - self._start
             if self._start:
                 self._buf[:have] = self._buf[self._start:self._end]
-            else:
-                self._buf.extend(bytes(len(self._buf)))
+            else:  # the view must go before the buffer can grow (BufferError otherwise)
                 self._view.release()
+                self._buf.extend(bytes(len(self._buf)))
                 self._view = memoryview(self._buf)
             self._start, self._end = 0, have
         n = self._recv_into(self._view[self._end:])
@@ -90,8 +90,8 @@ class SocketReader:
         """Bytes before `marker` if the buffer holds it (consumed with it), else None; never reads.
         Raises ValueError when more than `limit` bytes are buffered without the marker."""
         at = self._buf.find(marker, self._start, self._end)
-        if at < 0:
-            if self._end - self._start > limit:
+        if at < 0 or at - self._start > limit:
+            if at - self._start > limit or self._end - self._start > limit:
                 raise ValueError("too long without a terminator")
             return None
         out = bytes(self._view[self._start:at])

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import resource
 import signal
 import sys
 import threading
 from typing import TextIO
 
 from ..errors import PydesyncError, UsageError
-from ..server import ChunkServer, IndexServer, ServerOptions, serve_forever
-from ..server.common import make_servers
+from ..server import ChunkServer, IndexServer, ServerOptions
+from ..server.common import make_server, parse_listen
+from ..server.http11 import Http11Server, Limits
+from ..server.metrics import Metrics
 from ..server.swap import SwapStore, swapping_handler
 from ..store import Store, open_chain
 from ..store.converters import wire_converters
@@ -32,12 +36,28 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--client-ca", default=None, help="CA for client certificates (with --mutual-tls)")
     p.add_argument("--authorization", default=None,
                    help="require this Authorization header value (default $DESYNC_HTTP_AUTH)")
+    add_service_flags(p)
+
+
+def add_service_flags(p: argparse.ArgumentParser) -> None:
+    """What every pydesync server takes beyond desync's flags: logs, metrics, limits."""
+    p.add_argument("--log-format", choices=["desync", "common"], default="desync",
+                   help="--log lines as desync writes them (default) or in the Common Log Format")
+    p.add_argument("--metrics-listen", default=None, metavar="ADDRESS",
+                   help="serve Prometheus metrics at /metrics and a health check at /health on this "
+                        "address (host:port; needs the `metrics` extra)")
+    p.add_argument("--max-connections", type=int, default=None, metavar="N",
+                   help="connections open at once; more are answered 503 (default 10000, at most what the "
+                        "descriptor limit allows)")
+    p.add_argument("--max-uploads", type=int, default=256, metavar="N",
+                   help="requests with a body in flight at once; more are answered 503 (default 256)")
 
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
     p = sub.add_parser("chunk-server", parents=[parent], help="serve chunks over HTTP(S)",
                        description="Serve the chunks of the -s stores (tried in order, behind the -c cache) "
-                                   "at /<prefix>/<id>.cacnk. One thread per client connection.")
+                                   "at /<prefix>/<id>.cacnk. SIGTERM or SIGINT stops it after the requests "
+                                   "in flight; SIGHUP reloads a --store-file.")
     add_stores(p, help="upstream store(s)")
     p.add_argument("--store-file", default=None, help="JSON file with stores and cache (reloaded on SIGHUP)")
     add_server_flags(p)
@@ -83,12 +103,71 @@ def _log_stream(target: str | None) -> TextIO | None:
         raise UsageError(f"cannot open log file {target}: {e.strerror}") from None
 
 
-def server_options(ctx: Context) -> ServerOptions:
+def server_options(ctx: Context, default_listen: str = ":http") -> ServerOptions:
     a = ctx.args
-    return ServerOptions(listen=a.listen or [":http"], cert=a.cert, key=a.key, mutual_tls=a.mutual_tls,
-                         client_ca=a.client_ca,
-                         authorization=a.authorization or os.environ.get("DESYNC_HTTP_AUTH") or None,
-                         log=_log_stream(a.log))
+    return ServerOptions(listen=a.listen or [default_listen], cert=getattr(a, "cert", None),
+                         key=getattr(a, "key", None), mutual_tls=getattr(a, "mutual_tls", False),
+                         client_ca=getattr(a, "client_ca", None),
+                         authorization=getattr(a, "authorization", None) or os.environ.get("DESYNC_HTTP_AUTH")
+                         or None,
+                         log=_log_stream(a.log), log_format=a.log_format, limits=service_limits(a))
+
+
+def service_limits(a: argparse.Namespace) -> Limits:
+    """The server's limits from the flags; the connection cap below the descriptor limit (raised
+    to its hard maximum first, as Go programs do), so running out of descriptors stays rare."""
+    for name in ("max_connections", "max_uploads"):
+        value = getattr(a, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    cap = max(16, raise_descriptor_limit() - 64)  # descriptors for stores, logs and the like
+    connections = a.max_connections if a.max_connections is not None else min(10_000, cap)
+    return Limits(connections=connections, uploads=a.max_uploads)
+
+
+def raise_descriptor_limit() -> int:
+    """Lift the soft limit on open files to the hard one; the soft limit after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if wanted > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+    return soft
+
+
+def server_metrics(a: argparse.Namespace, name: str) -> Metrics:
+    """The metrics of this server (counting nothing without --metrics-listen)."""
+    return Metrics(name if a.metrics_listen else None)
+
+
+def serve_until_stopped(server: Http11Server, name: str, what: str, metrics: Metrics,
+                        metrics_listen: str | None) -> int:
+    """Say where it serves, serve until SIGTERM or SIGINT, then stop: no new connections, requests
+    in flight finish (a second signal stops at once). A failure of the server itself is an error.
+    The metrics, if asked for, are served from here on."""
+    if metrics_listen:
+        host, port = parse_listen(metrics_listen)
+        host, port = metrics.serve(host or "0.0.0.0", port)
+        print(f"{name}: metrics at http://{host}:{port}/metrics, health at /health", file=sys.stderr)
+    print(f"{name}: serving {what} at {', '.join(server.urls())}", file=sys.stderr, flush=True)
+    signals: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        signals.append(signum)
+        metrics.healthy = False
+        server.stop(now=len(signals) > 1)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):  # kept to the end: a late signal changes nothing
+        signal.signal(sig, on_signal)
+    try:
+        server.serve_forever()
+    except Exception as e:  # the loop itself failed: say why, exit non-zero
+        raise PydesyncError(f"{name} failed: {e!r}") from None
+    why = f"on {signal.Signals(signals[0]).name}" if signals else "(its listeners closed)"
+    print(f"{name}: stopped {why} after {server.served} requests", file=sys.stderr, flush=True)
+    return 0
+
 
 
 def read_store_file(path: str) -> tuple[list[str], str | None]:
@@ -109,8 +188,9 @@ def read_store_file(path: str) -> tuple[list[str], str | None]:
     return list(stores or []), cache or None
 
 
-def chunk_server_store(ctx: Context) -> Store:
-    """The upstream from -s/-c or the --store-file: one writable store with -w, else the chain."""
+def chunk_server_store(ctx: Context, metrics: Metrics) -> Store:
+    """The upstream from -s/-c or the --store-file: one writable store with -w, else the chain
+    (its cache lookups counted in `metrics`)."""
     a = ctx.args
     stores, cache = a.store, a.cache
     if a.store_file:
@@ -125,10 +205,11 @@ def chunk_server_store(ctx: Context) -> Store:
         if len(stores) != 1 or cache:
             raise UsageError("Only one upstream store supported for writing and no cache")
         return ctx.target(stores[0])
-    return open_chain(stores, cache, repair=a.cache_repair, options_for=ctx.store_options)
+    return open_chain(stores, cache, repair=a.cache_repair, options_for=ctx.store_options,
+                      on_cache_lookup=metrics.cache)
 
 
-def reload_on_sighup(ctx: Context, swap: SwapStore) -> None:
+def reload_on_sighup(ctx: Context, swap: SwapStore, metrics: Metrics) -> None:
     """Re-read the --store-file on every SIGHUP (in a thread); a bad file keeps the old stores."""
     wanted = threading.Event()
 
@@ -137,7 +218,7 @@ def reload_on_sighup(ctx: Context, swap: SwapStore) -> None:
             wanted.wait()
             wanted.clear()
             try:
-                swap.swap(chunk_server_store(ctx))
+                swap.swap(chunk_server_store(ctx, metrics))
             except (PydesyncError, OSError) as e:
                 print(f"failed to reload configuration: {e}", file=sys.stderr, flush=True)
             else:
@@ -155,28 +236,28 @@ def run_chunk_server(ctx: Context) -> int:
     wire = wire_converters(a.uncompressed, a.encryption, a.encryption_key, a.encryption_algorithm)
     if a.sync_index_store and not os.path.isdir(a.sync_index_store):
         raise UsageError(f"--sync-index-store {a.sync_index_store} is not a directory")
-    upstream = chunk_server_store(ctx)
-
-    def make_server(store: Store) -> ChunkServer:
-        return ChunkServer(store, writable=a.writable, uncompressed=a.uncompressed,
-                           skip_verify_read=a.skip_verify_read, skip_verify_write=a.skip_verify_write,
-                           wire=wire, sync_indexes=a.sync_index_store)
-
-    if a.store_file:
-        # reloadable: every request runs on the stores current when it starts
-        upstream = SwapStore(upstream, require_writable=a.writable)
-        servers = make_servers(swapping_handler(upstream, make_server), options)
-        reload_on_sighup(ctx, upstream)
-    else:
-        servers = make_server(upstream).servers(options)
-    where = ", ".join(f"{s.server_address[0]}:{s.server_address[1]}" for s in servers)
-    print(f"chunk-server: serving {upstream.location} on {where} "
-          f"({'read-write' if a.writable else 'read-only'}; {servers[0].describe()})", file=sys.stderr)
+    metrics = server_metrics(a, "chunk-server")
+    upstream = chunk_server_store(ctx, metrics)
     try:
-        serve_forever(servers)
+        def chunk_server(store: Store) -> ChunkServer:
+            return ChunkServer(store, writable=a.writable, uncompressed=a.uncompressed,
+                               skip_verify_read=a.skip_verify_read, skip_verify_write=a.skip_verify_write,
+                               wire=wire, sync_indexes=a.sync_index_store, metrics=metrics)
+
+        if a.store_file:
+            # reloadable: every request runs on the stores current when it starts
+            upstream = SwapStore(upstream, require_writable=a.writable)
+            server = make_server("chunk-server", swapping_handler(upstream, chunk_server), options, metrics,
+                                 streams=chunk_server(upstream).streams)
+            reload_on_sighup(ctx, upstream, metrics)
+        else:
+            server = chunk_server(upstream).server(options, metrics)
+        mode = "read-write" if a.writable else "read-only"
+        auth = ", Authorization required" if options.authorization else ""
+        return serve_until_stopped(server, "chunk-server", f"{upstream.location} ({mode}{auth})", metrics,
+                                   a.metrics_listen)
     finally:
         upstream.close()
-    return 0
 
 
 def run_index_server(ctx: Context) -> int:
@@ -185,9 +266,9 @@ def run_index_server(ctx: Context) -> int:
         raise UsageError("index-server needs exactly one index store (-s)")
     ctx.index_options(a.store[0] if a.store[0].endswith("/") else a.store[0] + "/")  # no encryption
     options = server_options(ctx)
-    server = IndexServer(a.store[0], writable=a.writable)
-    servers = server.servers(options)
-    where = ", ".join(f"{s.server_address[0]}:{s.server_address[1]}" for s in servers)
-    print(f"index-server: serving {a.store[0]} on {where}", file=sys.stderr)
-    serve_forever(servers)
-    return 0
+    metrics = server_metrics(a, "index-server")
+    server = IndexServer(a.store[0], writable=a.writable).server(options, metrics)
+    mode = "read-write" if a.writable else "read-only"
+    auth = ", Authorization required" if options.authorization else ""
+    return serve_until_stopped(server, "index-server", f"{a.store[0]} ({mode}{auth})", metrics,
+                               a.metrics_listen)

@@ -6,13 +6,12 @@ import argparse
 import json
 import os
 import random
-import sys
 
 from ..errors import UsageError
 from ..remotesync import ServedFile, sync_get
-from ..server.common import parse_listen, serve_forever
-from ..server.sync import sync_servers
+from ..server.sync import sync_server
 from .common import Context
+from .server import add_service_flags, serve_until_stopped, server_metrics, server_options
 
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
@@ -25,6 +24,8 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument("-l", "--listen", default="127.0.0.1:8080", help="address (default 127.0.0.1:8080)")
     p.add_argument("--perm-size", type=int, default=256,
                    help="size of the random permutation chunks are shuffled with (1: none)")
+    p.add_argument("--log", default=None, metavar="FILE", help="request log file ('-' for stderr)")
+    add_service_flags(p)
     p.set_defaults(func=run_sync_serve)
 
     p = sub.add_parser("sync-get", parents=[parent], help="fetch a file offered by sync-serve or CAFS",
@@ -48,11 +49,10 @@ def run_sync_serve(ctx: Context) -> int:
         perm = list(range(a.perm_size))
         random.shuffle(perm)
         files["/" + os.path.basename(path)] = ServedFile(path, perm)
-    server = sync_servers(files, parse_listen(a.listen))
-    host, port = server.server_address[:2]
-    print(f"sync-serve: {', '.join(f'http://{host}:{port}{p}' for p in files)}", file=sys.stderr)
-    serve_forever([server])
-    return 0
+    a.listen = [a.listen]
+    metrics = server_metrics(a, "sync-serve")
+    server = sync_server(files, server_options(ctx), metrics)
+    return serve_until_stopped(server, "sync-serve", ", ".join(sorted(files)), metrics, a.metrics_listen)
 
 
 def run_sync_get(ctx: Context) -> int:

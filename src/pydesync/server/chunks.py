@@ -12,6 +12,7 @@ store both talk to this.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -28,20 +29,26 @@ from ..store.local import LocalStore
 from .common import App, Exchange
 from .http11 import Request
 from .indexes import valid_index_name
+from .metrics import Metrics
 
 SYNC_PREFIX = "/sync/"
+OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS)
 _CHUNK_PATH = re.compile(r"^/([0-9a-f]{4})/([0-9a-f]{64})(.*)$")
 
 
 class ChunkServer(App):
-    """The request logic for every method; `servers()` binds it to listening sockets."""
+    """The request logic for every method; `server()` binds it to listening sockets."""
+
+    name = "chunk-server"
 
     def __init__(self, upstream: Store, writable: bool = False, uncompressed: bool = False,
                  skip_verify_read: bool = True, skip_verify_write: bool = False,
-                 wire: Converters | None = None, sync_indexes: str | None = None):
+                 wire: Converters | None = None, sync_indexes: str | None = None,
+                 metrics: Metrics | None = None):
         """`wire` (the format clients exchange, e.g. with encryption) overrides `uncompressed`;
         `sync_indexes`, a folder of indexes, enables wishlist transfers at /sync/<index name>."""
         self.upstream = upstream
+        self.metrics = metrics or Metrics(None)
         self.sync_indexes = sync_indexes
         self.writable = writable
         self.wire = wire if wire is not None else (PLAIN if uncompressed else COMPRESSED)
@@ -54,6 +61,10 @@ class ChunkServer(App):
         """Reads from a local store are answered on the event loop (a stat, or a file read)."""
         return req.method in ("GET", "HEAD") and isinstance(self.upstream, LocalStore) \
             and not req.target.startswith(SYNC_PREFIX)
+
+    def streams(self, req: Request) -> bool:
+        """A wishlist POST streams the chunks asked for on a thread of its own."""
+        return req.method == "POST" and self.sync_indexes is not None and req.target.startswith(SYNC_PREFIX)
 
     def _dispatch(self, req: Exchange) -> None:
         if req.target_path.startswith(SYNC_PREFIX) and self.sync_indexes is not None:
@@ -120,7 +131,10 @@ class ChunkServer(App):
             req.reply(404, f"chunk {chunk_id} not found\n".encode())
         except (PydesyncError, OSError) as e:
             sys.stderr.write(f"chunk-server: {req.command} {chunk_id}: {e}\n")
-            req.reply(500, b"internal server error\n")
+            if getattr(e, "errno", None) in OUT_OF_RESOURCES:  # the machine, not the request
+                req.reply(503, b"server out of resources, try again later\n")
+            else:
+                req.reply(500, b"internal server error\n")
 
     def _parse(self, req: Exchange) -> ChunkId | None:
         path = unquote(req.target_path)
@@ -176,9 +190,11 @@ class ChunkServer(App):
             if not self.skip_verify_write:
                 verify_chunk(chunk_id, data, None, "upload")
         except CodecError as e:
+            self.metrics.upload_rejected()
             req.reply(400, f"invalid chunk {chunk_id}: {e}\n".encode())
             return
         except ChunkInvalid:
+            self.metrics.upload_rejected()
             req.reply(400, f"chunk id {chunk_id} does not match its hash {digest_of(data)}\n".encode())
             return
         try:

@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import hmac
 import ssl
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TextIO
 from urllib.parse import urlsplit
 
 from ..codec import MAX_ENCODED_CHUNK
 from ..errors import UsageError
-from .http11 import Http11Server, Request
+from .http11 import Http11Server, Limits, Request, Service
+from .metrics import Metrics
 
 MAX_BODY = MAX_ENCODED_CHUNK  # an upload: a chunk (128 MiB at most) plus room for its encoding
 
@@ -29,6 +28,8 @@ class ServerOptions:
     client_ca: str | None = None
     authorization: str | None = None
     log: TextIO | None = None
+    log_format: str = "desync"
+    limits: Limits = field(default_factory=Limits)
 
     def validate(self) -> None:
         if bool(self.cert) != bool(self.key):
@@ -115,19 +116,30 @@ class Exchange:
 
 
 class App:
-    """Request logic for one server kind; `servers()` binds it to the listening sockets.
+    """Request logic for one server kind; `server()` binds it to the listening sockets.
 
     Both servers speak GET, HEAD and PUT only; anything else is 405 before the
     subclass sees it.
     """
 
-    def servers(self, options: ServerOptions) -> list[Http11Server]:
-        return make_servers(self._dispatch, options, self.quick)
+    name = "server"
+
+    def server(self, options: ServerOptions, metrics: Metrics | None = None) -> Http11Server:
+        return make_server(self.name, self._dispatch, options, metrics, quick=self.quick,
+                           streams=self.streams, body_limit=self.body_limit)
 
     def quick(self, req: Request) -> bool:
         """Whether a request (without a body) can be answered without blocking for long, so
-        on the event loop's thread (see Http11Server). Default: no."""
+        on the event loop's thread (see http11). Default: no."""
         return False
+
+    def streams(self, req: Request) -> bool:
+        """Whether a request answers while it reads its body, on a thread of its own. Default: no."""
+        return False
+
+    def body_limit(self, req: Request) -> int:
+        """The largest body a request may carry (413 beyond). Default: a chunk upload's."""
+        return MAX_BODY
 
     def _dispatch(self, req: Exchange) -> None:
         if req.command not in ("GET", "HEAD", "PUT"):
@@ -140,7 +152,7 @@ class App:
 
 
 def make_app(handle: Callable[[Exchange], None], options: ServerOptions) -> Callable[[Request], None]:
-    """The request entry point: the Authorization check, then the handler."""
+    """The request entry point: the target's path and the Authorization check, then the handler."""
     expected = options.authorization.encode() if options.authorization else None
 
     def app(req: Request) -> None:
@@ -159,31 +171,26 @@ def make_app(handle: Callable[[Exchange], None], options: ServerOptions) -> Call
     return app
 
 
-def make_servers(handle: Callable[[Exchange], None], options: ServerOptions,
-                 quick: Callable[[Request], bool] | None = None) -> list[Http11Server]:
-    """Bind every listen address; `quick` as in Http11Server."""
+def make_server(name: str, handle: Callable[[Exchange], None], options: ServerOptions,
+                metrics: Metrics | None = None, quick: Callable[[Request], bool] | None = None,
+                streams: Callable[[Request], bool] | None = None,
+                body_limit: Callable[[Request], int] | None = None) -> Http11Server:
+    """Bind every listen address of `options` to one server running `handle` behind make_app."""
+    return bind(Service(name, make_app(handle, options), quick or never, streams or never,
+                        body_limit or (lambda req: MAX_BODY)), options, metrics)
+
+
+def bind(service: Service, options: ServerOptions, metrics: Metrics | None = None) -> Http11Server:
+    """A server for `service` on every listen address of `options` (TLS and log from them too)."""
     options.validate()
     context = options.ssl_context()
-    app = make_app(handle, options)
-    servers = []
-    for address in options.listen:
-        host, port = parse_listen(address)
-        try:
-            servers.append(Http11Server((host, port), app, context, options.log, quick))
-        except OSError as e:
-            raise UsageError(f"cannot listen on {address}: {e.strerror}") from None
-    return servers
-
-
-def serve_forever(servers: list[Http11Server]) -> None:
-    """Serve on every address until interrupted; the first listener failure ends all."""
-    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
-    for t in threads:
-        t.start()
+    addresses = [parse_listen(a) for a in options.listen]
     try:
-        while all(t.is_alive() for t in threads):
-            time.sleep(0.5)
-    finally:
-        for s in servers:
-            s.shutdown()
-            s.server_close()
+        return Http11Server(addresses, service, context, options.log, options.limits, metrics,
+                            options.log_format)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {', '.join(options.listen)}: {e.strerror}") from None
+
+
+def never(req: Request) -> bool:
+    return False

@@ -1,18 +1,28 @@
-"""A small HTTP/1.1 server core for the chunk and index servers.
+"""The HTTP/1.1 server core of chunk-server, index-server and sync-serve.
 
-Why not http.server: it parses every request's headers with the email
-package and writes each response in pieces, which costs ~200 µs a request;
-a chunk store answers tens of thousands of tiny requests per gigabyte. The
-protocol needed here is small: GET/HEAD/PUT with Content-Length bodies,
-keep-alive, `Expect: 100-continue`, no chunked uploads. Responses go out in
-one write, files with sendfile(2). Limits: 64 KiB of request head, 100
-headers, idle connections closed after 120 s, a request head must arrive
-within 30 s.
+One event-loop thread owns every connection, plain and TLS. It accepts, reads, and parses with
+httptools (llhttp, the parser of Node.js and uvicorn); it answers quick requests itself (a chunk
+from a local store: a stat and a read, cheaper than any hand-off between threads on a few cores)
+and gives the others to a bounded pool of worker threads, whose answers it writes. A request that
+streams its answer while it reads its body (remotesync's POST) takes its connection to a thread of
+its own. Bodies are received by the loop before a handler runs, so a client that never finishes
+an upload holds no thread.
+
+Everything a client can make the server hold is bounded: connections (503 beyond the cap),
+requests with a body in flight and the bytes they declare (503 beyond), worker threads; per
+connection, no buffer while idle, 64 KiB of request head and 100 headers (431), a head complete
+within 30 s and no silence over 30 s inside a request (408), an idle connection closed after
+120 s, an answer the client does not read dropped after 30 s. A failure inside a connection, a bug
+in a handler included, costs that connection (or a 500 for that request), never the server.
+Running out of file descriptors pauses accepting until connections close; it does not stop the
+server. `stop()` stops accepting and lets requests in flight finish, within `stop_grace`.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
 import os
 import selectors
 import socket
@@ -20,464 +30,928 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TextIO
 
-from ..netio import SocketReader, decimal, send_parts, set_timeouts
+import httptools
+
+from .metrics import Metrics
 
 MAX_HEAD = 64 * 1024
 MAX_HEADERS = 100
-IDLE_TIMEOUT = 120.0
-HEAD_TIMEOUT = 30.0
-INLINE_FILE = 1 << 20  # smaller files go out with the head in one send (fewer syscalls than sendfile)
+RECV_SIZE = 64 * 1024
+HIGH_WATER = 1 << 20  # stop reading a connection while this much of its answers waits to be sent
+SWEEP = 1.0  # seconds between checks for timed-out connections
+DEFAULT_BODY_LIMIT = 1 << 20
+NO_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+Part = bytes | bytearray | memoryview
+_PHRASES = {s.value: s.phrase for s in HTTPStatus}
 
 
-class BadRequest(Exception):
+@dataclass
+class Limits:
+    """What one server may hold at once, and how long a client may keep it waiting."""
+
+    connections: int = 10_000
+    uploads: int = 256  # requests with a body (or streaming) in flight
+    upload_bytes: int = 1 << 30  # declared body bytes of those
+    workers: int = 32
+    head_timeout: float = 30.0  # a request head in all; silence inside a request; an unread answer
+    idle_timeout: float = 120.0
+    stop_grace: float = 30.0
+
+
+class Refused(Exception):
+    """A request answered with an error status before any handler ran; the connection ends."""
+
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
 
 
 @dataclass
+class Service:
+    """What a server does with requests. `handle` answers one (through the Request's reply
+    methods, exactly once). `quick` says a request is answered on the loop's thread (it must not
+    block), `streams` that it takes its connection to a thread of its own and reads its body
+    while answering, `body_limit` the largest body accepted (413 beyond)."""
+
+    name: str
+    handle: Callable[[Request], None]
+    quick: Callable[[Request], bool] = lambda req: False
+    streams: Callable[[Request], bool] = lambda req: False
+    body_limit: Callable[[Request], int] = lambda req: DEFAULT_BODY_LIMIT
+
+
 class Request:
-    method: str
-    target: str
-    version: str
-    headers: dict[str, str]
-    client: tuple[str, int]
-    _conn: Connection = field(repr=False)
-    body_read: bool = False
+    """One request: method, target, headers (names lower-case), and the ways to answer it."""
+
+    __slots__ = ("_conn", "_counted", "_declared", "_done", "_pieces", "_size", "body_read", "client",
+                 "headers", "keep_alive", "method", "mode", "target", "version")
+
+    def __init__(self, conn: Connection):
+        self._conn = conn
+        self.client = conn.client
+        self.method = ""
+        self.target = ""
+        self.version = "1.1"
+        self.headers: dict[str, str] = {}
+        self.keep_alive = True
+        self.mode = "loop"  # "loop": answered on the loop; "worker": in the pool; "stream": own thread
+        self.body_read = False
+        self._pieces: list[bytes] = []
+        self._size = 0
+        self._counted = False  # counted against the upload limits (released once answered)
+        self._declared = 0  # the bytes counted
+        self._done = False  # the whole body has arrived
 
     @property
     def path(self) -> str:
         return self.target
 
+    @property
+    def has_body(self) -> bool:
+        return self.headers.get("content-length", "0") != "0" or "transfer-encoding" in self.headers
+
     def read_body(self, limit: int) -> bytes | None:
-        """The body (Content-Length only); None after answering 411/413 when absent or too large."""
+        """The whole body; None after answering 413 when it is longer than `limit` (which the
+        loop has already checked against the service's body limit)."""
         self.body_read = True
-        if "transfer-encoding" in self.headers:
-            self._conn.reply(self, 411, b"chunked uploads are not supported; send Content-Length\n")
-            self._conn.keep_alive = False
-            return None
-        size = decimal(self.headers.get("content-length", ""))
-        if size is None:
-            self._conn.reply(self, 411, b"Content-Length required\n")
-            self._conn.keep_alive = False
-            return None
-        if size > limit:
+        if self.mode == "stream":
+            for _ in self.body_pieces():
+                if self._size > limit:
+                    break
+        if self._size > limit:
+            self.keep_alive = False
             self._conn.reply(self, 413, b"body too large\n")
-            self._conn.keep_alive = False
             return None
-        if self.headers.get("expect", "").lower() == "100-continue":
-            self._conn.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return self._conn.read_exact(size)
+        return b"".join(self._pieces)
+
+    def body_pieces(self) -> Iterator[bytes]:
+        """The body as it arrives (a streaming request's; chunked framing removed); each piece
+        is kept for read_body too."""
+        self.body_read = True
+        i = 0
+        while True:
+            while i < len(self._pieces):
+                yield self._pieces[i]
+                i += 1
+            if self._done or self.mode != "stream" or not self._conn.receive_blocking():
+                return
 
 
 class Connection:
-    """One client connection: reads requests, hands them to the app, writes responses."""
+    """One client connection. The loop thread owns it, except while a streaming request has it."""
 
-    def __init__(self, sock: socket.socket, client: tuple[str, int], app: Callable[[Request], None],
-                 log: TextIO | None, log_lock: threading.Lock):
+    __slots__ = ("_head_bytes", "_head_parsed", "_headers", "_server", "_url", "busy", "client", "closing",
+                 "events", "handshaking", "last_active", "out", "out_bytes", "parser", "ready", "req",
+                 "req_since", "sock", "streaming", "tls", "write_since")
+
+    def __init__(self, server: Http11Server, sock: socket.socket, client: tuple[str, int], tls: bool):
+        self._server = server
         self.sock = sock
-        self.client = client
-        self.app = app
-        self.log = log
-        self.log_lock = log_lock
-        self.reader = SocketReader(sock)
-        self.keep_alive = True
-        self.queued: list[bytes | bytearray | memoryview] | None = None  # loop mode: replies wait here
-        self.writing = False  # loop mode: waiting for the socket to drain
-        self.head_since: float | None = None  # loop mode: when the pending request head began
+        self.client = (str(client[0]), int(client[1]))
+        self.tls = tls
+        self.handshaking = tls
+        self.parser = httptools.HttpRequestParser(self)
+        self.req: Request | None = None  # being received
+        self.req_since: float | None = None  # when it began
+        self.ready: collections.deque[Request] = collections.deque()  # received, not yet answered
+        self.busy = False  # a request is with a worker (or streaming)
+        self.streaming: Request | None = None  # to be handed to its own thread once parsing stops
+        self.out: collections.deque[bytes | memoryview] = collections.deque()
+        self.out_bytes = 0
+        self.write_since: float | None = None  # when the oldest unsent answer was queued
+        self.closing = False  # close once the answers queued are sent
+        self.events = 0
         self.last_active = time.monotonic()
-        self.tls = isinstance(sock, ssl.SSLSocket)
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._head_parsed = 0
+
+    # ---- parser callbacks (httptools) ----------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.req = Request(self)
+        self.req_since = time.monotonic()
+        self._url = b""
+        self._headers = []
+        self._head_bytes = 0
+        self._head_parsed = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._parsed_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        if len(self._headers) > MAX_HEADERS:
+            raise Refused(431, "too many headers")
+        self._parsed_head(len(name) + len(value) + 4)
+
+    def _parsed_head(self, n: int) -> None:
+        self._head_parsed += n
+        if self._head_parsed > MAX_HEAD:
+            raise Refused(431, "request head too large")
+
+    def count_head(self, n: int) -> None:
+        """Bytes received while a head is incomplete (it may have begun inside them): past
+        MAX_HEAD the request is refused, so a head without its end holds bounded memory (the
+        parser keeps a header line until it ends)."""
+        self._head_bytes += n
+        if self._head_bytes > MAX_HEAD:
+            raise Refused(431, "request head too large")
+
+    def on_headers_complete(self) -> None:
+        req = self.req
+        assert req is not None
+        parser = self.parser
+        req.method = parser.get_method().decode("latin-1")
+        req.target = self._url.decode("latin-1")
+        req.version = parser.get_http_version()
+        req.headers = {n.decode("latin-1").lower(): v.decode("latin-1").strip() for n, v in self._headers}
+        req.keep_alive = parser.should_keep_alive()
+        self._head_bytes = 0
+        self._server.admit(self, req)
+
+    def on_body(self, body: bytes) -> None:
+        req = self.req
+        if req is None:
+            return
+        req._size += len(body)
+        if req._size > req._declared:  # chunked: counted as it arrives
+            self._server.grow_upload(req, len(body))
+        req._pieces.append(body)
+
+    def on_message_complete(self) -> None:
+        req = self.req
+        if req is None:
+            return
+        req._done = True
+        self.req = None
+        self.req_since = None
+        if req.mode != "stream":
+            self.ready.append(req)
 
     # ---- input ---------------------------------------------------------------------------------
-    def read_exact(self, n: int) -> bytearray | None:
-        return self.reader.read_exact(n)
+    def head_pending(self) -> bool:
+        """A request has begun and its head is not complete yet."""
+        return self.req is not None and not self.req.method
 
-    def _read_head(self) -> bytes | None:
-        """The next request's head; None when the client closes between requests. A started head
-        must be complete within HEAD_TIMEOUT (a deadline checked between reads)."""
-        reader = self.reader
-        reader.deadline = None
-        if not reader.buffered() and not reader.fill():  # idle: up to IDLE_TIMEOUT
-            return None
-        reader.deadline = time.monotonic() + HEAD_TIMEOUT
+    def feed(self, data: bytes) -> None:
+        """Parse received bytes; protocol errors become Refused."""
         try:
-            head = reader.read_until(b"\r\n\r\n", MAX_HEAD)
-        except ValueError:
-            raise BadRequest(431, "request head too large") from None
-        if head is None and reader.buffered() and bytes(reader.peek()).strip():
-            raise BadRequest(400, "incomplete request")
-        reader.deadline = None
-        return head
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            if isinstance(e.__context__, Refused):
+                raise e.__context__ from None
+            raise
+        except httptools.HttpParserUpgrade:
+            raise Refused(400, "protocol upgrades are not supported") from None
+        except httptools.HttpParserError as e:
+            raise Refused(400, f"bad request: {e}") from None
 
-    def _parse(self, head: bytes) -> Request:
-        try:
-            text = head.decode("latin-1")
-        except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes everything
-            raise BadRequest(400, "bad request") from None
-        lines = text.split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            raise BadRequest(400, "malformed request line")
-        if len(lines) > MAX_HEADERS + 1:
-            raise BadRequest(431, "too many headers")
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep or not name or name != name.strip():
-                raise BadRequest(400, "malformed header")
-            headers[name.lower()] = value.strip()
-        method, target, version = parts
-        connection = headers.get("connection", "").lower()
-        if version == "HTTP/1.1":
-            self.keep_alive = "close" not in connection
-        else:
-            self.keep_alive = "keep-alive" in connection
-        return Request(method, target, version, headers, self.client, self)
+    def receive_blocking(self) -> bool:
+        """Streaming mode: receive and parse more of the body (blocking); False at its end."""
+        req = self.req
+        if req is None or req._done:
+            return False
+        data = self.sock.recv(RECV_SIZE)
+        if not data:
+            return False
+        self.feed(data)
+        return True
 
-    # ---- output --------------------------------------------------------------------------------
-    def _head(self, status: int, length: int | None, content_type: str) -> bytes:
+    # ---- answers -------------------------------------------------------------------------------
+    def head(self, req: Request, status: int, length: int | None, content_type: str) -> bytes:
         """A response head; length None = a body ended by closing the connection."""
-        phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
-        lines = [f"HTTP/1.1 {status} {phrase}", "Server: pydesync", f"Content-Type: {content_type}"]
+        lines = [f"HTTP/1.1 {status} {_PHRASES.get(status, '')}", "Server: pydesync",
+                 f"Content-Type: {content_type}"]
         if length is not None:
             lines.append(f"Content-Length: {length}")
-        if not self.keep_alive:
+        if status == 503:
+            lines.append("Retry-After: 1")
+        if not req.keep_alive or length is None or self._server.stopping:
             lines.append("Connection: close")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
-    def reply(self, req: Request, status: int, body: bytes = b"",
+    def reply(self, req: Request, status: int, body: bytes | bytearray | memoryview = b"",
               content_type: str = "text/plain; charset=utf-8") -> None:
-        head = self._head(status, len(body), content_type)
-        self._send(head, b"" if req.method == "HEAD" else body)
-        self._log(req, status)
-
-    def _send(self, head: bytes, body: bytes | bytearray | memoryview) -> None:
-        if self.queued is not None:
-            self.queued += (head, body) if body else (head,)
+        """Answer `req` (once)."""
+        head = self.head(req, status, len(body), content_type)
+        parts = [head] if req.method == "HEAD" or not body else [head, body]
+        self._server.log_request(self, req, status, len(body) if req.method != "HEAD" else 0)
+        if req.mode == "stream":
+            for part in parts:
+                self.sock.sendall(part)
         else:
-            send_parts(self.sock, head, body)
-
-    def reply_stream(self, req: Request,
-                     content_type: str = "application/octet-stream") -> Callable[[bytes], None]:
-        """200 with a body of unknown length, ended by closing the connection (threaded connections
-        only); returns the function that writes the body."""
-        self.keep_alive = False
-        self.sock.sendall(self._head(200, None, content_type))
-        self._log(req, 200)
-        return self.sock.sendall
+            self._server.answered(self, req, parts)
 
     def reply_file(self, req: Request, fd: int, size: int,
                    content_type: str = "application/octet-stream") -> None:
-        """200 with a file's bytes, sent by the kernel (sendfile) where the socket allows."""
-        head = self._head(200, size, content_type)
-        if req.method == "HEAD":
-            self._send(head, b"")
-        elif self.tls or size <= INLINE_FILE or self.queued is not None:
-            self._send(head, os.pread(fd, size, 0))
-        else:
+        """200 with a file's bytes (for HEAD, its length only)."""
+        if req.method != "HEAD":
+            self.reply(req, 200, os.pread(fd, size, 0), content_type)
+            return
+        self._server.log_request(self, req, 200, 0)
+        head = self.head(req, 200, size, content_type)
+        if req.mode == "stream":
             self.sock.sendall(head)
-            self.sock.settimeout(IDLE_TIMEOUT)  # socket.sendfile needs Python's timeout to honour one
-            try:
-                with os.fdopen(os.dup(fd), "rb") as f:
-                    self.sock.sendfile(f, 0, size)
-            finally:
-                set_timeouts(self.sock, IDLE_TIMEOUT)
-        self._log(req, 200)
+        else:
+            self._server.answered(self, req, [head])
 
-    def _log(self, req: Request, status: int) -> None:
-        if self.log is None:
-            return
-        stamp = time.strftime("%Y/%m/%d %H:%M:%S")
-        with self.log_lock:
-            self.log.write(f"{stamp} Client: {self.client[0]}:{self.client[1]}, "
-                           f"Request: {req.method} {req.target}, Response: {status}\n")
-            self.log.flush()
+    def reply_stream(self, req: Request,
+                     content_type: str = "application/octet-stream") -> Callable[[bytes], None]:
+        """200 with a body of unknown length, ended by closing the connection (streaming requests
+        only); returns the function that writes the body."""
+        if req.mode != "stream":
+            raise RuntimeError("reply_stream needs a streaming request (Service.streams)")
+        req.keep_alive = False
+        self.sock.sendall(self.head(req, 200, None, content_type))
+        self._server.log_request(self, req, 200, None)
+        sent = self._server.metrics.bytes_out
 
-    # ---- serving -------------------------------------------------------------------------------
-    def next_request(self) -> Request | None:
-        """Read and parse the next request head (blocking); None when the client is done.
-        A malformed head is answered here (and ends the connection)."""
-        try:
-            head = self._read_head()
-            if head is None:
-                return None
-            return self._parse(head)
-        except BadRequest as e:
-            self.refuse(e)
-            return None
-
-    def refuse(self, e: BadRequest) -> None:
-        self.keep_alive = False
-        dummy = Request("GET", "-", "HTTP/1.1", {}, self.client, self)
-        self.reply(dummy, e.status, f"{e}\n".encode())
-
-    def answer(self, req: Request) -> None:
-        """Run the app on one request; afterwards keep_alive says whether another may follow."""
-        try:
-            self.app(req)
-        except (OSError, ssl.SSLError):
-            raise
-        except Exception as e:  # a bug must cost one answer, not the connection silently
-            sys.stderr.write(f"{req.method} {req.target}: internal error: {e!r}\n")
-            self.keep_alive = False
-            self.reply(req, 500, b"internal server error\n")
-            return
-        if not req.body_read and has_body(req):
-            self.keep_alive = False  # an unread body would be taken for the next request
-
-    def serve(self, first: Request | None = None) -> None:
-        """Serve requests on this thread (blocking) until the connection ends; `first` is a
-        request already read (by the event loop that handed the connection over)."""
-        try:
-            req = first
-            while True:
-                if req is None:
-                    if not self.keep_alive:
-                        return
-                    req = self.next_request()
-                    if req is None:
-                        return
-                self.answer(req)  # (a handed-over request is answered even with Connection: close)
-                req = None
-        except (OSError, TimeoutError, ssl.SSLError):
-            return
-        finally:
-            self.close()
+        def write(data: bytes) -> None:
+            self.sock.sendall(data)
+            sent(len(data))
+        return write
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
 
 
-def has_body(req: Request) -> bool:
-    return req.headers.get("content-length", "0") != "0" or "transfer-encoding" in req.headers
-
-
 class Http11Server:
-    """Listens on one address.
+    """The listeners of one service and the loop that serves them (see the module docstring)."""
 
-    Plain HTTP runs an event loop: requests that `quick(req)` accepts (a chunk read from a local
-    store: no body, nothing that blocks for long) are answered on the loop thread, with no
-    thread hand-offs, which on a few cores costs less than the work itself. The first request
-    that is not quick moves its connection to a thread of its own for the rest of its life
-    (uploads, proxied or converted chunks). TLS connections always get a thread each.
-    """
-
-    def __init__(self, address: tuple[str, int], app: Callable[[Request], None],
+    def __init__(self, addresses: list[tuple[str, int]], service: Service,
                  context: ssl.SSLContext | None = None, log: TextIO | None = None,
-                 quick: Callable[[Request], bool] | None = None):
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(address)
-        self.sock.listen(128)
-        self.server_address = self.sock.getsockname()
-        self.app = app
+                 limits: Limits | None = None, metrics: Metrics | None = None, log_format: str = "desync"):
+        self.service = service
         self.context = context
-        self.log = log
-        self.log_lock = threading.Lock()
-        self.quick = quick
-        self._stop = threading.Event()
-
-    def serve_forever(self) -> None:
-        if self.context is None and self.quick is not None:
-            _EventLoop(self).run()
-            return
-        self.sock.settimeout(0.5)
-        while not self._stop.is_set():
-            try:
-                client, address = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stop.is_set():
-                    return
-                raise
-            threading.Thread(target=self._handle, args=(client, address), daemon=True).start()
-
-    def _handle(self, client: socket.socket, address: tuple[str, int]) -> None:
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.context is not None:
-            try:
-                client.settimeout(HEAD_TIMEOUT)
-                client = self.context.wrap_socket(client, server_side=True)
-            except (OSError, ssl.SSLError):
-                client.close()
-                return
-        set_timeouts(client, IDLE_TIMEOUT)
-        self.connection(client, address).serve()
-
-    def describe(self) -> str:
-        """How connections are served, for the start-up line."""
-        if self.context is None and self.quick is not None:
-            return "local chunk reads on one event loop, a thread per connection that needs more"
-        return "a thread per connection"
-
-    def connection(self, client: socket.socket, address: tuple[str, int]) -> Connection:
-        return Connection(client, address[:2], self.app, self.log, self.log_lock)
-
-    def shutdown(self) -> None:
-        self._stop.set()
-
-    def server_close(self) -> None:
-        self.sock.close()
-
-
-class _EventLoop:
-    """One thread multiplexing every connection of a plain-HTTP server (see Http11Server)."""
-
-    SWEEP = 5.0  # seconds between checks for idle or stalled connections
-
-    def __init__(self, server: Http11Server):
-        self.server = server
+        self.limits = limits or Limits()
+        self.metrics = metrics or Metrics(None)
+        self._log = log
+        self._log_format = log_format
+        self._log_lock = threading.Lock()
+        self.listeners: list[socket.socket] = []
+        try:
+            for address in addresses:
+                self.listeners.append(_listen(address))
+        except OSError:
+            for sock in self.listeners:
+                sock.close()
+            raise
+        self.server_addresses = [s.getsockname()[:2] for s in self.listeners]
         self.selector = selectors.DefaultSelector()
         self.conns: set[Connection] = set()
+        self.uploads = 0
+        self.upload_bytes = 0
+        self._counts = threading.Lock()  # upload counts change on the loop and on streaming threads
+        self.served = 0
+        self._pool = ThreadPoolExecutor(self.limits.workers, thread_name_prefix=f"{service.name}-worker")
+        self._posted: collections.deque[tuple[Connection, Request, list[Part]]] = collections.deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._streams: set[threading.Thread] = set()
+        self._adoptions: collections.deque[tuple[socket.socket, tuple[str, int]]] = collections.deque()
+        self._stopping = threading.Event()
+        self._stop_now = False
+        self._stopped = threading.Event()
+        self._accept_paused_until: float | None = None
+        self._accept_pause = 0.05
+        self._warned_accept = -1e9
+        self._loop_thread: threading.Thread | None = None
+        self._loop_ident = -1
 
-    def run(self) -> None:
-        server = self.server
-        server.sock.setblocking(False)
-        self.selector.register(server.sock, selectors.EVENT_READ, None)
-        next_sweep = time.monotonic() + self.SWEEP
+    @property
+    def server_address(self) -> tuple[str, int]:
+        return self.server_addresses[0]
+
+    @property
+    def tls(self) -> bool:
+        return self.context is not None
+
+    @property
+    def stopping(self) -> bool:
+        """stop() was called: answers end their connection."""
+        return self._stopping.is_set()
+
+    def urls(self) -> list[str]:
+        """Where it listens, as URLs (for the start-up line)."""
+        scheme = "https" if self.tls else "http"
+        return [f"{scheme}://[{h}]:{p}" if ":" in h else f"{scheme}://{h}:{p}"
+                for h, p in self.server_addresses]
+
+    # ---- running -------------------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        """Run the loop on this thread until stop() has finished (or an error ends it)."""
+        self._loop_thread = threading.current_thread()
+        self._loop_ident = threading.get_ident()
         try:
-            while not server._stop.is_set():
-                for key, events in self.selector.select(0.5):
-                    if key.data is None:
-                        self._accept()
-                    elif events & selectors.EVENT_WRITE:
-                        self._writable(key.data)
-                    else:
-                        self._readable(key.data)
-                if time.monotonic() >= next_sweep:
-                    self._sweep()
-                    next_sweep = time.monotonic() + self.SWEEP
+            self._run()
         finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
             for conn in list(self.conns):
-                self._close(conn)
+                self._drop(conn)
+            for sock in self.listeners:
+                with contextlib.suppress(OSError):
+                    sock.close()
             self.selector.close()
+            self._stopped.set()
 
-    def _accept(self) -> None:
+    def stop(self, now: bool = False) -> None:
+        """Stop accepting; requests in flight finish (within stop_grace, or not at all with `now`);
+        then serve_forever returns. Safe from signal handlers and other threads."""
+        self._stop_now = self._stop_now or now
+        self._stopping.set()
+        self._wake()
+
+    def shutdown(self) -> None:
+        """stop() and wait for the loop to end."""
+        self.stop()
+        if self._loop_thread is not None:
+            self._stopped.wait()
+
+    def adopt(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        """Serve a connection made elsewhere (a socket pair in tests and fuzzing); any thread."""
+        self._adoptions.append((sock, address))
+        self._wake()
+
+    def server_close(self) -> None:
+        for sock in self.listeners:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _run(self) -> None:
+        sel = self.selector
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._listen_on()
+        next_sweep = time.monotonic() + SWEEP
+        stop_deadline: float | None = None
+        while True:
+            now = time.monotonic()
+            if self._stopping.is_set() and stop_deadline is None:
+                stop_deadline = now + self.limits.stop_grace
+                self._begin_stop()
+            if stop_deadline is not None and ((not self.conns and not self._streams) or self._stop_now
+                                              or now >= stop_deadline):
+                return
+            timeout = max(0.0, next_sweep - now)
+            if self._accept_paused_until is not None:
+                timeout = min(timeout, max(0.0, self._accept_paused_until - now))
+            for key, events in sel.select(timeout):
+                data = key.data
+                if data == "wake":
+                    self._drain_wake()
+                elif data == "listen":
+                    self._accept(key.fileobj)  # type: ignore[arg-type]
+                else:
+                    self._event(data, events)
+            now = time.monotonic()
+            if self._accept_paused_until is not None and now >= self._accept_paused_until:
+                self._accept_paused_until = None
+                if not self._stopping.is_set():
+                    self._listen_on()
+            if now >= next_sweep:
+                self._sweep(now)
+                next_sweep = now + SWEEP
+
+    def _listen_on(self) -> None:
+        for sock in self.listeners:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.register(sock, selectors.EVENT_READ, "listen")
+
+    def _listen_off(self) -> None:
+        for sock in self.listeners:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(sock)
+
+    def _begin_stop(self) -> None:
+        """Stop accepting and close connections with nothing in flight; the others close once
+        their last answer is out (answers made from now on say `Connection: close`)."""
+        self._listen_off()
+        for sock in self.listeners:
+            with contextlib.suppress(OSError):
+                sock.close()
+        for conn in list(self.conns):
+            if self._idle(conn):
+                self._drop(conn)
+
+    # ---- accepting -----------------------------------------------------------------------------
+    def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
-                client, address = self.server.sock.accept()
+                sock, address = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
-                if self.server._stop.is_set():
+            except OSError as e:
+                if e.errno in NO_DESCRIPTORS:
+                    self._pause_accepting(e)
                     return
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue  # that client is gone already
                 raise
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client.setblocking(False)
-            conn = self.server.connection(client, address)
-            conn.queued = []
-            self.conns.add(conn)
-            self.selector.register(client, selectors.EVENT_READ, conn)
+            self._accept_pause = 0.05
+            if len(self.conns) >= self.limits.connections:
+                self.metrics.refused("connections")
+                _refuse_at_once(sock, b"too many connections\n")
+                continue
+            self._adopt(sock, address)
 
-    def _readable(self, conn: Connection) -> None:
-        try:
-            got = conn.reader.fill_nowait()
-        except OSError:
-            got = False
-        if got is None:
-            return
-        if not got:
-            self._close(conn)
-            return
-        conn.last_active = time.monotonic()
-        if conn.head_since is None:
-            conn.head_since = conn.last_active
-        self._answer_buffered(conn)
-
-    def _answer_buffered(self, conn: Connection) -> None:
-        """Answer every complete request in conn's buffer, in order; hand the connection to a
-        thread at the first request that is not quick."""
-        while conn.keep_alive:
-            try:
-                head = conn.reader.take_until(b"\r\n\r\n", MAX_HEAD)
-                if head is None:
-                    return
-                conn.head_since = time.monotonic() if conn.reader.buffered() else None
-                req = conn._parse(head)
-            except (BadRequest, ValueError) as e:
-                conn.refuse(e if isinstance(e, BadRequest) else BadRequest(431, "request head too large"))
-                break
-            quick = self.server.quick
-            if has_body(req) or quick is None or not quick(req):
-                self._to_thread(conn, req)
-                return
-            try:
-                conn.answer(req)
-            except OSError:
-                self._close(conn)
-                return
-            if not self._send_queued(conn):
-                return  # the rest goes out (and later requests are read) when the socket drains
-        if self._send_queued(conn):
-            self._close(conn)
-
-    def _send_queued(self, conn: Connection) -> bool:
-        """Send conn's queued answers without blocking; True when all went out. Otherwise the
-        connection waits for writability and reads nothing more until then."""
-        queued = conn.queued
-        assert queued is not None
-        try:
-            while queued:
-                sent = conn.sock.sendmsg(queued[:64])
-                while sent:
-                    first = queued[0]
-                    if sent >= len(first):
-                        sent -= len(first)
-                        queued.pop(0)
-                    else:
-                        queued[0] = memoryview(first)[sent:]
-                        sent = 0
-        except (BlockingIOError, InterruptedError):
-            if not conn.writing:
-                conn.writing = True
-                self.selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
-            return False
-        except OSError:
-            self._close(conn)
-            return False
-        conn.last_active = time.monotonic()
-        return True
-
-    def _writable(self, conn: Connection) -> None:
-        if not self._send_queued(conn):
-            return
-        conn.writing = False
-        if not conn.keep_alive:
-            self._close(conn)
-            return
-        self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
-        self._answer_buffered(conn)  # requests that arrived meanwhile
-
-    def _to_thread(self, conn: Connection, req: Request) -> None:
-        """From now on this connection is served, blocking, by a thread of its own."""
-        self.selector.unregister(conn.sock)
-        self.conns.discard(conn)
-        conn.queued = None
-        conn.sock.setblocking(True)
-        set_timeouts(conn.sock, IDLE_TIMEOUT)
-        threading.Thread(target=conn.serve, args=(req,), daemon=True).start()
-
-    def _sweep(self) -> None:
-        """Close connections idle past IDLE_TIMEOUT, sending a request head for longer than
-        HEAD_TIMEOUT in all (a slow drip too), or not reading an answer for HEAD_TIMEOUT."""
+    def _pause_accepting(self, error: OSError) -> None:
+        """Out of descriptors (or memory): stop accepting for a moment, keep serving what is
+        open; the backoff grows while it lasts."""
         now = time.monotonic()
-        for conn in list(self.conns):
-            slow_head = conn.head_since is not None and now - conn.head_since > HEAD_TIMEOUT
-            stalled = bool(conn.queued) and now - conn.last_active > HEAD_TIMEOUT
-            if slow_head or stalled or now - conn.last_active > IDLE_TIMEOUT:
-                self._close(conn)
+        if now - self._warned_accept > 60:  # once a minute at most, however long it lasts
+            self._warned_accept = now
+            _warn(f"{self.service.name}: cannot accept connections ({os.strerror(error.errno or 0)}; "
+                  f"{len(self.conns)} open); accepting again as they close")
+        self.metrics.refused("descriptors")
+        self._listen_off()
+        self._accept_paused_until = time.monotonic() + self._accept_pause
+        self._accept_pause = min(1.0, self._accept_pause * 2)
 
-    def _close(self, conn: Connection) -> None:
+    def _adopt(self, sock: socket.socket, address: tuple) -> None:
+        try:
+            sock.setblocking(False)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.context is not None:
+                sock = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except (OSError, ValueError):
+            sock.close()
+            return
+        conn = Connection(self, sock, address, self.context is not None)
+        self.conns.add(conn)
+        self.metrics.connections(len(self.conns))
+        if conn.handshaking:
+            self._handshake(conn)
+        else:
+            self._update(conn)
+
+    # ---- connection events ---------------------------------------------------------------------
+    def _event(self, conn: Connection, events: int) -> None:
+        if conn not in self.conns:
+            return  # dropped earlier in this round
+        try:
+            if conn.handshaking:
+                self._handshake(conn)
+                return
+            if events & selectors.EVENT_WRITE:
+                self._flush(conn)
+            if events & selectors.EVENT_READ and conn in self.conns:
+                self._read(conn)
+        except Refused as e:
+            self._refuse(conn, e)
+        except (OSError, ssl.SSLError):
+            self._drop(conn)
+        except Exception as e:  # a bug costs this connection, not the server
+            _warn(f"{self.service.name}: internal error on a connection from {conn.client[0]}: {e!r}")
+            self._drop(conn)
+
+    def _handshake(self, conn: Connection) -> None:
+        try:
+            conn.sock.do_handshake()  # type: ignore[attr-defined]
+        except ssl.SSLWantReadError:
+            self._set_events(conn, selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._set_events(conn, selectors.EVENT_WRITE)
+            return
+        except (ssl.SSLError, OSError):
+            self._drop(conn)
+            return
+        conn.handshaking = False
+        conn.last_active = time.monotonic()
+        self._update(conn)
+
+    def _read(self, conn: Connection) -> None:
+        """Receive what has arrived, parse it, and answer the requests it completes."""
+        while True:
+            size = MAX_HEAD if conn.head_pending() else RECV_SIZE
+            try:
+                data = conn.sock.recv(size)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+                break
+            except ssl.SSLWantWriteError:
+                break
+            if not data:
+                self._peer_closed(conn)
+                return
+            conn.last_active = time.monotonic()
+            self.metrics.bytes_in(len(data))
+            conn.feed(data)
+            if conn.streaming is not None:
+                self._hand_over(conn, conn.streaming)
+                return
+            if conn.head_pending():
+                conn.count_head(len(data))
+            if conn not in self.conns or conn.busy or (conn.req is not None and conn.req.mode == "stream"):
+                break
+            if not conn.tls or not conn.sock.pending():  # type: ignore[attr-defined]
+                break
+        self._answer_ready(conn)
+
+    def _peer_closed(self, conn: Connection) -> None:
+        """The client closed its side: answer what it asked in full, then close."""
+        if conn.req is not None or self._idle(conn):
+            self._drop(conn)  # nothing to answer, or a request cut short
+            return
+        conn.closing = True
+        self._answer_ready(conn)
+
+    def _answer_ready(self, conn: Connection) -> None:
+        """Answer received requests in order: quick ones here, others by a worker (one at a
+        time per connection, so answers keep their order)."""
+        while conn.ready and not conn.busy and conn in self.conns:
+            req = conn.ready.popleft()
+            if self._stopping.is_set():
+                req.keep_alive = False
+            if not req.has_body and self.service.quick(req):
+                self._run_handler(conn, req)
+            else:
+                req.mode = "worker"
+                conn.busy = True
+                self._pool.submit(self._work, conn, req)
+        if conn in self.conns:
+            self._flush(conn)
+
+    def _run_handler(self, conn: Connection, req: Request) -> None:
+        """Run the service on one request; a handler that raises (a bug) answers 500."""
+        try:
+            self.service.handle(req)
+        except (OSError, ssl.SSLError, Refused):
+            if req.mode == "stream":
+                raise
+            req.keep_alive = False
+            conn.reply(req, 500, b"internal server error\n")
+        except Exception as e:
+            _warn(f"{self.service.name}: {req.method} {req.target}: internal error: {e!r}")
+            req.keep_alive = False
+            if req.mode == "stream":
+                raise
+            conn.reply(req, 500, b"internal server error\n")
+
+    def _work(self, conn: Connection, req: Request) -> None:
+        """A worker thread: run the handler; its answer is posted to the loop."""
+        try:
+            self._run_handler(conn, req)
+        except BaseException as e:  # the loop must hear of it, or the connection would hang
+            _warn(f"{self.service.name}: {req.method} {req.target}: {e!r}")
+            req.keep_alive = False
+            self.answered(conn, req, [])
+
+    def admit(self, conn: Connection, req: Request) -> None:
+        """A request head is complete (loop thread, from the parser): refuse it, or count its
+        body against the upload limits, send `100 Continue`, or hand a streaming request its
+        connection."""
+        if self._stopping.is_set():
+            req.keep_alive = False
+        body_limit = self.service.body_limit(req)
+        streams = self.service.streams(req)
+        if req.has_body or streams:
+            length = req.headers.get("content-length")
+            declared = int(length) if length is not None else 0  # llhttp has checked the digits
+            if declared > body_limit:
+                self.metrics.refused("too large")
+                raise Refused(413, "body too large")
+            with self._counts:
+                if self.uploads >= self.limits.uploads or \
+                        self.upload_bytes + declared > self.limits.upload_bytes:
+                    self.metrics.refused("uploads")
+                    raise Refused(503, "too many uploads in progress, try again later")
+                self.uploads += 1
+                self.upload_bytes += declared
+            req._counted = True
+            req._declared = declared
+            if req.headers.get("expect", "").lower() == "100-continue" and not streams:
+                self._send_now(conn, b"HTTP/1.1 100 Continue\r\n\r\n")
+        if streams:  # handed over once the parser has taken what this read brought
+            req.mode = "stream"
+            conn.busy = True
+            conn.streaming = req
+
+    def grow_upload(self, req: Request, n: int) -> None:
+        """Bytes of a body beyond what it declared (chunked): counted, and refused past the limits."""
+        if req._size > self.service.body_limit(req):
+            raise Refused(413, "body too large")
+        with self._counts:
+            if self.upload_bytes + n > self.limits.upload_bytes:
+                raise Refused(503, "too many uploads in progress, try again later")
+            self.upload_bytes += n
+        req._declared += n
+
+    def _release_upload(self, req: Request) -> None:
+        """A request with a body is answered (or gone): its share of the upload limits is free."""
+        if not req._counted:
+            return
+        with self._counts:
+            self.uploads -= 1
+            self.upload_bytes -= req._declared
+        req._counted = False
+        req._declared = 0
+
+    # ---- streaming requests --------------------------------------------------------------------
+    def _hand_over(self, conn: Connection, req: Request) -> None:
+        """From now on `req` (its head complete, maybe some of its body parsed) and its connection
+        belong to a thread of its own."""
+        conn.streaming = None
+        self.conns.discard(conn)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(conn.sock)
+        conn.events = 0
+        thread = threading.Thread(target=self._stream, args=(conn, req), daemon=True,
+                                  name=f"{self.service.name}-stream")
+        self._streams.add(thread)
+        thread.start()
+
+    def _stream(self, conn: Connection, req: Request) -> None:
+        try:
+            conn.sock.setblocking(True)
+            conn.sock.settimeout(self.limits.head_timeout)
+            self._run_handler(conn, req)
+        except (OSError, ssl.SSLError, Refused):
+            pass
+        except Exception as e:
+            _warn(f"{self.service.name}: {req.method} {req.target}: internal error: {e!r}")
+        finally:
+            conn.close()
+            self._release_upload(req)
+            self._streams.discard(threading.current_thread())
+            self.metrics.connections(len(self.conns))
+            self._wake()
+
+    # ---- answers -------------------------------------------------------------------------------
+    def answered(self, conn: Connection, req: Request, parts: list[Part]) -> None:
+        """A handler's answer: queued here on the loop thread, posted to it from a worker."""
+        if threading.get_ident() == self._loop_ident:
+            self._queue_answer(conn, req, parts)
+            return
+        self._posted.append((conn, req, parts))
+        self._wake()
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(OSError):
+            while self._wake_r.recv(4096):
+                pass
+        while self._adoptions:
+            self._adopt(*self._adoptions.popleft())
+        while self._posted:
+            conn, req, parts = self._posted.popleft()
+            conn.busy = False
+            if conn not in self.conns:
+                self._release_upload(req)
+                continue
+            try:
+                self._queue_answer(conn, req, parts)
+                self._answer_ready(conn)  # the next request received meanwhile; flushes
+            except Refused as e:
+                self._refuse(conn, e)
+            except (OSError, ssl.SSLError):
+                self._drop(conn)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def _queue_answer(self, conn: Connection, req: Request, parts: list[Part]) -> None:
+        self._release_upload(req)
+        self.served += 1
+        if req.has_body and not req._done:
+            req.keep_alive = False  # the rest of an unread body would be taken for the next request
+        for part in parts:
+            if len(part):
+                conn.out.append(part)
+                conn.out_bytes += len(part)
+        if conn.out_bytes and conn.write_since is None:
+            conn.write_since = time.monotonic()
+        if not req.keep_alive or self._stopping.is_set():
+            conn.closing = True
+            conn.ready.clear()
+
+    def _send_now(self, conn: Connection, data: bytes) -> None:
+        """An interim answer (100 Continue): nothing else is queued while a request is received."""
+        conn.out.append(data)
+        conn.out_bytes += len(data)
+        self._flush(conn)
+
+    def _flush(self, conn: Connection) -> None:
+        """Send queued answers without blocking; close once done if the connection is closing."""
+        out = conn.out
+        sock = conn.sock
+        while out:
+            try:
+                sent = sock.send(out[0]) if conn.tls else sock.sendmsg(list(_first(out, 64)))
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                break
+            self.metrics.bytes_out(sent)
+            conn.out_bytes -= sent
+            while sent:
+                first = out[0]
+                if sent >= len(first):
+                    sent -= len(first)
+                    out.popleft()
+                else:
+                    out[0] = memoryview(first)[sent:]
+                    sent = 0
+            conn.write_since = time.monotonic() if out else None
+        if not out:
+            conn.write_since = None
+            if conn.closing and not conn.busy and not conn.ready:
+                self._drop(conn)
+                return
+            conn.last_active = time.monotonic()
+        self._update(conn)
+
+    def _refuse(self, conn: Connection, e: Refused) -> None:
+        """Answer a refused request (when the connection can still take it) and end the
+        connection once it is out."""
+        if conn not in self.conns:
+            return
+        req = conn.req or Request(conn)
+        req.method = req.method or "GET"
+        req.target = req.target or "-"
+        req.keep_alive = False
+        conn.req = None
+        conn.ready.clear()
+        if conn.busy:  # an answer is still being made: just end after it
+            conn.closing = True
+            self._release_upload(req)
+            return
+        with contextlib.suppress(OSError, ssl.SSLError):
+            conn.reply(req, e.status, f"{e}\n".encode())
+        if conn in self.conns:
+            conn.closing = True
+            self._flush(conn)
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+    @staticmethod
+    def _idle(conn: Connection) -> bool:
+        return not conn.busy and not conn.out and not conn.ready and conn.req is None
+
+    def _update(self, conn: Connection) -> None:
+        """Wait for what the connection needs next: its answers to drain, or more requests
+        (not while one is with a worker, answers back up, or it is closing)."""
+        if conn not in self.conns or conn.handshaking:
+            return
+        events = 0
+        if conn.out:
+            events |= selectors.EVENT_WRITE
+        if not conn.busy and not conn.closing and not conn.ready and conn.out_bytes < HIGH_WATER:
+            events |= selectors.EVENT_READ
+        self._set_events(conn, events)
+
+    def _set_events(self, conn: Connection, events: int) -> None:
+        if events == conn.events:
+            return
+        sel = self.selector
+        if conn.events == 0:
+            sel.register(conn.sock, events, conn)
+        elif events == 0:
+            sel.unregister(conn.sock)
+        else:
+            sel.modify(conn.sock, events, conn)
+        conn.events = events
+
+    def _drop(self, conn: Connection) -> None:
         if conn in self.conns:
             self.conns.discard(conn)
-            with contextlib.suppress(KeyError, ValueError):
-                self.selector.unregister(conn.sock)
+            if conn.events:
+                with contextlib.suppress(KeyError, ValueError):
+                    self.selector.unregister(conn.sock)
+                conn.events = 0
+            self.metrics.connections(len(self.conns))
+        if conn.req is not None:
+            self._release_upload(conn.req)
+        for req in conn.ready:
+            self._release_upload(req)
+        conn.ready.clear()
+        conn.out.clear()
         conn.close()
+
+    def _sweep(self, now: float) -> None:
+        """End connections that keep the server waiting: a TLS handshake or a request head not
+        done within head_timeout, silence inside a request or an answer not read for as long,
+        or idle past idle_timeout."""
+        limits = self.limits
+        for conn in list(self.conns):
+            if conn.busy:
+                continue
+            if conn.handshaking:
+                if now - conn.last_active > limits.head_timeout:
+                    self._drop(conn)
+            elif conn.write_since is not None and now - conn.write_since > limits.head_timeout:
+                self._drop(conn)
+            elif conn.req is not None and conn.req_since is not None and (
+                    now - conn.last_active > limits.head_timeout
+                    or (conn.head_pending() and now - conn.req_since > limits.head_timeout)):
+                self.metrics.refused("timeout")
+                self._refuse(conn, Refused(408, "request timeout"))
+            elif self._idle(conn) and now - conn.last_active > limits.idle_timeout:
+                self._drop(conn)
+
+    def log_request(self, conn: Connection, req: Request, status: int, size: int | None) -> None:
+        """One access log line, and the request counted in the metrics."""
+        if self._log is None:
+            if self.metrics.enabled:
+                self.metrics.request(req.method, status)
+            return
+        self.metrics.request(req.method, status)
+        line = access_line(self._log_format, conn.client, req, status, size)
+        with self._log_lock, contextlib.suppress(OSError, ValueError):
+            self._log.write(line)
+            self._log.flush()
+
+
+def access_line(kind: str, client: tuple[str, int], req: Request, status: int, size: int | None) -> str:
+    """desync's request log line, or the Common Log Format (`--log-format common`)."""
+    if kind == "common":
+        stamp = time.strftime("%d/%b/%Y:%H:%M:%S %z")
+        version = f"HTTP/{req.version}"
+        return f'{client[0]} - - [{stamp}] "{req.method} {req.target} {version}" {status} {size or "-"}\n'
+    stamp = time.strftime("%Y/%m/%d %H:%M:%S")
+    return (f"{stamp} Client: {client[0]}:{client[1]}, Request: {req.method} {req.target}, "
+            f"Response: {status}\n")
+
+
+def _listen(address: tuple[str, int]) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _refuse_at_once(sock: socket.socket, message: bytes) -> None:
+    """503 to a connection over the cap, best effort and without blocking, then close it."""
+    head = (f"HTTP/1.1 503 Service Unavailable\r\nServer: pydesync\r\nRetry-After: 1\r\n"
+            f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(message)}\r\n"
+            f"Connection: close\r\n\r\n").encode()
+    with contextlib.suppress(OSError):
+        sock.setblocking(False)
+        sock.send(head + message)
+    sock.close()
+
+
+def _first(items: collections.deque, n: int) -> Iterator:
+    for i, item in enumerate(items):
+        if i == n:
+            return
+        yield item
+
+
+def _warn(message: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()

@@ -17,6 +17,7 @@ from ..errors import IndexFormatError
 from ..fsutil import write_bytes_atomic
 from ..index import MAX_INDEX_BYTES, parse_index
 from .common import App, Exchange
+from .http11 import Request
 
 
 def valid_index_name(name: str) -> bool:
@@ -24,11 +25,16 @@ def valid_index_name(name: str) -> bool:
 
 
 class IndexServer(App):
+    name = "index-server"
+
     def __init__(self, directory: str, writable: bool = False):
         if not os.path.isdir(directory):
             raise IndexFormatError(f"index store {directory} is not a directory")
         self.directory = directory
         self.writable = writable
+
+    def body_limit(self, req: Request) -> int:
+        return MAX_INDEX_BYTES
 
     def handle(self, req: Exchange) -> None:
         raw = req.target_path

@@ -11,18 +11,35 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from ..netio import chunked_pieces, decimal
 from ..remotesync import ServedFile, SyncError, wishlist_size
-from .http11 import Http11Server, Request
+from .common import ServerOptions, bind
+from .http11 import Http11Server, Request, Service
+from .metrics import Metrics
 
 
 class SyncApp:
+    """The requests of sync-serve: GET answers a file's SyncInfo, POST streams its chunks."""
+
+    name = "sync-serve"
+
     def __init__(self, files: dict[str, ServedFile]):
         self.files = files  # URL path -> file
 
+    def served(self, req: Request) -> ServedFile | None:
+        return self.files.get(req.target.split("?", 1)[0])
+
+    def streams(self, req: Request) -> bool:
+        """A POST reads its wishlist while it streams chunks: on a thread of its own."""
+        return req.method == "POST"
+
+    def body_limit(self, req: Request) -> int:
+        """A wishlist's length is known: one more byte is already too long."""
+        served = self.served(req)
+        return 0 if served is None else wishlist_size(served.info.positions) + 1
+
     def __call__(self, req: Request) -> None:
         conn = req._conn
-        served = self.files.get(req.target.split("?", 1)[0])
+        served = self.served(req)
         if req.method not in ("GET", "HEAD", "POST"):
             conn.reply(req, 405, b"method not allowed\n")
             return
@@ -35,43 +52,33 @@ class SyncApp:
         if "close" not in req.headers.get("connection", "").lower():
             conn.reply(req, 400, b"Connection: close required\n")
             return
-        req.body_read = True
         write = conn.reply_stream(req)
         try:
-            served.stream(body_reader(req, wishlist_size(served.info.positions) + 1), write)
+            served.stream(body_reader(req), write)
         except (SyncError, ValueError) as e:
             sys.stderr.write(f"sync-serve: {req.target}: {e}\n")
 
 
-def body_reader(req: Request, limit: int) -> Callable[[int], bytes]:
-    """read(n) over the request body, chunked or with a Content-Length; no more than `limit`
-    bytes are taken (a wishlist's length is known: more is refused as too long anyway)."""
-    reader = req._conn.reader
-    if "chunked" in req.headers.get("transfer-encoding", "").lower():
-        pieces = chunked_pieces(reader, limit)
-        pending = b""
+def body_reader(req: Request) -> Callable[[int], bytes]:
+    """read(n) over the request body as it arrives (chunked, as CAFS's client sends it while it
+    reads, or with a Content-Length); b"" at its end. The server has bounded its length."""
+    pieces = req.body_pieces()
+    pending = b""
 
-        def read_chunked(n: int) -> bytes:
-            nonlocal pending
-            if not pending:
-                try:
-                    pending = bytes(next(pieces, b""))
-                except ConnectionResetError:
-                    pending = b""  # the wishlist ends early: "wishlist too short"
-            out, pending = pending[:n], pending[n:]
-            return out
-        return read_chunked
-    left = min(decimal(req.headers.get("content-length", "0")) or 0, limit)
-
-    def read_length(n: int) -> bytes:
-        nonlocal left
-        if left <= 0:
-            return b""
-        data = reader.read_some(min(n, left))
-        left -= len(data)
-        return data
-    return read_length
+    def read(n: int) -> bytes:
+        nonlocal pending
+        while not pending:
+            piece = next(pieces, None)
+            if piece is None:
+                return b""
+            pending = piece
+        out, pending = pending[:n], pending[n:]
+        return out
+    return read
 
 
-def sync_servers(files: dict[str, ServedFile], address: tuple[str, int]) -> Http11Server:
-    return Http11Server(address, SyncApp(files))
+def sync_server(files: dict[str, ServedFile], options: ServerOptions, metrics: Metrics | None = None
+                ) -> Http11Server:
+    """sync-serve's server on the listen addresses of `options`."""
+    app = SyncApp(files)
+    return bind(Service(app.name, app, streams=app.streams, body_limit=app.body_limit), options, metrics)

@@ -7,7 +7,7 @@ Locations: a directory path (local store); `a|b` a failover group. Remote kinds
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import StoreError, UsageError
 from .base import Store, StoreOptions, verify_chunk
@@ -60,8 +60,9 @@ def open_store(location: str, options: StoreOptions | None = None, create: bool 
 
 
 def open_chain(locations: Sequence[str], cache: str | None = None, repair: bool = True,
-               options_for: object = None) -> Store:
-    """Stores tried in order, optionally behind a writable cache (the `-s ... -c ...` of desync)."""
+               options_for: object = None, on_cache_lookup: Callable[[bool], None] | None = None) -> Store:
+    """Stores tried in order, optionally behind a writable cache (the `-s ... -c ...` of desync);
+    `on_cache_lookup(hit)` hears of every read through the cache."""
     if not locations:
         raise UsageError("no store provided")
     opts = options_for if callable(options_for) else (lambda _loc: None)
@@ -72,7 +73,7 @@ def open_chain(locations: Sequence[str], cache: str | None = None, repair: bool 
         chain: Store = stores[0] if len(stores) == 1 else StoreRouter(stores)
         if cache:
             cache_store = open_store(cache, opts(cache), create=True)
-            chain = CachedStore(cache_store, chain, repair=repair)
+            chain = CachedStore(cache_store, chain, repair=repair, on_lookup=on_cache_lookup)
     except BaseException:
         for store in stores:
             store.close()

@@ -5,8 +5,8 @@ general-purpose stack (urllib3 over http.client, with its URL re-encoding and
 email-based header parsing) costs several hundred microseconds of CPU per
 request on these machines, more than decompressing and verifying the chunk.
 This client keeps one connection per thread, writes the request in one
-send, and parses just status, Content-Length / chunked / read-to-close
-framing and Connection (HTTP/1.0 answers close unless keep-alive).
+send, has llhttp (httptools) parse each answer's head, and reads the body
+itself: Content-Length straight into one buffer, chunked or read-to-close.
 Anything unusual (a proxy, a redirect) is left to urllib3 by the caller
 (HttpClient).
 """
@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+import httptools
 
 from ..codec import MAX_ENCODED_CHUNK
 from ..netio import BodyTooLong, SocketReader, chunked_pieces, decimal, set_timeouts
@@ -42,6 +44,18 @@ class Response:
     status: int
     headers: dict[str, str]
     data: bytes | bytearray
+
+
+class _Fields:
+    """Collects a response's header fields from the parser (names lower-case)."""
+
+    __slots__ = ("headers",)
+
+    def __init__(self) -> None:
+        self.headers: dict[str, str] = {}
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1").strip()
 
 
 class _Conn:
@@ -208,20 +222,16 @@ class FastHttp:
 
     @staticmethod
     def _read_head(conn: _Conn) -> tuple[int, dict[str, str], bool]:
-        """Status, headers, and whether the connection stays open afterwards."""
-        head = conn.read_until(b"\r\n\r\n", MAX_HEAD).decode("latin-1")
-        lines = head.split("\r\n")
-        parts = lines[0].split(" ", 2)
-        status = decimal(parts[1]) if len(parts) >= 2 and parts[0].startswith("HTTP/1.") else None
-        if status is None:
-            raise ProtocolError(f"malformed status line {lines[0][:80]!r}")
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        connection = headers.get("connection", "").lower()
-        keep_alive = "keep-alive" in connection if parts[0] == "HTTP/1.0" else "close" not in connection
-        return status, headers, keep_alive
+        """Status, headers, and whether the connection stays open afterwards. The head is parsed
+        by llhttp (httptools); bodies are read here, straight into their buffer."""
+        head = conn.read_until(b"\r\n\r\n", MAX_HEAD)
+        fields = _Fields()
+        parser = httptools.HttpResponseParser(fields)
+        try:
+            parser.feed_data(head + b"\r\n\r\n")
+        except httptools.HttpParserError as e:
+            raise ProtocolError(f"malformed answer ({e}): {head[:80]!r}") from None
+        return parser.get_status_code(), fields.headers, parser.should_keep_alive()
 
     @staticmethod
     def _read_body(conn: _Conn, headers: dict[str, str], limit: int) -> bytes | bytearray:

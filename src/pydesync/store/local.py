@@ -82,7 +82,7 @@ class LocalStore(Store):
         except OSError as e:
             if e.errno == errno.ELOOP:
                 return None
-            raise StoreError(f"cannot read {path}: {e.strerror}") from None
+            raise StoreError(f"cannot read {path}: {e.strerror}", e.errno) from None
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
@@ -97,7 +97,7 @@ class LocalStore(Store):
                 data += more
             return data
         except OSError as e:
-            raise StoreError(f"cannot read {path}: {e.strerror}") from None
+            raise StoreError(f"cannot read {path}: {e.strerror}", e.errno) from None
         finally:
             os.close(fd)
 
@@ -124,7 +124,7 @@ class LocalStore(Store):
             except OSError as e:
                 if e.errno == errno.ELOOP:
                     continue
-                raise StoreError(f"cannot read {path}: {e.strerror}") from None
+                raise StoreError(f"cannot read {path}: {e.strerror}", e.errno) from None
             return fd, os.fstat(fd).st_size, converters
         raise ChunkMissing(chunk_id, [self.location])
 

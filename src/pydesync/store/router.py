@@ -93,22 +93,30 @@ class CachedStore(Store):
     verify counts as missing and is replaced by a fresh copy.
     """
 
-    def __init__(self, cache: Store, upstream: Store, repair: bool = True):
+    def __init__(self, cache: Store, upstream: Store, repair: bool = True,
+                 on_lookup: Callable[[bool], None] | None = None):
+        """`on_lookup(hit)` hears of every get (a server's cache metrics)."""
         self.cache = cache
         self.upstream = upstream
         self.repair = repair
+        self.on_lookup = on_lookup
         self.location = f"{upstream.location} (cache {cache.location})"
         self.remote = cache.remote or upstream.remote
 
     def get(self, chunk_id: ChunkId, digest: str | None = None) -> bytes:
         try:
-            return self.cache.get(chunk_id, digest)
+            data = self.cache.get(chunk_id, digest)
+            if self.on_lookup is not None:
+                self.on_lookup(True)
+            return data
         except ChunkMissing:
             pass
         except ChunkInvalid:
             if not self.repair:
                 raise
             self.cache.remove(chunk_id)
+        if self.on_lookup is not None:
+            self.on_lookup(False)
         data = self.upstream.get(chunk_id, digest)
         self.cache.put(chunk_id, data)
         return data
