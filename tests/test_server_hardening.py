@@ -427,3 +427,42 @@ def test_silence_inside_a_body_is_408(monkeypatch):
     finally:
         server.shutdown()
         thread.join()
+
+
+def test_a_client_that_pipelines_and_never_reads_holds_bounded_memory():
+    """100 pipelined requests for 1 MiB answers, none read: the server answers until about
+    HIGH_WATER waits to be sent, keeps the other requests unanswered, and goes on once the client
+    reads; every answer arrives, in order."""
+    import threading
+
+    from pydesync.server import http11
+
+    body = bytes(1 << 20)
+
+    def handle(req):
+        req._conn.reply(req, 200, req.target.encode().ljust(16) + body)
+
+    service = http11.Service("test", handle, quick=lambda req: True)
+    server = http11.Http11Server([("127.0.0.1", 0)], service)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(server.server_address, timeout=HANG_GUARD) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            s.sendall(b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(100)))
+            deadline = time.monotonic() + HANG_GUARD
+            while not (server.conns and next(iter(server.conns)).out_bytes >= http11.HIGH_WATER):
+                assert time.monotonic() < deadline, "the server never backed up"
+                time.sleep(0.01)
+            conn = next(iter(server.conns))
+            assert conn.out_bytes < http11.HIGH_WATER + len(body) + 4096 and conn.ready
+            got = b""
+            for i in range(100):
+                while b"\r\n\r\n" not in got or len(got.split(b"\r\n\r\n", 1)[1]) < 16 + len(body):
+                    got += s.recv(1 << 20)
+                head, rest = got.split(b"\r\n\r\n", 1)
+                assert status_of(head) == 200 and rest[:16].rstrip() == b"/%d" % i
+                got = rest[16 + len(body):]
+    finally:
+        server.shutdown()
+        thread.join()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import itertools
 import os
 import selectors
 import socket
@@ -49,6 +50,7 @@ DEFAULT_BODY_LIMIT = 1 << 20
 NO_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 Part = bytes | bytearray | memoryview
 _PHRASES = {s.value: s.phrase for s in HTTPStatus}
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "PUT", "POST")}
 
 
 @dataclass
@@ -90,16 +92,18 @@ class Request:
     """One request: method, target, headers (names lower-case), and the ways to answer it."""
 
     __slots__ = ("_conn", "_counted", "_declared", "_done", "_pieces", "_size", "body_read", "client",
-                 "headers", "keep_alive", "method", "mode", "target", "version")
+                 "has_body", "headers", "keep_alive", "method", "mode", "target", "version")
 
-    def __init__(self, conn: Connection):
+    def __init__(self, conn: Connection, method: str = "GET", target: str = "-", version: str = "1.1",
+                 headers: dict[str, str] | None = None, keep_alive: bool = True):
         self._conn = conn
         self.client = conn.client
-        self.method = ""
-        self.target = ""
-        self.version = "1.1"
-        self.headers: dict[str, str] = {}
-        self.keep_alive = True
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers if headers is not None else {}
+        self.keep_alive = keep_alive
+        self.has_body = self.headers.get("content-length", "0") != "0" or "transfer-encoding" in self.headers
         self.mode = "loop"  # "loop": answered on the loop; "worker": in the pool; "stream": own thread
         self.body_read = False
         self._pieces: list[bytes] = []
@@ -111,10 +115,6 @@ class Request:
     @property
     def path(self) -> str:
         return self.target
-
-    @property
-    def has_body(self) -> bool:
-        return self.headers.get("content-length", "0") != "0" or "transfer-encoding" in self.headers
 
     def read_body(self, limit: int) -> bytes | None:
         """The whole body; None after answering 413 when it is longer than `limit` (which the
@@ -157,8 +157,8 @@ class Connection:
         self.tls = tls
         self.handshaking = tls
         self.parser = httptools.HttpRequestParser(self)
-        self.req: Request | None = None  # being received
-        self.req_since: float | None = None  # when it began
+        self.req: Request | None = None  # being received, its head complete
+        self.req_since: float | None = None  # when the request being received began (None: none is)
         self.ready: collections.deque[Request] = collections.deque()  # received, not yet answered
         self.busy = False  # a request is with a worker (or streaming)
         self.streaming: Request | None = None  # to be handed to its own thread once parsing stops
@@ -174,15 +174,13 @@ class Connection:
         self._head_parsed = 0
 
     # ---- parser callbacks (httptools) ----------------------------------------------------------
-    def on_message_begin(self) -> None:
-        self.req = Request(self)
-        self.req_since = time.monotonic()
-        self._url = b""
-        self._headers = []
-        self._head_bytes = 0
-        self._head_parsed = 0
-
     def on_url(self, url: bytes) -> None:
+        if self.req_since is None:  # a request begins (its URL is the first thing parsed)
+            self.req_since = time.monotonic()
+            self._url = url
+            self._headers = []
+            self._head_parsed = len(url)
+            return
         self._url += url
         self._parsed_head(len(url))
 
@@ -206,14 +204,14 @@ class Connection:
             raise Refused(431, "request head too large")
 
     def on_headers_complete(self) -> None:
-        req = self.req
-        assert req is not None
         parser = self.parser
-        req.method = parser.get_method().decode("latin-1")
-        req.target = self._url.decode("latin-1")
-        req.version = parser.get_http_version()
-        req.headers = {n.decode("latin-1").lower(): v.decode("latin-1").strip() for n, v in self._headers}
-        req.keep_alive = parser.should_keep_alive()
+        method = parser.get_method()
+        headers = {}
+        for name, value in self._headers:
+            headers[name.decode("latin-1").lower()] = value.decode("latin-1").rstrip()
+        req = self.req = Request(self, _METHODS.get(method) or method.decode("latin-1"),
+                                 self._url.decode("latin-1"), parser.get_http_version(), headers,
+                                 parser.should_keep_alive())
         self._head_bytes = 0
         self._server.admit(self, req)
 
@@ -233,13 +231,14 @@ class Connection:
         req._done = True
         self.req = None
         self.req_since = None
+        self._head_bytes = 0
         if req.mode != "stream":
             self.ready.append(req)
 
     # ---- input ---------------------------------------------------------------------------------
     def head_pending(self) -> bool:
         """A request has begun and its head is not complete yet."""
-        return self.req is not None and not self.req.method
+        return self.req_since is not None and self.req is None
 
     def feed(self, data: bytes) -> None:
         """Parse received bytes; protocol errors become Refused."""
@@ -347,6 +346,7 @@ class Http11Server:
             raise
         self.server_addresses = [s.getsockname()[:2] for s in self.listeners]
         self.selector = selectors.DefaultSelector()
+        self._buffer = memoryview(bytearray(RECV_SIZE))  # every read lands here: the loop is one thread
         self.conns: set[Connection] = set()
         self.uploads = 0
         self.upload_bytes = 0
@@ -359,7 +359,7 @@ class Http11Server:
         self._wake_w.setblocking(False)
         self._streams: set[threading.Thread] = set()
         self._adoptions: collections.deque[tuple[socket.socket, tuple[str, int]]] = collections.deque()
-        self._stopping = threading.Event()
+        self._stopping = False  # stop() was called (a flag: set once, read on the loop)
         self._stop_now = False
         self._stopped = threading.Event()
         self._accept_paused_until: float | None = None
@@ -379,7 +379,7 @@ class Http11Server:
     @property
     def stopping(self) -> bool:
         """stop() was called: answers end their connection."""
-        return self._stopping.is_set()
+        return self._stopping
 
     def urls(self) -> list[str]:
         """Where it listens, as URLs (for the start-up line)."""
@@ -408,7 +408,7 @@ class Http11Server:
         """Stop accepting; requests in flight finish (within stop_grace, or not at all with `now`);
         then serve_forever returns. Safe from signal handlers and other threads."""
         self._stop_now = self._stop_now or now
-        self._stopping.set()
+        self._stopping = True
         self._wake()
 
     def shutdown(self) -> None:
@@ -435,7 +435,7 @@ class Http11Server:
         stop_deadline: float | None = None
         while True:
             now = time.monotonic()
-            if self._stopping.is_set() and stop_deadline is None:
+            if self._stopping and stop_deadline is None:
                 stop_deadline = now + self.limits.stop_grace
                 self._begin_stop()
             if stop_deadline is not None and ((not self.conns and not self._streams) or self._stop_now
@@ -455,7 +455,7 @@ class Http11Server:
             now = time.monotonic()
             if self._accept_paused_until is not None and now >= self._accept_paused_until:
                 self._accept_paused_until = None
-                if not self._stopping.is_set():
+                if not self._stopping:
                     self._listen_on()
             if now >= next_sweep:
                 self._sweep(now)
@@ -543,7 +543,10 @@ class Http11Server:
                 self._handshake(conn)
                 return
             if events & selectors.EVENT_WRITE:
-                self._flush(conn)
+                if conn.ready and not conn.busy:
+                    self._answer_ready(conn)  # those held back while answers were backed up
+                else:
+                    self._flush(conn)
             if events & selectors.EVENT_READ and conn in self.conns:
                 self._read(conn)
         except Refused as e:
@@ -572,25 +575,24 @@ class Http11Server:
 
     def _read(self, conn: Connection) -> None:
         """Receive what has arrived, parse it, and answer the requests it completes."""
+        buffer = self._buffer
         while True:
-            size = MAX_HEAD if conn.head_pending() else RECV_SIZE
             try:
-                data = conn.sock.recv(size)
-            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+                n = conn.sock.recv_into(buffer)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 break
-            except ssl.SSLWantWriteError:
-                break
-            if not data:
+            if not n:
                 self._peer_closed(conn)
                 return
             conn.last_active = time.monotonic()
-            self.metrics.bytes_in(len(data))
-            conn.feed(data)
+            if self.metrics.enabled:
+                self.metrics.bytes_in(n)
+            conn.feed(buffer[:n])
             if conn.streaming is not None:
                 self._hand_over(conn, conn.streaming)
                 return
             if conn.head_pending():
-                conn.count_head(len(data))
+                conn.count_head(n)
             if conn not in self.conns or conn.busy or (conn.req is not None and conn.req.mode == "stream"):
                 break
             if not conn.tls or not conn.sock.pending():  # type: ignore[attr-defined]
@@ -599,7 +601,7 @@ class Http11Server:
 
     def _peer_closed(self, conn: Connection) -> None:
         """The client closed its side: answer what it asked in full, then close."""
-        if conn.req is not None or self._idle(conn):
+        if conn.req_since is not None or self._idle(conn):
             self._drop(conn)  # nothing to answer, or a request cut short
             return
         conn.closing = True
@@ -607,10 +609,15 @@ class Http11Server:
 
     def _answer_ready(self, conn: Connection) -> None:
         """Answer received requests in order: quick ones here, others by a worker (one at a
-        time per connection, so answers keep their order)."""
+        time per connection, so answers keep their order). Answers waiting to be sent are kept
+        under HIGH_WATER: past it, the rest waits until the client has read them."""
         while conn.ready and not conn.busy and conn in self.conns:
+            if conn.out_bytes >= HIGH_WATER:
+                self._send_out(conn)
+                if conn.out_bytes >= HIGH_WATER:
+                    break
             req = conn.ready.popleft()
-            if self._stopping.is_set():
+            if self._stopping:
                 req.keep_alive = False
             if not req.has_body and self.service.quick(req):
                 self._run_handler(conn, req)
@@ -650,14 +657,13 @@ class Http11Server:
         """A request head is complete (loop thread, from the parser): refuse it, or count its
         body against the upload limits, send `100 Continue`, or hand a streaming request its
         connection."""
-        if self._stopping.is_set():
+        if self._stopping:
             req.keep_alive = False
-        body_limit = self.service.body_limit(req)
         streams = self.service.streams(req)
-        if req.has_body or streams:
+        if streams or req.has_body:
             length = req.headers.get("content-length")
             declared = int(length) if length is not None else 0  # llhttp has checked the digits
-            if declared > body_limit:
+            if declared > self.service.body_limit(req):
                 self.metrics.refused("too large")
                 raise Refused(413, "body too large")
             with self._counts:
@@ -760,7 +766,8 @@ class Http11Server:
             self._wake_w.send(b"x")
 
     def _queue_answer(self, conn: Connection, req: Request, parts: list[Part]) -> None:
-        self._release_upload(req)
+        if req._counted:
+            self._release_upload(req)
         self.served += 1
         if req.has_body and not req._done:
             req.keep_alive = False  # the rest of an unread body would be taken for the next request
@@ -770,7 +777,7 @@ class Http11Server:
                 conn.out_bytes += len(part)
         if conn.out_bytes and conn.write_since is None:
             conn.write_since = time.monotonic()
-        if not req.keep_alive or self._stopping.is_set():
+        if not req.keep_alive or self._stopping:
             conn.closing = True
             conn.ready.clear()
 
@@ -781,15 +788,31 @@ class Http11Server:
         self._flush(conn)
 
     def _flush(self, conn: Connection) -> None:
-        """Send queued answers without blocking; close once done if the connection is closing."""
+        """Send queued answers without blocking; then close (if closing and done) or wait for
+        what the connection needs next."""
+        self._send_out(conn)
+        if not conn.out:
+            if conn.closing and not conn.busy and not conn.ready:
+                self._drop(conn)
+                return
+            conn.last_active = time.monotonic()
+        self._update(conn)
+
+    def _send_out(self, conn: Connection) -> None:
+        """Send as much of the queued answers as the socket takes now."""
         out = conn.out
         sock = conn.sock
+        counting = self.metrics.enabled
         while out:
             try:
-                sent = sock.send(out[0]) if conn.tls else sock.sendmsg(list(_first(out, 64)))
+                if conn.tls:
+                    sent = sock.send(out[0])
+                else:
+                    sent = sock.sendmsg(out if len(out) <= 64 else list(itertools.islice(out, 64)))
             except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 break
-            self.metrics.bytes_out(sent)
+            if counting:
+                self.metrics.bytes_out(sent)
             conn.out_bytes -= sent
             while sent:
                 first = out[0]
@@ -800,13 +823,6 @@ class Http11Server:
                     out[0] = memoryview(first)[sent:]
                     sent = 0
             conn.write_since = time.monotonic() if out else None
-        if not out:
-            conn.write_since = None
-            if conn.closing and not conn.busy and not conn.ready:
-                self._drop(conn)
-                return
-            conn.last_active = time.monotonic()
-        self._update(conn)
 
     def _refuse(self, conn: Connection, e: Refused) -> None:
         """Answer a refused request (when the connection can still take it) and end the
@@ -832,7 +848,7 @@ class Http11Server:
     # ---- bookkeeping ---------------------------------------------------------------------------
     @staticmethod
     def _idle(conn: Connection) -> bool:
-        return not conn.busy and not conn.out and not conn.ready and conn.req is None
+        return not conn.busy and not conn.out and not conn.ready and conn.req_since is None
 
     def _update(self, conn: Connection) -> None:
         """Wait for what the connection needs next: its answers to drain, or more requests
@@ -887,7 +903,7 @@ class Http11Server:
                     self._drop(conn)
             elif conn.write_since is not None and now - conn.write_since > limits.head_timeout:
                 self._drop(conn)
-            elif conn.req is not None and conn.req_since is not None and (
+            elif conn.req_since is not None and (
                     now - conn.last_active > limits.head_timeout
                     or (conn.head_pending() and now - conn.req_since > limits.head_timeout)):
                 self.metrics.refused("timeout")
@@ -942,13 +958,6 @@ def _refuse_at_once(sock: socket.socket, message: bytes) -> None:
         sock.setblocking(False)
         sock.send(head + message)
     sock.close()
-
-
-def _first(items: collections.deque, n: int) -> Iterator:
-    for i, item in enumerate(items):
-        if i == n:
-            return
-        yield item
 
 
 def _warn(message: str) -> None:
