@@ -98,5 +98,7 @@ def test_config_command_prints_and_writes(cli, tmp_path: Path):
     assert r.returncode == 0 and f"Writing config to {src}" in r.out
     r = cli("config", "-w", env={"HOME": str(tmp_path)})
     assert r.returncode == 0
-    written = tmp_path / ".config" / "desync" / "config.json"
+    written = tmp_path / ".config" / "pydesync" / "config.json"  # our own path, not desync's
+    assert r.out == f"Writing config to {written}\n"  # and not the JSON as well
     assert written.exists() and oct(written.stat().st_mode & 0o777) == "0o600"
+    assert not (tmp_path / ".config" / "desync").exists()

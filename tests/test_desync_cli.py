@@ -322,10 +322,15 @@ def test_chop_without_store(cli, d: Path):
 
 
 def test_chop_store_does_not_exist(cli, d: Path, tmp_path: Path):
-    missing = tmp_path / "no-such-store"
+    """desync refuses a missing store in chop (but creates one in make); pydesync has one rule for
+    every writer: a missing store is created when its parent exists, else it is an error."""
+    missing = tmp_path / "no-such-dir" / "store"
     r = cli("chop", "-s", missing, d / "blob1.caibx", d / "blob1")
-    assert_clean_error(r, str(missing))
-    assert not missing.exists()
+    assert_clean_error(r, str(missing), "does not exist")
+    assert not missing.parent.exists()
+    r = cli("chop", "-s", tmp_path / "new-store", d / "blob1.caibx", d / "blob1")
+    assert r.returncode == 0, r.stderr
+    assert store_ids(tmp_path / "new-store") == index_ids(d / "blob1.caibx")
 
 
 def test_chop_wrong_file(cli, d: Path, tmp_path: Path):

@@ -485,8 +485,8 @@ def test_wire_converters_from_flags(monkeypatch: pytest.MonkeyPatch):
      "invalid encryption key, expected hex-encoded 256-bit key: encoding/hex: odd length hex string"),
     ({"encryption": True, "encryption-key": KEY[:32]}, "encryption key must be 32 bytes, got 16"),
     ({"encryption": True, "encryption-key": KEY, "encryption-algorithm": "rot13"},
-     'unsupported encryption algorithm "rot13"'),
-    ({"encryption": "yes", "encryption-key": KEY}, "'encryption' must be a boolean"),
+     'encryption-algorithm: expected "aes-256-gcm" or "xchacha20-poly1305", got "rot13"'),
+    ({"encryption": "yes", "encryption-key": KEY}, 'encryption: expected true or false, got "yes"'),
 ])
 def test_store_option_validation(cli, clean_env, blob: Path, tmp_path: Path, options: dict, message: str):
     store = tmp_path / "store"

@@ -82,6 +82,12 @@ def pull_servers(store: Path) -> list[int]:
     return processes(lambda argv, _: b"pull" in argv and any(marker in a for a in argv))
 
 
+def remote_store(tmp_path: Path) -> Path:
+    """Where the "remote" store goes (its parent made: a missing store is created only there)."""
+    (tmp_path / "remote").mkdir(exist_ok=True)
+    return tmp_path / "remote" / "store.castr"
+
+
 def random_bytes(seed: int, size: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
@@ -173,8 +179,7 @@ def assert_clean_after(sshd: Sshd, store: Path, logins_before: int) -> None:
 
 def test_blob_our_client_casync_pull(casync: str, sshd: Sshd, tmp_path: Path):
     data = make_blob(tmp_path / "blob")
-    store, index, out = tmp_path / "remote" / "store.castr", tmp_path / "x.caibx", tmp_path / "out"
-    store.parent.mkdir()
+    store, index, out = remote_store(tmp_path), tmp_path / "x.caibx", tmp_path / "out"
     ok_casync(casync, "make", f"--store={store}", index, tmp_path / "blob")
     assert_blob_index(index)
     before = logins(sshd)
@@ -186,8 +191,7 @@ def test_blob_our_client_casync_pull(casync: str, sshd: Sshd, tmp_path: Path):
 def test_tree_our_client_casync_pull(casync: str, sshd: Sshd, tmp_path: Path):
     src = tmp_path / "src"
     make_tree(src)
-    store, index, out = tmp_path / "remote" / "store.castr", tmp_path / "x.caidx", tmp_path / "out"
-    store.parent.mkdir()
+    store, index, out = remote_store(tmp_path), tmp_path / "x.caidx", tmp_path / "out"
     ok_casync(casync, "make", f"--store={store}", index, src)
     assert unique_ids(index), "the tree's .caidx must not repeat a chunk id (issue 20)"
     assert len(list(read_index(str(index)))) >= 20
@@ -202,7 +206,7 @@ def test_tree_our_client_casync_pull(casync: str, sshd: Sshd, tmp_path: Path):
 
 def test_blob_casync_client_our_pull(casync: str, sshd: Sshd, tmp_path: Path):
     data = make_blob(tmp_path / "blob", seed=2)
-    store, index, out = tmp_path / "remote" / "store.castr", tmp_path / "x.caibx", tmp_path / "out"
+    store, index, out = remote_store(tmp_path), tmp_path / "x.caibx", tmp_path / "out"
     ok_cli("make", "-s", store, index, tmp_path / "blob")
     assert_blob_index(index)
     before = logins(sshd)
@@ -215,7 +219,7 @@ def test_blob_casync_client_our_pull(casync: str, sshd: Sshd, tmp_path: Path):
 def test_tree_casync_client_our_pull(casync: str, sshd: Sshd, tmp_path: Path):
     src = tmp_path / "src"
     make_tree(src)
-    store, index, out = tmp_path / "remote" / "store.castr", tmp_path / "x.caidx", tmp_path / "out"
+    store, index, out = remote_store(tmp_path), tmp_path / "x.caidx", tmp_path / "out"
     ok_cli("tar", "-i", "-s", store, index, src)
     assert unique_ids(index), "the tree's .caidx must not repeat a chunk id (issue 20)"
     assert len(list(read_index(str(index)))) >= 20
@@ -233,7 +237,7 @@ def test_missing_remote_chunk_is_a_clean_error(casync: str, sshd: Sshd, tmp_path
     """Our client, either pull on the far side: the missing chunk is named in one error line and no
     output (not even a partial one) is left behind."""
     make_blob(tmp_path / "blob", seed=3)
-    store, index, out = tmp_path / "remote" / "store.castr", tmp_path / "x.caibx", tmp_path / "out"
+    store, index, out = remote_store(tmp_path), tmp_path / "x.caibx", tmp_path / "out"
     ok_cli("make", "-s", store, index, tmp_path / "blob")
     chunks = sorted(store.rglob("*.cacnk"))
     victim = chunks[len(chunks) // 2]
@@ -250,7 +254,7 @@ def test_missing_remote_chunk_is_a_clean_error(casync: str, sshd: Sshd, tmp_path
 def test_missing_remote_chunk_casync_client(casync: str, sshd: Sshd, tmp_path: Path):
     """casync's client against our pull lacking a chunk: casync fails with ENOENT, no output left."""
     make_blob(tmp_path / "blob", seed=4)
-    store, index, out = tmp_path / "remote" / "store.castr", tmp_path / "x.caibx", tmp_path / "out"
+    store, index, out = remote_store(tmp_path), tmp_path / "x.caibx", tmp_path / "out"
     ok_cli("make", "-s", store, index, tmp_path / "blob")
     chunks = sorted(store.rglob("*.cacnk"))
     chunks[len(chunks) // 2].unlink()
@@ -270,7 +274,7 @@ def test_tree_with_repeated_chunks_casync_client_our_pull(casync: str, sshd: Ssh
     answers each id once per session as casync's does: casync gets everything it needs."""
     src = tmp_path / "src"
     make_tree(src, repeated=True)
-    store, index, out = tmp_path / "remote" / "store.castr", tmp_path / "x.caidx", tmp_path / "out"
+    store, index, out = remote_store(tmp_path), tmp_path / "x.caidx", tmp_path / "out"
     ok_cli("tar", "-i", "-s", store, index, src)
     assert not unique_ids(index)
     before = logins(sshd)
@@ -290,8 +294,7 @@ def test_tree_with_repeated_chunks_our_client_casync_pull(casync: str, sshd: Ssh
     """The tree with two identical 1 MiB files, read by `pydesync untar -i` from casync's pull."""
     src = tmp_path / "src"
     make_tree(src, repeated=True)
-    store, index, out = tmp_path / "remote" / "store.castr", tmp_path / "x.caidx", tmp_path / "out"
-    store.parent.mkdir()
+    store, index, out = remote_store(tmp_path), tmp_path / "x.caidx", tmp_path / "out"
     ok_casync(casync, "make", f"--store={store}", index, src)
     if unique_ids(index):  # not an AssertionError: a broken precondition must not pass as the xfail
         pytest.fail("the tree's .caidx should repeat a chunk id")

@@ -110,7 +110,10 @@ def test_store_must_be_a_directory(tmp_path: Path):
         LocalStore(tmp_path / "nope")
     with pytest.raises(StoreError, match="not a directory"):
         LocalStore(tmp_path / "file", create=True)
-    assert LocalStore(tmp_path / "new" / "store", create=True).path.endswith("store")
+    with pytest.raises(StoreError, match="new does not exist"):  # its parent must exist
+        LocalStore(tmp_path / "new" / "store", create=True)
+    assert not (tmp_path / "new").exists()
+    assert LocalStore(tmp_path / "store", create=True).path.endswith("store")
 
 
 def test_concurrent_writers(tmp_path: Path):

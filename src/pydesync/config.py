@@ -15,10 +15,138 @@ from typing import Any
 
 from .errors import UsageError
 from .store import StoreOptions, location_scheme
-from .store.converters import encryption_key_fallback
+from .store.converters import ALGORITHMS, encryption_key_fallback
 
 OWN_CONFIG = os.path.join("~", ".config", "pydesync", "config.json")
 DESYNC_CONFIG = os.path.join("~", ".config", "desync", "config.json")
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+GO_DURATION = r"^[-+]?((\d+(\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h))+$|^[-+]?0$"
+
+
+def go_duration(text: str) -> float:
+    """A Go duration ("500ms", "1m30s", "-1h"; "0" alone) in seconds; ValueError if it is not one."""
+    if text in ("0", "-0", "+0"):
+        return 0.0
+    sign = -1.0 if text.startswith("-") else 1.0
+    body = text[1:] if text[:1] in "+-" else text
+    pos, total = 0, 0.0
+    for m in _DURATION.finditer(body):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNIT[m.group(2)]
+        pos = m.end()
+    if pos != len(body) or not body:
+        raise ValueError(f"invalid duration '{text}'")
+    return sign * total
+
+
+def _nullable(*types: str, **rules: Any) -> dict[str, Any]:
+    """null is allowed wherever desync's JSON decoding leaves the default in place."""
+    return {"type": [*types, "null"], **rules}
+
+
+_STRING = _nullable("string")
+_BOOLEAN = _nullable("boolean")
+_DURATION_VALUE = _nullable("integer", "string", pattern=GO_DURATION)  # the pattern applies to strings
+_STORE_OPTIONS = {
+    "n": _nullable("integer"),
+    "client-cert": _STRING, "client-key": _STRING, "ca-cert": _STRING,
+    "trust-insecure": _BOOLEAN,
+    "http-auth": _STRING, "http-cookie": _STRING,
+    "timeout": _DURATION_VALUE,
+    "error-retry": _nullable("integer", minimum=0),
+    "error-retry-base-interval": _DURATION_VALUE,
+    "skip-verify": _BOOLEAN, "uncompressed": _BOOLEAN,
+    "encryption": _BOOLEAN,
+    "encryption-key": _STRING,
+    "encryption-algorithm": {"enum": [None, "", *sorted(ALGORITHMS)]},
+}
+_S3_CREDENTIALS = {key: _STRING for key in ("access-key", "secret-key", "session-token",
+                                             "aws-credentials-file", "aws-profile", "aws-region")}
+_OCI_CREDENTIALS = {key: _STRING for key in ("username", "secret")}
+_SECTIONS = {"store-options": _STORE_OPTIONS, "s3-credentials": _S3_CREDENTIALS,
+             "oci-credentials": _OCI_CREDENTIALS}
+SCHEMA = {  # desync's config file (its Go structs), as JSON Schema
+    "type": "object",
+    "properties": {
+        section: _nullable("object", additionalProperties=_nullable("object", properties=keys))
+        for section, keys in _SECTIONS.items()},
+}
+# The same, one validator per level: errors then name their key exactly (locations hold dots).
+_LEVELS = {
+    "": {"type": "object", "properties": {section: _nullable("object") for section in _SECTIONS}},
+    **{section: _nullable("object", properties=keys) for section, keys in _SECTIONS.items()},
+}
+_EXPECTED = {"boolean": "true or false", "integer": "a whole number", "string": "a string",
+             "object": "an object"}
+
+
+def validate_config(raw: Any, path: str) -> list[str]:
+    """Check a parsed config against SCHEMA: UsageError naming the file, the key and what it
+    expects; the unknown keys are returned (warnings: desync ignores them too)."""
+    import fastjsonschema  # a well-kept validator; compiled on the first config read
+
+    validators = _validators(fastjsonschema)
+    try:
+        validators[""](raw)
+    except fastjsonschema.JsonSchemaValueException as e:
+        section = e.name.partition(".")[2]
+        raise UsageError(f"config file {path}: {section or 'the top level'}: expected "
+                         f"{'an object of locations (or null)' if section else 'a JSON object'}, "
+                         f"got {json.dumps(e.value)}") from None
+    for section, keys in _SECTIONS.items():
+        for location, entry in (raw.get(section) or {}).items():
+            try:
+                validators[section](entry)
+            except fastjsonschema.JsonSchemaValueException as e:
+                key = e.name.partition(".")[2]
+                where = f"{section}: {json.dumps(location)}"
+                expected = _expectation(keys[key]) if key in keys else "an object of options (or null)"
+                raise UsageError(f"config file {path}: {where}{': ' + key if key else ''}: expected "
+                                 f"{expected}, got {json.dumps(e.value)}") from None
+    return [f"{section}: {location}: {key}" if location else f"{section}"
+            for section, location, key in _unknown_keys(raw)]
+
+
+_compiled: dict[str, Any] = {}
+
+
+def _validators(fastjsonschema: Any) -> dict[str, Any]:
+    if not _compiled:
+        _compiled.update({level: fastjsonschema.compile(schema) for level, schema in _LEVELS.items()})
+    return _compiled
+
+
+def _expectation(schema: dict[str, Any]) -> str:
+    if "enum" in schema:
+        return " or ".join(json.dumps(v) for v in schema["enum"] if v)
+    if "pattern" in schema:
+        return 'a duration: nanoseconds or a Go duration such as "500ms" or "1m"'
+    text = _EXPECTED[schema["type"][0]]
+    return text + (" (0 or more)" if "minimum" in schema else "")
+
+
+def _unknown_keys(raw: dict[str, Any]) -> list[tuple[str, str, str]]:
+    out = [(key, "", "") for key in raw if key not in _SECTIONS]
+    for section, keys in _SECTIONS.items():
+        for location, entry in (raw.get(section) or {}).items():
+            out += [(section, location, key) for key in (entry or {}) if key not in keys]
+    return out
+
+
+def duration_seconds(value: int | str | None, what: str) -> float | None:
+    """A config duration (nanoseconds, or a Go duration string) in seconds."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            return go_duration(value)
+        except ValueError:
+            raise UsageError(f"{what}: invalid duration {value!r}") from None
+    return value / 1e9
 
 
 def default_config_path() -> str:
@@ -79,11 +207,12 @@ def location_matches(pattern: str, location: str) -> bool:
 
 @dataclass
 class Config:
-    """Parsed config; unknown sections are kept for the commands that will use them."""
+    """A config file checked against SCHEMA (its unknown keys only warned about, as desync ignores them)."""
 
     store_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     s3_credentials: dict[str, dict[str, Any]] = field(default_factory=dict)
     oci_credentials: dict[str, dict[str, Any]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # unknown keys, for the CLI to print
 
     def raw_options_for(self, location: str) -> dict[str, Any]:
         matches = [k for k in self.store_options if location_matches(k, location)]
@@ -100,26 +229,26 @@ class Config:
         when they open (store.converters), index stores refuse them all.
         """
         raw = self.raw_options_for(location)
-        timeout = raw.get("timeout")
-        encryption = bool(_typed(raw, "encryption", bool, location))
+        timeout = duration_seconds(raw.get("timeout"), f"store-options for {location}: timeout")
+        base = duration_seconds(raw.get("error-retry-base-interval"),
+                                f"store-options for {location}: error-retry-base-interval")
+        encryption = bool(raw.get("encryption"))
         return StoreOptions().override(
-            uncompressed=_bool(raw, "uncompressed"),
-            skip_verify=_bool(raw, "skip-verify"),
+            uncompressed=raw.get("uncompressed"),
+            skip_verify=raw.get("skip-verify"),
             timeout=None if timeout is None else (60.0 if timeout == 0 else (
-                float("inf") if timeout < 0 else timeout / 1e9)),
+                float("inf") if timeout < 0 else timeout)),
             error_retry=raw.get("error-retry"),
-            error_retry_base=None if raw.get("error-retry-base-interval") is None
-            else raw["error-retry-base-interval"] / 1e9,
-            trust_insecure=_bool(raw, "trust-insecure"),
+            error_retry_base=None if base is None else max(0.0, base),
+            trust_insecure=raw.get("trust-insecure"),
             ca_cert=raw.get("ca-cert"),
             client_cert=raw.get("client-cert"),
             client_key=raw.get("client-key"),
             http_auth=raw.get("http-auth"),
             http_cookie=raw.get("http-cookie"),
             encryption=encryption,
-            encryption_key=encryption_key_fallback(
-                encryption, _typed(raw, "encryption-key", str, location) or None),
-            encryption_algorithm=_typed(raw, "encryption-algorithm", str, location) or None,
+            encryption_key=encryption_key_fallback(encryption, raw.get("encryption-key") or None),
+            encryption_algorithm=raw.get("encryption-algorithm") or None,
             s3_credentials=self.s3_entry_for(location),
             oci_credentials=self.oci_entry_for(location),
         )
@@ -155,19 +284,6 @@ class Config:
                 "store-options": self.store_options or None}
 
 
-def _typed(raw: dict[str, Any], key: str, kind: type, location: str) -> Any:
-    """raw[key] (None if absent or null), which must be of `kind` (as Go's JSON decoding insists)."""
-    value = raw.get(key)
-    if value is not None and type(value) is not kind:
-        raise UsageError(f"store-options for {location}: '{key}' must be a "
-                         f"{'boolean' if kind is bool else 'string'}")
-    return value
-
-
-def _bool(raw: dict[str, Any], key: str) -> bool | None:
-    return None if raw.get(key) is None else bool(raw[key])
-
-
 def load_config(path: str | None) -> Config:
     """Load the config; a missing default file is fine, a missing explicit one is an error."""
     explicit = path is not None
@@ -183,6 +299,8 @@ def load_config(path: str | None) -> Config:
         raise UsageError(f"cannot read config file {path}: {e}") from None
     if not isinstance(raw, dict):
         raise UsageError(f"config file {path}: expected a JSON object")
+    unknown = validate_config(raw, path)
     return Config(store_options=raw.get("store-options") or {},
                   s3_credentials=raw.get("s3-credentials") or {},
-                  oci_credentials=raw.get("oci-credentials") or {})
+                  oci_credentials=raw.get("oci-credentials") or {},
+                  warnings=[f"config file {path}: unknown key {key} (ignored)" for key in unknown])

@@ -152,6 +152,16 @@ def parse_index(data: bytes, name: str = "index") -> Index:
     return Index(flags=flags, sizes=ChunkSizes(cmin, cavg, cmax), chunks=chunks)
 
 
+def looks_like_index(path: str) -> bool:
+    """Whether the file starts as a .caibx/.caidx does (its header's size and type)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return False
+    return len(head) == 16 and struct.unpack("<2Q", head) == (HEADER_SIZE, CA_FORMAT_INDEX)
+
+
 def check_index_digest(index: Index, digest: str, name: str = "index") -> Index:
     """An explicitly requested digest must agree with the index's SHA512-256 flag (desync's rule)."""
     if index.digest != digest:

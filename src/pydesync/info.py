@@ -40,13 +40,9 @@ def _present(ids: list[ChunkId], store: Store | None, concurrency: int) -> set[C
     if store is None:
         return set()
 
-    def has(chunk_id: ChunkId) -> bool:
-        try:
-            return store.has(chunk_id)
-        except (PydesyncError, OSError):
-            return False  # desync counts errors as absent
-
-    return {i for i, ok in zip(ids, ordered_map(has, ids, concurrency), strict=True) if ok}
+    # desync counts a store's errors as absence; an unreachable store is not an empty one: the
+    # first error is the command's.
+    return {i for i, ok in zip(ids, ordered_map(store.has, ids, concurrency), strict=True) if ok}
 
 
 def index_info(index: Index, store: Store | None = None, seeds: Sequence[Index] = (),

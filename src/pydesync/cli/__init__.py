@@ -91,8 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 141
     except OSError as e:
-        name = f" {e.filename}" if e.filename else ""
-        sys.stderr.write(f"Error:{name} {e.strerror or e}\n")
+        name = f"{e.filename}: " if e.filename else ""
+        sys.stderr.write(f"Error: {name}{e.strerror or e}\n")
         return 1
     except MemoryError:  # e.g. a huge index under `ulimit -v`; temporary outputs went while unwinding
         pass  # leaving the handler drops the traceback, and with it what filled the memory

@@ -15,7 +15,7 @@ from ..digest import SHA512_256, check_digest
 from ..errors import PydesyncError, UsageError
 from ..extract import BlobReader
 from ..streams import IterReader
-from .common import CommaList, Context, add_bool, add_store_options, add_stores
+from .common import CommaList, Context, add_bool, add_store_options, add_stores, check_index_output
 from .progress import CountingReader, Progress
 
 TIME_FEATURES = ("nsec-time", "usec-time", "sec-time", "2sec-time")
@@ -95,6 +95,7 @@ def run_tar(ctx: Context) -> int:
     if len(a.store) != 1:
         raise UsageError("-i needs exactly one target store (-s)")
     index_options = ctx.index_options(a.output)  # checked first: index stores refuse encryption options
+    check_index_output(a.output, a.source)
     store = ctx.target(a.store[0], create=True)
     with store, Progress("Packing ", None, unit=" bytes") as bar:
         tar_to_index(a.source, a.output, store, flags, ChunkSizes.parse_kib(a.chunk_size),

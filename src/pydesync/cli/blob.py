@@ -14,6 +14,7 @@ from ..chunker import ChunkSizes, iter_chunks
 from ..digest import ChunkId, check_digest, digest_of
 from ..errors import UsageError
 from ..extract import BlobReader, ExtractStats, extract, null_chunk_id
+from ..fsutil import atomic_write
 from ..index import Index
 from ..make import chunk_stream, input_size, open_input
 from ..remotesync import sync_prefetch
@@ -23,7 +24,7 @@ from ..store.converters import COMPRESSED
 from ..store.local import LocalStore
 from ..storeops import chop, verify_index
 from ..streams import IterReader
-from .common import Context, add_ignore, add_seeds, add_store_options, add_stores
+from .common import Context, add_ignore, add_seeds, add_store_options, add_stores, check_index_output
 from .ignore import ignored_ids
 from .progress import Progress
 
@@ -115,10 +116,13 @@ def run_make(ctx: Context) -> int:
     sizes = ChunkSizes.parse_kib(a.chunk_size)
     digest = check_digest(ctx.digest)
     ctx.index_options(a.index)  # an index store that refuses its options fails before any work
-    # A bad input must not leave a new, empty store behind: open it first.
-    with open_input(a.file) as reader, _single_target(ctx, create=True) or nullcontext() as store, \
-            Progress("Chunking ", input_size(reader)) as bar:
-        index, stats = chunk_stream(reader, sizes, digest, store, ctx.concurrency, progress=bar.callback())
+    # A bad input (or an index path that is not one) must not leave a new, empty store behind.
+    with open_input(a.file) as reader:
+        check_index_output(a.index, a.file)
+        with _single_target(ctx, create=True) or nullcontext() as store, \
+                Progress("Chunking ", input_size(reader)) as bar:
+            index, stats = chunk_stream(reader, sizes, digest, store, ctx.concurrency,
+                                        progress=bar.callback())
     ctx.write_index(index, a.index)
     if a.print_stats:
         print(json.dumps({"ChunksAccepted": stats.chunks, "ChunksProduced": stats.chunks}), file=sys.stderr)
@@ -235,16 +239,16 @@ def run_cat(ctx: Context) -> int:
     store = ctx.source()
     assert store is not None
     reader = BlobReader(index, store, ctx.concurrency)
+    output = a.output or "-"
     with store:
-        if a.output and a.output != "-":
-            with open(a.output, "wb") as out:
+        try:
+            with atomic_write(output) as out:  # a failure leaves the old file (or none)
                 for piece in reader.iter_range(a.offset, a.length):
                     out.write(piece)
-        else:
-            out = sys.stdout.buffer
-            for piece in reader.iter_range(a.offset, a.length):
-                out.write(piece)
-            out.flush()
+        except OSError as e:
+            if e.filename is None and output == "-":
+                raise
+            raise UsageError(f"cannot write {output}: {e.strerror}") from None
     return 0
 
 
@@ -265,7 +269,7 @@ def run_chop(ctx: Context) -> int:
     a = ctx.args
     if not a.store:
         raise UsageError("no target store provided")
-    with _single_target(ctx, create=False) or nullcontext() as store:
+    with _single_target(ctx, create=True) or nullcontext() as store:
         index = ctx.read_index(a.index)
         chop(index, a.file, store, ignore=ignored_ids(a.ignore, a.ignore_chunks, ctx.requested_digest),
              concurrency=ctx.concurrency)

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import Config, load_config
+from ..config import Config, go_duration, load_config
 from ..digest import DIGESTS, SHA512_256, check_digest
 from ..errors import UsageError
-from ..index import Index
-from ..indexstore import read_index_at, write_index_at
+from ..index import Index, looks_like_index
+from ..indexstore import is_remote, read_index_at, write_index_at
 from ..store import Store, StoreOptions, open_chain, open_store
 
 DEFAULT_CONCURRENCY = 10
@@ -44,25 +45,12 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"invalid boolean value '{text}'")
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
 def parse_duration(text: str) -> float:
-    """Go duration syntax to seconds (`0` alone is allowed)."""
-    if text in ("0", "-0", "+0"):
-        return 0.0
-    sign = -1.0 if text.startswith("-") else 1.0
-    body = text.lstrip("+-")
-    pos, total = 0, 0.0
-    for m in _DURATION.finditer(body):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNIT[m.group(2)]
-        pos = m.end()
-    if pos != len(body) or not body:
-        raise argparse.ArgumentTypeError(f"invalid duration '{text}'")
-    return sign * total
+    """Go duration syntax (`-b 500ms`) to seconds."""
+    try:
+        return go_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_bool(parser: argparse.ArgumentParser, *names: str, default: bool, help: str) -> None:
@@ -134,7 +122,10 @@ class Context:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Context:
         check_digest(getattr(args, "digest", None) or SHA512_256)  # global: fatal for every command
-        return cls(args, load_config(getattr(args, "config", None)))
+        config = load_config(getattr(args, "config", None))
+        for warning in config.warnings:
+            sys.stderr.write(f"Warning: {warning}\n")
+        return cls(args, config)
 
     @property
     def digest(self) -> str:
@@ -209,3 +200,16 @@ class Context:
         if not store.writable:
             raise UsageError(f"store {location} is not writable")
         return store
+
+
+def check_index_output(index: str, source: str) -> None:
+    """An index is never written over its input, nor over an existing file that is not an index
+    (as when `make` gets its arguments the wrong way round: `make INDEX FILE`)."""
+    if index == "-" or is_remote(index) or not os.path.lexists(index):
+        return
+    if source != "-" and os.path.exists(source) and os.path.samefile(index, source):
+        raise UsageError("input and output filenames match")
+    if os.path.isfile(index) and os.path.getsize(index) and not looks_like_index(index):
+        what = "SOURCE" if os.path.isdir(source) else "FILE"
+        raise UsageError(f"{index} exists and is not an index; not overwriting it (the index comes first: "
+                         f"INDEX {what})")

@@ -7,8 +7,9 @@ import json
 import os
 import sys
 
-from ..config import default_config_path
+from ..config import OWN_CONFIG
 from ..errors import UsageError
+from ..fsutil import atomic_write
 from ..info import index_info, inspect_chunks
 from .common import CommaList, Context, add_bool, add_store_options, add_stores
 
@@ -117,13 +118,17 @@ def run_inspect_chunks(ctx: Context) -> int:
 
 
 def run_config(ctx: Context) -> int:
+    """Print the config in effect; with -w, write it (to --config, else pydesync's own path) instead."""
     text = json.dumps(ctx.config.as_json(), indent=2)
-    print(text)
-    if ctx.args.write:
-        path = os.path.expanduser(ctx.args.config) if ctx.args.config else default_config_path()
-        print(f"Writing config to {path}")
-        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+    if not ctx.args.write:
+        print(text)
+        return 0
+    path = os.path.expanduser(ctx.args.config or OWN_CONFIG)
+    print(f"Writing config to {path}")
+    try:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        with atomic_write(path, mode=0o600) as f:
+            f.write((text + "\n").encode())
+    except OSError as e:
+        raise UsageError(f"cannot write config {path}: {e.strerror}") from None
     return 0

@@ -30,6 +30,23 @@ TEMP_PREFIX = ".tmp-cacnk"
 _CHUNK_ID = re.compile(r"^[0-9a-f]{64}")
 
 
+def create_store_directory(path: str) -> None:
+    """Make a missing store's directory; its parent must exist (the rule for every store kind: a
+    typo in a path creates nothing at the root)."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise StoreError(f"cannot create store {path}: {parent} does not exist")
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise StoreError(f"store {path} is not a directory") from None
+    except OSError as e:
+        raise StoreError(f"cannot create store {path}: {e.strerror}") from None
+
+
 class LocalStore(Store):
     """Chunks in a directory, laid out as casync and desync lay them out."""
 
@@ -40,12 +57,7 @@ class LocalStore(Store):
         self.options = options or StoreOptions()
         self.converters = converters_for(self.options)  # validates the encryption settings first
         if create:
-            try:
-                os.makedirs(self.path, exist_ok=True)
-            except FileExistsError:
-                raise StoreError(f"store {self.path} is not a directory") from None
-            except OSError as e:
-                raise StoreError(f"cannot create store {self.path}: {e.strerror}") from None
+            create_store_directory(self.path)
         if not os.path.exists(self.path):
             raise StoreError(f"store {self.path} does not exist")
         if not os.path.isdir(self.path):
