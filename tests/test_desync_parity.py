@@ -170,3 +170,115 @@ def test_make_over_an_existing_index_replaces_it(made: Path):
     r = run_cli("make", "-s", made / "store", made / "blob.caibx", made / "blob")
     assert r.returncode == 0, r.stderr
     assert os.path.getsize(made / "blob.caibx") > 48
+
+
+# ---- extract to standard output ------------------------------------------------------------------------
+
+def test_extract_to_dash_streams_the_blob_to_stdout_with_seeds(made: Path):
+    """casync writes the blob to stdout for `-` (RAUC passes its own descriptor); desync writes a
+    file named `-`. Here: the blob, in order, seeds used, statistics on stderr."""
+    v2 = (made / "blob").read_bytes()[: 1 << 20] + random.Random(9).randbytes(300_000)
+    (made / "v2").write_bytes(v2)
+    assert run_cli("make", "-s", made / "store", made / "v2.caibx", made / "v2").returncode == 0
+    r = run_cli("extract", "--print-stats", "-s", made / "store", "--seed", made / "blob.caibx",
+                made / "v2.caibx", "-", cwd=made)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == v2
+    stats = json.loads(r.stderr)
+    assert stats["chunks-from-seeds"] > 0 and stats["chunks-from-store"] > 0
+    assert not (made / "-").exists()
+
+
+def test_extract_to_dash_never_writes_a_bad_chunk(made: Path):
+    chunk = corrupt_one_chunk(made / "store", made / "blob.caibx")
+    r = run_cli("extract", "-s", made / "store", made / "blob.caibx", "-")
+    assert_clean_error(r, chunk)
+    assert r.stdout == b""  # the corrupt chunk is the first one: nothing before it
+
+
+def test_blob_reader_refuses_negative_offsets_and_lengths(made: Path):
+    from pydesync import BlobReader, open_store
+
+    reader = BlobReader(read_index(str(made / "blob.caibx")), open_store(str(made / "store")))
+    blob = (made / "blob").read_bytes()
+    assert reader.read(10, 5) == blob[10:15] and reader.read(10, 0) == b""
+    for offset, length in ((-5, 10), (0, -1)):
+        with pytest.raises(ValueError, match="negative"):
+            reader.read(offset, length)
+
+
+# ---- messages ------------------------------------------------------------------------------------------
+
+def test_a_seed_whose_index_is_missing_says_so(made: Path):
+    r = run_cli("extract", "-s", made / "store", "--seed", made / "nope.caibx", made / "blob.caibx",
+                made / "o")
+    assert_clean_error(r, f"index {made / 'nope.caibx'} does not exist")
+
+
+def test_tar_of_a_missing_directory_says_it_does_not_exist(made: Path):
+    assert_clean_error(run_cli("tar", made / "x.catar", made / "nonexistent"), "does not exist")
+
+
+def test_a_store_location_without_a_host_is_refused(made: Path):
+    r = run_cli("extract", "-s", "http://", made / "blob.caibx", made / "out")
+    assert_clean_error(r, "invalid location 'http://': no host")
+
+
+def test_an_encrypted_store_read_without_its_key_says_so(made: Path):
+    key = "11" * 32
+    path = config(made, {"store-options": {str(made / "enc"): {"encryption": True, "encryption-key": key}}})
+    r = run_cli("--config", path, "make", "-s", made / "enc", made / "e.caibx", made / "blob")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("extract", "-s", made / "enc", made / "e.caibx", made / "out")
+    assert_clean_error(r, "missing", "encrypted chunk", "encryption options")
+
+
+# ---- the command line itself ---------------------------------------------------------------------------
+
+def test_version_help_and_usage_errors():
+    from pydesync.cli.meta import version
+
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.out == f"pydesync {version()}\n"
+    r = run_cli("help", "extract")
+    assert r.returncode == 0 and r.out.startswith("usage: pydesync extract")
+    r = run_cli("extrat", "a", "b")
+    assert_clean_error(r, "unknown command 'extrat'", "did you mean 'extract'")
+    assert r.returncode == 1
+    r = run_cli("make", "--no-such-flag", "a", "b")
+    assert_clean_error(r, "--no-such-flag", "see 'pydesync make -h'")
+    assert r.returncode == 1
+    assert run_cli().returncode == 1
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_completion_scripts(shell: str):
+    r = run_cli("completion", shell)
+    assert r.returncode == 0 and "pydesync" in r.out and "_ARGCOMPLETE" in r.out
+
+
+def test_completion_answers_the_shell(tmp_path: Path):
+    """What the shell runs on TAB (argcomplete's protocol): the commands that start with `ext`."""
+    env = {"_ARGCOMPLETE": "1", "_ARGCOMPLETE_IFS": "\n", "COMP_LINE": "pydesync ext", "COMP_POINT": "12",
+           "_ARGCOMPLETE_SHELL": "bash", "_ARGCOMPLETE_STDOUT_FILENAME": str(tmp_path / "out")}
+    run_cli(env=env)
+    assert (tmp_path / "out").read_text().split() == ["extract"]
+
+
+def test_manpage(tmp_path: Path):
+    r = run_cli("manpage", tmp_path)
+    assert r.returncode == 0
+    page = (tmp_path / "pydesync.1").read_text().replace("\\-", "-")
+    assert page.startswith(".TH PYDESYNC") and "chunk-server" in page and "--seed" in page
+
+
+def test_verbose_logs_stores_tried_and_retries(made: Path, tmp_path: Path):
+    (tmp_path / "empty").mkdir()
+    r = run_cli("--verbose", "extract", "-s", tmp_path / "empty", "-s", made / "store", made / "blob.caibx",
+                tmp_path / "out")
+    assert r.returncode == 0
+    assert "to fetch from" in r.stderr and "trying the next store" in r.stderr and "fetched" in r.stderr
+    r = run_cli("extract", "--verbose", "-e", "2", "-b", "1ms", "-s", "http://127.0.0.1:1/",
+                made / "blob.caibx", tmp_path / "out2")
+    assert r.returncode == 1 and "attempt 1 of 2; retrying" in r.stderr
+    assert r.stderr.splitlines()[-1].startswith("Error: ")

@@ -23,6 +23,7 @@ from procutil import HANG_GUARD, free_port, stop, wait_listening
 
 from pydesync.index import read_index
 from pydesync.remotesync import (
+    EMPTY_KEY,
     PLACEHOLDER_KEY,
     ChunkInfo,
     SyncError,
@@ -57,7 +58,7 @@ def transfer(info: SyncInfo, datas: list[bytes], have: set[bytes]) -> tuple[byte
     out.seek(0)
     received: dict[bytes, bytes] = {}
     count = receive(info, wish, out, lambda c, data: received.__setitem__(c.key, data))
-    store = {**local, **received}
+    store = {EMPTY_KEY: b"", **local, **received}  # the empty chunk is never asked for: one has it
     return b"".join(store[c.key] for c in info.chunks), count, len(wish)
 
 
@@ -73,7 +74,7 @@ def test_round_trip(held: float, k: int):
     have = set(rng.sample(unique, int(len(unique) * held)))
     rebuilt, count, wish_len = transfer(info, datas, have)
     assert rebuilt == b"".join(datas)
-    assert count == len(set(unique) - have)  # each missing chunk once, duplicates included
+    assert count == len(set(unique) - have - {EMPTY_KEY})  # each missing chunk once, duplicates included
     assert wish_len == (len(chunks) + k - 1 + 7) // 8
 
 
@@ -393,3 +394,13 @@ def test_sync_refusals(sync_server):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HANG_GUARD)
     conn.request("GET", "/sync/nothing.caibx")
     assert conn.getresponse().status == 404
+
+
+def test_an_empty_file_is_one_empty_chunk_never_asked_for(tmp_path):
+    """As CAFS: an empty file's SyncInfo lists the empty key with size 0, and a receiver's
+    wishlist never sets its bit."""
+    (tmp_path / "empty").write_bytes(b"")
+    with open(tmp_path / "empty", "rb") as f:
+        info, offsets = file_syncinfo(f)
+    assert [(c.key, c.size) for c in info.chunks] == [(EMPTY_KEY, 0)] and offsets == [0]
+    assert set(b"".join(wishlist(info, lambda key: False))) == {0}

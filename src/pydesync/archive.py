@@ -23,6 +23,8 @@ from .streams import IterReader
 
 
 def _check_source(source: str) -> None:
+    if not os.path.exists(source):
+        raise PydesyncError(f"{source} does not exist")
     if not os.path.isdir(source):
         raise PydesyncError(f"{source} is not a directory")
 

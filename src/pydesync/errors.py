@@ -26,10 +26,12 @@ class ChunkError(PydesyncError):
 class ChunkMissing(ChunkError):
     """No store had the chunk. Only this error falls through to the next store in a chain."""
 
-    def __init__(self, chunk_id: object, stores: list[str] | None = None):
+    def __init__(self, chunk_id: object, stores: list[str] | None = None, hint: str = ""):
+        """`hint`: what the stores hold instead (a chunk stored encrypted, say), for the user."""
         self.stores = list(stores or [])
+        self.hint = hint
         where = f" in {', '.join(self.stores)}" if self.stores else ""
-        super().__init__(chunk_id, f"chunk {chunk_id} missing{where}")
+        super().__init__(chunk_id, f"chunk {chunk_id} missing{where}{f' ({hint})' if hint else ''}")
 
 
 class ChunkInvalid(ChunkError):

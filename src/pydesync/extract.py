@@ -12,11 +12,14 @@ import bisect
 import contextlib
 import errno
 import functools
+import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from .digest import ChunkId, digest_of
 from .errors import ChunkInvalid, ChunkMissing, PydesyncError, UsageError
@@ -43,6 +46,8 @@ from .seed import (
     read_range,
 )
 from .store.base import Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -211,7 +216,11 @@ def extract(index: Index, output: str, store: Store, concurrency: int = DEFAULT_
         else:
             null_set = set(nulls)
             fetch = [i for i in range(len(index.chunks)) if i not in null_set]
+        log.debug("%d chunks: %d all zero, %d from seeds, %d to fetch from %s", len(index.chunks), len(nulls),
+                  len(index.chunks) - len(nulls) - len(fetch), len(fetch), store.location)
+        started = time.monotonic()
         _fetch(index, fetch, target, store, stats, concurrency, progress)
+        log.debug("fetched %d chunks in %.2f s", len(fetch), time.monotonic() - started)
         target.commit()
     except BaseException:
         target.abort()  # (after a completed commit there is nothing left to remove)
@@ -226,9 +235,10 @@ def _open_seeds(seeds: Sequence[Seed], output: str) -> list[Seed]:
     """Open each seed's blob (one that is the output itself is refused)."""
     for seed in seeds:
         with contextlib.suppress(OSError):
-            if os.path.samefile(seed.blob, output):
+            if output and os.path.samefile(seed.blob, output):
                 raise UsageError(f"seed {seed.blob} is the output file itself")
         seed.open()
+        log.debug("seed %s (index %s, %d chunks)", seed.blob, seed.index_name, len(seed.index.chunks))
     return list(seeds)
 
 
@@ -425,20 +435,49 @@ def fetch_chunk(index: Index, store: Store, chunk: IndexChunk) -> bytes:
 
 
 class BlobReader:
-    """Random access to the bytes an index describes, chunk by chunk from a store."""
+    """Random access to the bytes an index describes, chunk by chunk: from seeds where they hold a
+    chunk (hashed before it is used), else from the store."""
 
-    def __init__(self, index: Index, store: Store, concurrency: int = DEFAULT_CONCURRENCY):
+    def __init__(self, index: Index, store: Store, concurrency: int = DEFAULT_CONCURRENCY,
+                 seeds: Sequence[Seed] = (), stats: ExtractStats | None = None):
+        """`seeds` must be open; `stats` counts where chunks came from."""
         self.index = index
         self.store = store
         self.concurrency = concurrency
+        self.seeds = list(seeds)
+        self.stats = stats
         self._ends = [c.end for c in index]
 
     def _fetch(self, chunk: IndexChunk) -> bytes:
+        for seed in self.seeds:
+            data = self._from_seed(seed, chunk)
+            if data is not None:
+                if self.stats is not None:
+                    self.stats.add("chunks_from_seeds")
+                    self.stats.add("bytes_copied_from_seeds", len(data))
+                return data
+        if self.stats is not None:
+            self.stats.add("chunks_from_store")
         return fetch_chunk(self.index, self.store, chunk)
+
+    def _from_seed(self, seed: Seed, chunk: IndexChunk) -> bytes | None:
+        """The chunk's bytes from a seed's blob, if the seed has them as its index says."""
+        for position in seed.positions.get(chunk.id, ())[:1]:
+            held = seed.index.chunks[position]
+            if held.size != chunk.size:
+                continue
+            data = os.pread(seed.fd, held.size, held.start)
+            if len(data) == held.size and digest_of(data, self.index.digest) == chunk.id:
+                return data
+            log.info("seed %s does not match its index at offset %d: fetching chunk %s instead",
+                     seed.blob, held.start, chunk.id)
+        return None
 
     def iter_range(self, offset: int = 0, length: int = 0) -> Iterator[bytes]:
         """Yield the bytes of [offset, offset+length) in order (length 0 = to the end)."""
-        end = self.index.length if length <= 0 else min(self.index.length, offset + length)
+        if offset < 0 or length < 0:
+            raise ValueError("offset and length must not be negative")
+        end = self.index.length if length == 0 else min(self.index.length, offset + length)
         if offset >= end:
             return
         first = bisect.bisect_right(self._ends, offset)
@@ -454,4 +493,25 @@ class BlobReader:
             yield data[lo:hi] if (lo, hi) != (0, chunk.size) else data
 
     def read(self, offset: int, length: int) -> bytes:
-        return b"".join(self.iter_range(offset, length))
+        """Exactly the bytes [offset, offset+length) (fewer past the end); ValueError for a negative
+        offset or length."""
+        if offset < 0 or length < 0:
+            raise ValueError("offset and length must not be negative")
+        return b"".join(self.iter_range(offset, length)) if length else b""
+
+
+def stream_blob(index: Index, out: BinaryIO, store: Store, concurrency: int = DEFAULT_CONCURRENCY,
+                seeds: Sequence[Seed] = (), progress: Callable[[int], None] | None = None) -> ExtractStats:
+    """Write the blob to `out` in order (a pipe, standard output): chunks from seeds where they hold
+    them, hashed first, else from the store. Nothing is written that was not verified."""
+    stats = ExtractStats(bytes_total=index.length, chunks_total=len(index), seeds=1 + len(seeds))
+    reader = BlobReader(index, store, concurrency, _open_seeds(seeds, ""), stats)
+    try:
+        for piece in reader.iter_range():
+            out.write(piece)
+            _report(progress, 1)
+        out.flush()
+    finally:
+        for seed in seeds:
+            seed.close()
+    return stats

@@ -124,6 +124,7 @@ def cafs_chunks(reader: BinaryIO, block: int = 1 << 20) -> Iterator[bytes]:
     that makes the chunk longer than 128 bytes with checksum mod 8191 == 4159, or longer than
     128 KiB; each chunk from a fresh state). The scan is `_chunker.cafs_cuts`, in C."""
     buf = b""
+    seen = False
     while True:
         more = reader.read(block)
         buf += more
@@ -133,9 +134,10 @@ def cafs_chunks(reader: BinaryIO, block: int = 1 << 20) -> Iterator[bytes]:
             start = cut
         buf = buf[start:]  # undecided: rescanned with more data (chunks start fresh, so no state)
         if not more:
-            if buf:
+            if buf or not seen:  # an empty stream is one empty chunk, as CAFS lists it
                 yield buf
             return
+        seen = True
 
 
 def file_syncinfo(reader: BinaryIO, perm: list[int] | None = None) -> tuple[SyncInfo, list[int]]:
@@ -238,11 +240,13 @@ def unshuffle(stream: Iterable[T | None], perm: list[int]) -> Iterator[T]:
 # ---- the wishlist ---------------------------------------------------------------------------------
 def wishlist(info: SyncInfo, have: Callable[[bytes], bool]) -> Iterator[bytes]:
     """The receiver's bit stream, a byte at a time as each fills (MSB first, last one padded):
-    1 for a chunk it lacks and has not asked for already; 0 for placeholders and the rest."""
+    1 for a chunk it lacks and has not asked for already; 0 for placeholders, the empty chunk
+    and the rest."""
     asked: set[bytes] = set()
     byte = bits = 0
     for chunk in shuffle(info.chunks, info.perm):
-        want = chunk is not None and chunk.key not in asked and not have(chunk.key)
+        # the empty chunk is never asked for (a receiver has it), as CAFS's receiver does not
+        want = chunk is not None and chunk.size > 0 and chunk.key not in asked and not have(chunk.key)
         if want:
             asked.add(chunk.key)  # type: ignore[union-attr]
         byte = (byte << 1) | want
@@ -372,6 +376,9 @@ class ServedFile:
         return send_as_read(self.info, read, self.chunk, write)
 
 
+EMPTY_KEY = hashlib.sha256(b"").digest()
+
+
 def local_chunks(paths: Iterable[str]) -> dict[bytes, tuple[str, int, int]]:
     """key -> (file, offset, size) for the CAFS chunks of local files (seeds for sync-get)."""
     found: dict[bytes, tuple[str, int, int]] = {}
@@ -401,6 +408,8 @@ def rebuild(info: SyncInfo, output_fd: int, wish: bytes, stream: BinaryIO,
 
     count = receive(info, wish, stream, put, progress=progress)
     for key, offsets in places.items():  # the rest: from local files
+        if key == EMPTY_KEY:
+            continue  # nothing to write
         if key not in local:
             raise SyncError(f"chunk {key.hex()} neither sent nor available locally")
         path, at, size = local[key]

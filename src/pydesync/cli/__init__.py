@@ -17,16 +17,28 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from ..errors import PydesyncError
-from . import archive, blob, inspect, mount, remote, server, store, sync, treeinfo
+from . import archive, blob, inspect, meta, mount, remote, server, store, sync, treeinfo
 from .common import Context, add_global_flags, parse_bool
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage mistake as one line instead of usage + message."""
+    """argparse that reports a usage mistake as one line pointing to the command's help, and
+    exits 1 as desync does."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        if "invalid choice" in message and "argument COMMAND" in message:
+            word = message.split("'", 2)[1] if "'" in message else ""
+            message = f"unknown command '{word}'{meta.did_you_mean(word, meta.subcommands(self))}"
         sys.stderr.write(f"Error: {message} (see '{self.prog} -h')\n")
-        sys.exit(2)
+        sys.exit(1)
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def, override]
+        """An unknown flag is reported by the command it was given to."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = meta.subcommands(self).get(getattr(parsed, "command", None) or "")
+            (command or self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def, override]
         # pflag booleans never take the next argument as their value (`-r index.caibx` is
@@ -44,13 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pydesync", description="Content-addressed synchroniser compatible with "
                                                   "casync and desync.")
     add_global_flags(parser, suppress=False)
+    parser.add_argument("--version", action="version", version=f"pydesync {meta.version()}")
     # casync's client may put these before the verb when it starts `pull` remotely; accepted, unused.
     parser.add_argument("--log-level", help=argparse.SUPPRESS)
     parser.add_argument("--rate-limit-bps", help=argparse.SUPPRESS)
     parent = argparse.ArgumentParser(add_help=False)
     add_global_flags(parent, suppress=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for module in (blob, archive, store, inspect, treeinfo, server, remote, mount, sync):
+    for module in (blob, archive, store, inspect, treeinfo, server, remote, mount, sync, meta):
         module.register(sub, parent)
     return parser
 
@@ -69,14 +82,31 @@ def terminate_like_interrupt() -> None:
         signal.signal(signal.SIGTERM, _terminated)
 
 
+def log_verbosely() -> None:
+    """--verbose: what the library logs (stores tried and why, retries, seeds, chunk sources,
+    timings) goes to stderr with a time stamp."""
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-5s %(name)s: %(message)s")
+    for noisy in ("urllib3", "botocore", "boto3", "s3transfer", "paramiko"):
+        logging.getLogger(noisy).setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     terminate_like_interrupt()
     try:
         parser = build_parser()
+        if "_ARGCOMPLETE" in os.environ:  # a shell asking for completions (argcomplete's protocol)
+            import argcomplete
+
+            argcomplete.autocomplete(parser)
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
-            return 2
+            return 1
+        if getattr(args, "verbose", False):
+            log_verbosely()
         ctx = Context.from_args(args)
         return args.func(ctx)
     except PydesyncError as e:

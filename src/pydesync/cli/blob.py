@@ -13,7 +13,7 @@ from contextlib import nullcontext
 from ..chunker import ChunkSizes, iter_chunks
 from ..digest import ChunkId, check_digest, digest_of
 from ..errors import UsageError
-from ..extract import BlobReader, ExtractStats, extract, null_chunk_id
+from ..extract import BlobReader, ExtractStats, extract, null_chunk_id, stream_blob
 from ..fsutil import atomic_write
 from ..index import Index
 from ..make import chunk_stream, input_size, open_input
@@ -176,10 +176,13 @@ def _extract_with(ctx: Context, index: Index, store: Store, seeds: list[Seed]) -
     mode = INVALID_SKIP if a.skip_invalid_seeds else INVALID_REGENERATE if a.regenerate_invalid_seeds \
         else INVALID_FAIL
     with store, Progress("Attempt 1: Assembling ", len(index)) as bar:
-        stats = extract(index, a.output, store, concurrency=ctx.concurrency, in_place=a.in_place, seeds=seeds,
-                        invalid_seeds=mode, progress=bar.callback())
-    if a.print_stats:
-        print(json.dumps(stats.as_json(), indent=2))
+        if a.output == "-":  # the blob in order on standard output (as casync does; RAUC reads it)
+            stats = stream_blob(index, sys.stdout.buffer, store, ctx.concurrency, seeds, bar.callback())
+        else:
+            stats = extract(index, a.output, store, concurrency=ctx.concurrency, in_place=a.in_place,
+                            seeds=seeds, invalid_seeds=mode, progress=bar.callback())
+    if a.print_stats:  # (on stderr when the blob itself goes to stdout)
+        print(json.dumps(stats.as_json(), indent=2), file=sys.stderr if a.output == "-" else sys.stdout)
     return 0
 
 
@@ -195,9 +198,10 @@ def seeds_from_flags(ctx: Context, specs: list[str], folders: list[str], target_
             if not sep or not rest:
                 raise UsageError(f"invalid seed '{spec}': expected INDEX.caibx or INDEX:BLOB")
             blob = rest.split(":", 1)[0]
+        seed_index = ctx.read_index(index_name)  # a missing index is named as such
         if not os.path.exists(blob):
             raise UsageError(f"seed data {blob} for {index_name} does not exist (use --seed INDEX:BLOB)")
-        seeds.append(Seed(index_name, blob, ctx.read_index(index_name)))
+        seeds.append(Seed(index_name, blob, seed_index))
     own = os.path.abspath(target_index)
     for folder in folders:
         if not os.path.isdir(folder):

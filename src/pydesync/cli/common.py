@@ -67,7 +67,8 @@ def add_global_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument("--digest", default=default,
                         help=f"digest algorithm: {' or '.join(DIGESTS)} (default {SHA512_256})")
     parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS if suppress else False,
-                        help="verbose output on stderr")
+                        help="log what happens on stderr: stores tried, retries, seeds, chunk sources, "
+                             "timings")
 
 
 def add_store_options(parser: argparse.ArgumentParser, concurrency: bool = True) -> None:

@@ -11,11 +11,12 @@ the base interval; after the last one the real status is reported.
 
 from __future__ import annotations
 
+import logging
 import ssl
 import time
 import urllib.request
 from collections.abc import Callable
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
@@ -27,6 +28,8 @@ from ..netio import decimal
 from .base import Store, StoreOptions
 from .converters import Converters, converters_for
 from .http_fast import FastHttp, Response, TooLarge, tls_context
+
+log = logging.getLogger(__name__)
 
 SUFFIX = ".cacnk"
 
@@ -86,6 +89,12 @@ class HttpClient:
     def __init__(self, base: str, options: StoreOptions):
         if bool(options.client_cert) != bool(options.client_key):
             raise UsageError("--client-cert and --client-key must be given together")
+        try:
+            host = urlsplit(base).hostname
+        except ValueError as e:
+            raise UsageError(f"invalid location '{base}': {e}") from None
+        if not host:
+            raise UsageError(f"invalid location '{base}': no host")
         self.base = base if base.endswith("/") else base + "/"
         self.options = options
         self.headers: dict[str, str] = {}
@@ -160,7 +169,9 @@ class HttpClient:
                 if status < 500:
                     raise last
             if attempt < attempts:
-                time.sleep(attempt * self.options.error_retry_base)
+                wait = attempt * self.options.error_retry_base
+                log.info("%s, attempt %d of %d; retrying in %.3g s", last, attempt, attempts, wait)
+                time.sleep(wait)
         assert last is not None
         raise last
 

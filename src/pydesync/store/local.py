@@ -23,7 +23,7 @@ from ..codec import MAX_ENCODED_CHUNK
 from ..digest import ChunkId
 from ..errors import ChunkMissing, StoreError
 from .base import Store, StoreOptions
-from .converters import COMPRESSED, PLAIN, Converters, converters_for
+from .converters import ALGORITHMS, COMPRESSED, PLAIN, Converters, converters_for
 
 SUFFIX = ".cacnk"
 TEMP_PREFIX = ".tmp-cacnk"
@@ -120,7 +120,22 @@ class LocalStore(Store):
             if stored is None:
                 continue
             return self.checked(chunk_id, stored, converters, path, digest)
-        raise ChunkMissing(chunk_id, [self.location])
+        raise ChunkMissing(chunk_id, [self.location], self._other_format(chunk_id))
+
+    def _other_format(self, chunk_id: ChunkId) -> str:
+        """What the store holds under this id in a format it was not opened for (a chunk stored
+        encrypted, read without the key): the hint a user needs. One small directory read, on a miss."""
+        name = str(chunk_id)
+        try:
+            found = [e.name for e in os.scandir(os.path.join(self.path, name[:4]))
+                     if e.name.startswith(name + ".")]
+        except OSError:
+            return ""
+        for other in found:
+            if any(alg in other for alg in ALGORITHMS):
+                return (f"the store holds {other}, an encrypted chunk: give this store its encryption "
+                        f"options (store-options in the config)")
+        return f"the store holds {found[0]}, in another format" if found else ""
 
     def open_stored(self, chunk_id: ChunkId) -> tuple[int, int, Converters]:
         """(open fd, size, converters of its format) of the chunk file, for serving it without copying.

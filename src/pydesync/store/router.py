@@ -6,12 +6,15 @@ because a store that answers wrongly must not be papered over by the next.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
 from ..digest import ChunkId
 from ..errors import ChunkInvalid, ChunkMissing, PydesyncError
 from .base import Store
+
+log = logging.getLogger(__name__)
 
 
 class StoreRouter(Store):
@@ -24,12 +27,15 @@ class StoreRouter(Store):
 
     def get(self, chunk_id: ChunkId, digest: str | None = None) -> bytes:
         tried: list[str] = []
+        hints: list[str] = []
         for store in self.stores:
             try:
                 return store.get(chunk_id, digest)
             except ChunkMissing as e:
                 tried.extend(e.stores or [store.location])
-        raise ChunkMissing(chunk_id, tried)
+                hints += [e.hint] if e.hint else []
+                log.debug("chunk %s not in %s, trying the next store", chunk_id, store.location)
+        raise ChunkMissing(chunk_id, tried, "; ".join(hints))
 
     @property
     def pipelined(self) -> bool:  # type: ignore[override]
@@ -72,6 +78,8 @@ class FailoverGroup(Store):
                 with self._lock:
                     if self._active == index:  # don't switch again if another request already did
                         self._active = (index + 1) % len(self.members)
+                        log.info("failover: %s failed (%s), switching to %s", self.members[index].location,
+                                 e, self.members[self._active].location)
         assert last is not None
         raise last
 
