@@ -452,13 +452,10 @@ class TreeExtractor:
             created = self._mkdir(dir_fd, node, display)
         except FileExistsError:
             st = os.lstat(name, dir_fd=dir_fd)
-            if stat.S_ISLNK(st.st_mode):
-                self._problem(display, "refusing to replace an existing symlink with a directory")
-                return _Dir(node, None, display)
-            if not stat.S_ISDIR(st.st_mode):
+            if not stat.S_ISDIR(st.st_mode):  # a symlink included: replaced itself, never followed
                 if not self.options.overwrite:
-                    self._problem(display, "already exists and is not a directory "
-                                           "(use --overwrite to replace it)")
+                    what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+                    self._problem(display, f"already exists and is {what} (--overwrite=false keeps it)")
                     return _Dir(node, None, display)
                 try:
                     os.unlink(name, dir_fd=dir_fd)
@@ -537,7 +534,7 @@ class TreeExtractor:
             except OSError as e:
                 raise ExtractError(f"cannot access {display}: {_strerror(e)}") from None
         if existing is not None and not self.options.overwrite:
-            self._problem(display, "already exists (use --overwrite to replace it)")
+            self._problem(display, "already exists (--overwrite=false keeps it)")
             return
         temp = f".#pydesync.{secrets.token_hex(8)}".encode()
         target = _Target(node, display, dir_fd, temp, may_inherit_acl=may_inherit_acl,
@@ -613,7 +610,7 @@ class TreeExtractor:
             os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             return True
         except FileExistsError:
-            self._problem(display, "already exists (use --overwrite to replace it)")
+            self._problem(display, "already exists (--overwrite=false keeps it)")
         except OSError as e:
             self._problem(display, "cannot move the new file into place", e)
         with contextlib.suppress(OSError):

@@ -64,7 +64,9 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                    help="use the current umask instead of the archive's permissions")
     p.add_argument("--output-format", choices=["disk", "gnu-tar"], default="disk",
                    help="output format (disk; gnu-tar is not supported yet)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing files in TARGET")
+    add_bool(p, "--overwrite", default=True,
+             help="replace entries already in TARGET, as desync does (default; symlinks in the way are "
+                  "replaced, never followed); --overwrite=false refuses instead")
     p.add_argument("--best-effort", action="store_true",
                    help="warn about what cannot be restored (owner, xattrs, flags, devices) and go on")
     add_store_options(p)

@@ -125,7 +125,8 @@ def run_make(ctx: Context) -> int:
                                         progress=bar.callback())
     ctx.write_index(index, a.index)
     if a.print_stats:
-        print(json.dumps({"ChunksAccepted": stats.chunks, "ChunksProduced": stats.chunks}), file=sys.stderr)
+        print(json.dumps({"ChunksAccepted": stats.chunks, "ChunksProduced": stats.chunks}, indent=2),
+              file=sys.stderr)  # as desync prints it (indented), on stderr: stdout may hold the index
     return 0
 
 

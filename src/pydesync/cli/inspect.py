@@ -55,18 +55,17 @@ def run_list_chunks(ctx: Context) -> int:
     return 0
 
 
-_PLAIN_LABELS = [
+_PLAIN_LABELS = [  # desync's lines, in its order
     ("size", "Blob size:"),
     ("dedup-size-not-in-seed", "Size of deduplicated chunks not in seed:"),
     ("dedup-size-not-in-seed-nor-cache", "Size of deduplicated chunks not in seed nor cache:"),
-    ("dedup-size-not-in-seed-nor-cache-compressed",
-     "Size of compressed deduplicated chunks not in seed nor cache:"),
     ("total", "Total chunks:"),
     ("unique", "Unique chunks:"),
     ("in-store", "Chunks in store:"),
     ("in-seed", "Chunks in seed:"),
     ("in-cache", "Chunks in cache:"),
     ("not-in-seed-nor-cache", "Chunks not in seed nor cache:"),
+    ("dedup-size-not-in-seed-nor-cache-compressed", "Compressed chunks not in seed nor cache:"),
     ("chunk-size-min", "Chunk size min:"),
     ("chunk-size-avg", "Chunk size avg:"),
     ("chunk-size-max", "Chunk size max:"),

@@ -24,6 +24,10 @@ def version() -> str:
 
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("version", parents=[parent], help="print the version",
+                       description="Print pydesync's version (as --version does).")
+    p.set_defaults(func=lambda ctx: print(f"pydesync {version()}") or 0)
+
     p = sub.add_parser("help", parents=[parent], help="help about a command",
                        description="Print the help of COMMAND (or of pydesync).")
     p.add_argument("topic", nargs="?", metavar="COMMAND")
