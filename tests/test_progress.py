@@ -77,3 +77,26 @@ def test_progress_line_format():
     assert re.fullmatch(r"Attempt 1: Assembling   25\.00% \d\dm\d\ds", bar.line())
     assert bar.callback() == bar.add
     assert Progress("x", 1, mode=None).callback() is None
+
+
+@pytest.mark.parametrize(("command", "label", "unit"), [
+    (["make", "-s", "{d}/store", "{d}/b.caibx", "{i}/blob"], "Chunking", "B/s"),
+    (["extract", "-s", "{d}/store", "{d}/b.caibx", "{d}/out"], "Attempt 1: Assembling", "chunks/s"),
+    (["cache", "-s", "{d}/store", "-c", "{d}/cache", "{d}/b.caibx"], "Caching", "chunks/s"),
+    (["tar", "{d}/t.catar", "{i}/tree"], "Packing", "B/s"),
+    (["verify", "-s", "{d}/store"], "Verifying", "chunks/s"),
+    (["prune", "-y", "-s", "{d}/store", "{d}/b.caibx"], "Pruning", "chunks deleted/s"),
+])
+def test_bars_are_labelled_and_count(inputs: Path, tmp_path: Path, command: list[str], label: str, unit: str):
+    """The bar (a terminal, or DESYNC_PROGRESSBAR_ENABLED): every long command labelled, counting
+    bytes or chunks with a rate; known totals end at 100%."""
+    if command[0] != "make" and command[0] != "tar":
+        assert run_in(tmp_path, inputs, STORE[0]).returncode == 0
+    r = run_in(tmp_path, inputs, command, env={"DESYNC_PROGRESSBAR_ENABLED": "1", "COLUMNS": "100"})
+    assert r.returncode == 0, r.stderr
+    frames = [f for f in re.split(r"[\r\n]", r.stderr) if f.strip()]
+    assert frames and all(f.startswith(label + ":") for f in frames), frames
+    last = frames[-1]
+    assert unit in last and len(last) <= 100, last
+    if command[0] in ("make", "extract", "cache"):
+        assert "100%" in last, last

@@ -91,7 +91,7 @@ def run_tar(ctx: Context) -> int:
     if not a.index:
         if a.store:
             raise UsageError("-s is only used with -i")
-        with Progress("Packing ", None, unit=" bytes") as bar:
+        with Progress("Packing ", None, unit="bytes") as bar:
             tar_to_file(a.source, a.output, flags, progress=bar.callback())
         return 0
     if len(a.store) != 1:
@@ -99,7 +99,7 @@ def run_tar(ctx: Context) -> int:
     index_options = ctx.index_options(a.output)  # checked first: index stores refuse encryption options
     check_index_output(a.output, a.source)
     store = ctx.target(a.store[0], create=True)
-    with store, Progress("Packing ", None, unit=" bytes") as bar:
+    with store, Progress("Packing ", None, unit="bytes") as bar:
         tar_to_index(a.source, a.output, store, flags, ChunkSizes.parse_kib(a.chunk_size),
                      check_digest(ctx.digest), ctx.concurrency, progress=bar.callback(),
                      index_options=index_options)
@@ -129,20 +129,20 @@ def run_untar(ctx: Context) -> int:
         index = ctx.read_index(a.input)
         store = ctx.source()
         assert store is not None
-        with store, Progress("Unpacking ", index.length) as bar:
+        with store, Progress("Unpacking ", index.length, unit="bytes") as bar:
             pieces = BlobReader(index, store, ctx.concurrency).iter_range()
             extract_tree(counted(IterReader(pieces), bar), "<stdin>" if a.input == "-" else a.input,
                          a.target, options)
         return 0
     if a.input == "-":
-        with Progress("Unpacking ", None, unit=" bytes") as bar:
+        with Progress("Unpacking ", None, unit="bytes") as bar:
             extract_tree(counted(sys.stdin.buffer, bar), "<stdin>", a.target, options)
         return 0
     try:
         f = open(a.input, "rb")  # noqa: SIM115 - closed below, errors reported as one line
     except OSError as e:
         raise PydesyncError(f"cannot read {a.input}: {e.strerror}") from None
-    with f, Progress("Unpacking ", os.fstat(f.fileno()).st_size) as bar:
+    with f, Progress("Unpacking ", os.fstat(f.fileno()).st_size, unit="bytes") as bar:
         extract_tree(counted(f, bar), a.input, a.target, options)
     return 0
 

@@ -120,7 +120,7 @@ def run_make(ctx: Context) -> int:
     with open_input(a.file) as reader:
         check_index_output(a.index, a.file)
         with _single_target(ctx, create=True) or nullcontext() as store, \
-                Progress("Chunking ", input_size(reader)) as bar:
+                Progress("Chunking ", input_size(reader), unit="bytes") as bar:
             index, stats = chunk_stream(reader, sizes, digest, store, ctx.concurrency,
                                         progress=bar.callback())
     ctx.write_index(index, a.index)

@@ -1,10 +1,11 @@
 """Progress on stderr, when desync would show it.
 
-Shown when stderr is a terminal, or DESYNC_PROGRESSBAR_ENABLED is set (a bar redrawn in place
-every 200 ms), or DESYNC_ENABLE_PARSABLE_PROGRESS is set: then one plain line every 500 ms,
-`<prefix>  <percent>% <time>`, e.g. `Attempt 1: Assembling   34.22% 01m02s`, the format RAUC
-and SteamOS's updater parse (the time is the estimate left, and the time taken once at 100%).
-The library reports work through a callback (`progress(n)`); this module draws it.
+Shown when stderr is a terminal, or DESYNC_PROGRESSBAR_ENABLED is set: a tqdm bar (fits the
+terminal, shows bytes or chunks, the rate and the time left), or when DESYNC_ENABLE_PARSABLE_PROGRESS
+is set: then one plain line every 500 ms, `<prefix>  <percent>% <time>`, e.g.
+`Attempt 1: Assembling   34.22% 01m02s`, exactly desync's, the format RAUC and SteamOS's updater
+parse (the time is the estimate left, and the time taken once at 100%). The library reports work
+through a callback (`progress(n)`); this module draws it.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import TextIO
-
-BAR_WIDTH = 30
 
 
 def progress_mode(stream: TextIO | None = None) -> str | None:
@@ -62,19 +61,23 @@ class Progress:
     """Counts work done out of `total` and draws it from a background thread while open.
 
     Use as a context manager; pass `progress.add` to library calls. Does nothing when
-    progress is not wanted (`mode` None)."""
+    progress is not wanted (`mode` None). `unit` is what is counted ("bytes", "chunks",
+    "chunks deleted"); `label` names the bar (the prefix by default)."""
 
     def __init__(self, prefix: str, total: int | None, mode: str | None = "auto",
-                 stream: TextIO | None = None, unit: str = ""):
+                 stream: TextIO | None = None, unit: str = "chunks", label: str | None = None):
         self.prefix = prefix
         self.total = None if total is None else max(0, total)
-        self.unit = unit  # for unknown totals: what is counted
+        self.unit = unit
+        self.label = (label if label is not None else prefix).strip()
         self.stream = stream or sys.stderr
         self.mode = progress_mode(self.stream) if mode == "auto" else mode
         self.done = 0
+        self._drawn = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._bar: object = None
         self._started = time.monotonic()
 
     @property
@@ -92,7 +95,7 @@ class Progress:
     def line(self) -> str:
         """The current state as desync's parsable line (a count when the total is unknown)."""
         if self.total is None:
-            return f"{self.prefix}  {self.done}{self.unit} {_clock(time.monotonic() - self._started)}"
+            return f"{self.prefix}  {self.done} {self.unit} {_clock(time.monotonic() - self._started)}"
         done = min(self.done, self.total) if self.total else self.done
         fraction = done / self.total if self.total else 1.0
         elapsed = time.monotonic() - self._started
@@ -103,16 +106,23 @@ class Progress:
             return f"{text} {_clock(elapsed / fraction - elapsed)}"
         return text
 
-    def _draw(self, final: bool = False) -> None:
+    def _draw(self) -> None:
         if self.mode == "lines":
             self.stream.write(self.line() + "\n")
-        else:
-            fraction = min(1.0, self.done / self.total) if self.total else 1.0 if self.total == 0 else 0.0
-            filled = int(BAR_WIDTH * fraction)
-            bar = "=" * filled + (">" if filled < BAR_WIDTH else "") + " " * (BAR_WIDTH - filled - 1)
-            head, _, tail = self.line().partition("  ")
-            self.stream.write(f"\r{head} [{bar}] {tail}\x1b[K" + ("\n" if final else ""))
-        self.stream.flush()
+            self.stream.flush()
+            return
+        with self._lock:
+            delta, self._drawn = self.done - self._drawn, self.done
+        if delta:
+            self._bar.update(delta)  # type: ignore[attr-defined]
+
+    def _open_bar(self) -> None:
+        from tqdm import tqdm  # only for a terminal (or DESYNC_PROGRESSBAR_ENABLED)
+
+        in_bytes = self.unit == "bytes"
+        self._bar = tqdm(total=self.total, desc=self.label or "Copying",
+                         unit="B" if in_bytes else " " + self.unit, unit_scale=in_bytes, unit_divisor=1024,
+                         dynamic_ncols=True, file=self.stream, mininterval=0.2, leave=True)
 
     def _run(self) -> None:
         interval = 0.5 if self.mode == "lines" else 0.2
@@ -122,6 +132,8 @@ class Progress:
     def __enter__(self) -> Progress:
         if self.enabled:
             self._started = time.monotonic()
+            if self.mode == "bar":
+                self._open_bar()
             self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
             self._thread.start()
         return self
@@ -134,6 +146,6 @@ class Progress:
         self._thread.join()
         if kind is None:
             self.done = max(self.done, self.total or 0)
-            self._draw(final=True)
-        elif self.mode == "bar":
-            self.stream.write("\n")
+            self._draw()
+        if self._bar is not None:
+            self._bar.close()  # type: ignore[attr-defined]

@@ -61,7 +61,7 @@ def run_cache(ctx: Context) -> int:
     target = ctx.target(a.cache, create=True)
     source = ctx.source(cache=False)  # the -c store is the target here, not part of the chain
     assert source is not None
-    with source, target, Progress("", len(set(ids))) as bar:
+    with source, target, Progress("", len(set(ids)), label="Caching") as bar:
         copy_chunks(ids, source, target, concurrency=ctx.concurrency, progress=bar.callback())
     return 0
 
@@ -91,7 +91,7 @@ def run_prune(ctx: Context) -> int:
         keep = referenced_ids(ctx.read_index(loc) for loc in a.index)
         if not a.yes and not _confirm(len(keep), a.store[0]):
             return 0
-        with Progress("Pruning ", None, unit=" chunks deleted") as bar:
+        with Progress("Pruning ", None, unit="chunks deleted") as bar:
             prune(store, keep, ctx.concurrency, progress=bar.callback())
     return 0
 
@@ -121,7 +121,7 @@ def run_verify(ctx: Context) -> int:
         def report(chunk_id: object, message: str, removed: bool) -> None:
             print(message + (": removed" if removed else ""), file=sys.stderr)
 
-        with Progress("Verifying ", None, unit=" chunks") as bar:
+        with Progress("Verifying ", None, unit="chunks") as bar:
             verify_store(store, repair=a.repair, concurrency=ctx.concurrency, on_invalid=report,
                          progress=bar.callback())
     return 0
