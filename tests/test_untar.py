@@ -819,3 +819,41 @@ def test_untar_write_failure_is_one_clean_error(cli, wdir):
     assert proc.returncode != 0
     assert err.strip().splitlines() == [f"Error: cannot create {wdir}/out/d/f599: Is a directory"]
     assert not [n for n in os.listdir(wdir / "out" / "d") if n.startswith(".#")]
+
+
+def test_untar_to_a_gnu_tar_stream(cli, wdir):
+    """`untar --output-format=gnu-tar`: the archive as a tar file (or on stdout) with names, types,
+    modes, owners, times, link targets, device numbers and xattrs (in a PAX header, as desync)."""
+    import tarfile
+
+    src = wdir / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "a").write_bytes(b"hello\n")
+    (src / "d" / "b").write_bytes(b"inner\n")
+    os.chmod(src / "d" / "b", 0o640)
+    (src / "l").symlink_to("a")
+    os.mkfifo(src / "f")
+    os.setxattr(src / "a", "user.test", b"val\x00ue")
+    if IS_ROOT:
+        os.mknod(src / "dev", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+        os.chown(src / "d" / "b", 1234, 5678)
+    for path in (src / "a", src / "d" / "b"):
+        os.utime(path, (1_600_000_000, 1_600_000_000))
+    assert cli("tar", wdir / "x.catar", src).returncode == 0
+    r = cli("untar", "--output-format=gnu-tar", wdir / "x.catar", wdir / "x.tar")
+    assert r.returncode == 0, r.stderr
+    r2 = cli("untar", "--output-format=gnu-tar", wdir / "x.catar", "-")
+    assert r2.returncode == 0 and r2.stdout == (wdir / "x.tar").read_bytes()
+    with tarfile.open(wdir / "x.tar") as tar:
+        members = {m.name: m for m in tar}
+        assert tar.extractfile("a").read() == b"hello\n"  # type: ignore[union-attr]
+    assert sorted(members) == sorted(["a", "d", "d/b", "l", "f"] + (["dev"] if IS_ROOT else []))
+    assert members["d"].isdir() and members["l"].issym() and members["l"].linkname == "a"
+    assert members["f"].isfifo()
+    b = members["d/b"]
+    assert (b.mode, b.mtime, b.size) == (0o640, 1_600_000_000, 6)
+    xattr = members["a"].pax_headers["SCHILY.xattr.user.test"]
+    assert xattr.encode("utf-8", "surrogateescape") == b"val\x00ue"
+    if IS_ROOT:
+        assert (b.uid, b.gid) == (1234, 5678)
+        assert members["dev"].ischr() and (members["dev"].devmajor, members["dev"].devminor) == (1, 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -10,10 +11,12 @@ from ..archive import tar_to_file, tar_to_index
 from ..catar import format as F
 from ..catar.decoder import ArchiveDecoder, Readable
 from ..catar.extractor import ExtractOptions, TreeExtractor
+from ..catar.totar import write_tar
 from ..chunker import ChunkSizes
 from ..digest import SHA512_256, check_digest
 from ..errors import PydesyncError, UsageError
 from ..extract import BlobReader
+from ..fsutil import atomic_write
 from ..streams import IterReader
 from .common import CommaList, Context, add_bool, add_store_options, add_stores, check_index_output
 from .progress import CountingReader, Progress
@@ -63,7 +66,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument("--no-same-permissions", action="store_true",
                    help="use the current umask instead of the archive's permissions")
     p.add_argument("--output-format", choices=["disk", "gnu-tar"], default="disk",
-                   help="output format (disk; gnu-tar is not supported yet)")
+                   help="disk (a tree in TARGET) or gnu-tar (a tar stream in the file TARGET, - for stdout)")
     add_bool(p, "--overwrite", default=True,
              help="replace entries already in TARGET, as desync does (default; symlinks in the way are "
                   "replaced, never followed); --overwrite=false refuses instead")
@@ -119,10 +122,10 @@ def extract_tree(stream: Readable, name: str, target: str, options: ExtractOptio
 
 def run_untar(ctx: Context) -> int:
     a = ctx.args
-    if a.output_format != "disk":
-        raise UsageError(f"--output-format={a.output_format} is not supported yet")
     options = ExtractOptions(overwrite=a.overwrite, best_effort=a.best_effort,
                              same_owner=not a.no_same_owner, same_permissions=not a.no_same_permissions)
+    if a.output_format == "gnu-tar":
+        return _untar_to_tar(ctx)
     if a.index:
         if not a.store:
             raise UsageError("-i requires at least one store (-s <location>)")
@@ -144,6 +147,33 @@ def run_untar(ctx: Context) -> int:
         raise PydesyncError(f"cannot read {a.input}: {e.strerror}") from None
     with f, Progress("Unpacking ", os.fstat(f.fileno()).st_size, unit="bytes") as bar:
         extract_tree(counted(f, bar), a.input, a.target, options)
+    return 0
+
+
+def _untar_to_tar(ctx: Context) -> int:
+    """untar --output-format=gnu-tar: the archive (or the index's) as a tar stream in TARGET
+    (`-`: stdout), written under a temporary name and renamed."""
+    a = ctx.args
+    with contextlib.ExitStack() as stack:
+        if a.index:
+            if not a.store:
+                raise UsageError("-i requires at least one store (-s <location>)")
+            index = ctx.read_index(a.input)
+            store = stack.enter_context(ctx.source())
+            stream: Readable = IterReader(BlobReader(index, store, ctx.concurrency).iter_range())
+        elif a.input == "-":
+            stream = sys.stdin.buffer
+        else:
+            try:
+                stream = stack.enter_context(open(a.input, "rb"))
+            except OSError as e:
+                raise PydesyncError(f"cannot read {a.input}: {e.strerror}") from None
+        name = "<stdin>" if a.input == "-" else a.input
+        try:
+            with atomic_write(a.target) as out:
+                write_tar(ArchiveDecoder(stream, name), out, warn=print_warning)
+        except OSError as e:
+            raise PydesyncError(f"cannot write {a.target}: {e.strerror}") from None
     return 0
 
 
