@@ -158,7 +158,7 @@ def test_decoder_rejects_trailing_data_and_wrong_goodbye(tmp_path: Path):
 def test_tar_cli_errors(cli, tmp_path: Path):
     (tmp_path / "file").write_text("x")
     assert_clean_error(cli("tar", tmp_path / "o.catar", tmp_path / "file"), "not a directory")
-    assert_clean_error(cli("tar", tmp_path / "o.catar", tmp_path / "missing"), "not a directory")
+    assert_clean_error(cli("tar", tmp_path / "o.catar", tmp_path / "missing"), "does not exist")
     assert_clean_error(cli("tar", "-i", tmp_path / "o.caidx", tmp_path), "-s")
     assert_clean_error(cli("tar", "--with=colour", tmp_path / "o.catar", tmp_path), "unknown feature")
     assert not (tmp_path / "o.catar").exists()

@@ -206,3 +206,23 @@ def test_hostile_pull_server(cli, casync_data: Path, fake_ssh: Path, tmp_path: P
     assert_clean_error(r, message)
     assert not (tmp_path / "out").exists()
     assert no_leftovers(str(script))
+
+
+def test_asking_a_store_twice_for_a_chunk_gets_it_twice(casync_data: Path, fake_ssh: Path, monkeypatch):
+    """A pull server answers an id once per session; a second get of the same chunk (a cache
+    evicted, `has` then `get`) goes to a session that was not asked for it, instead of waiting for
+    an answer that never comes."""
+    from pydesync.index import read_index
+    from pydesync.store.ssh import SshStore
+
+    for key, value in remote_env(fake_ssh).items():
+        monkeypatch.setenv(key, value)
+    store = SshStore(f"ssh://localhost{casync_data / 'blob.castr'}")
+    try:
+        chunk = read_index(str(casync_data / "blob.caibx")).chunks[0]
+        first = store.get(chunk.id)
+        assert store.has(chunk.id)
+        assert store.get(chunk.id) == first and len(first) == chunk.size
+        assert list(store.fetch_many([chunk.id])) == [(chunk.id, first)]
+    finally:
+        store.close()

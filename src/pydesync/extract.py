@@ -434,6 +434,9 @@ def fetch_chunk(index: Index, store: Store, chunk: IndexChunk) -> bytes:
     return data
 
 
+HOLD_BYTES = 64 << 20  # what a BlobReader keeps of chunks that come again later
+
+
 class BlobReader:
     """Random access to the bytes an index describes, chunk by chunk: from seeds where they hold a
     chunk (hashed before it is used), else from the store."""
@@ -486,11 +489,38 @@ class BlobReader:
             if c.start >= end:
                 break
             chunks.append(c)
-        workers = workers_for(self.concurrency, self.store.remote)
-        for chunk, data in zip(chunks, ordered_map(self._fetch, chunks, workers), strict=True):
+        for chunk, data in zip(chunks, self._each_once(chunks), strict=True):
             lo = max(offset, chunk.start) - chunk.start
             hi = min(end, chunk.end) - chunk.start
             yield data[lo:hi] if (lo, hi) != (0, chunk.size) else data
+
+    def _each_once(self, chunks: list[IndexChunk]) -> Iterator[bytes]:
+        """The chunks' bytes in order, each distinct chunk fetched once: a repeat is served from
+        what was kept of it (until its last use, HOLD_BYTES at most; beyond, fetched again). A
+        pull session would not even answer a second request for an id."""
+        last_use = {c.id: i for i, c in enumerate(chunks)}
+        firsts: dict[ChunkId, IndexChunk] = {}
+        for c in chunks:
+            firsts.setdefault(c.id, c)
+        workers = workers_for(self.concurrency, self.store.remote)
+        fetched = ordered_map(self._fetch, list(firsts.values()), workers)
+        held: dict[ChunkId, bytes] = {}
+        held_bytes = 0
+        seen: set[ChunkId] = set()
+        for i, chunk in enumerate(chunks):
+            if chunk.id not in seen:
+                seen.add(chunk.id)
+                data = next(fetched)
+                if last_use[chunk.id] > i and held_bytes + len(data) <= HOLD_BYTES:
+                    held[chunk.id] = data
+                    held_bytes += len(data)
+            elif chunk.id in held:
+                data = held.pop(chunk.id) if last_use[chunk.id] == i else held[chunk.id]
+                if last_use[chunk.id] == i:
+                    held_bytes -= len(data)
+            else:
+                data = self._fetch(chunk)  # kept no longer: fetched again
+            yield data
 
     def read(self, offset: int, length: int) -> bytes:
         """Exactly the bytes [offset, offset+length) (fewer past the end); ValueError for a negative

@@ -274,6 +274,15 @@ class _Waiter:
         self.error: BaseException | None = None
 
 
+class AlreadyAsked(ProtocolError):
+    """The session was asked for this id before: a pull server (casync's or ours) answers each id
+    once per session, so asking again would wait forever. Ask another session."""
+
+    def __init__(self, key: bytes):
+        super().__init__(f"chunk {key.hex()} already asked in this session")
+        self.key = key
+
+
 class PullSession:
     """One pull conversation shared by many threads: each sends its REQUEST and waits for
     its answer, which a reader thread hands over as it arrives (many requests in flight)."""
@@ -287,12 +296,14 @@ class PullSession:
         check_hello(PULL_CHUNKS, theirs, channel.peer)
         self._waiting: dict[bytes, list[_Waiter]] = {}
         self._streams: dict[bytes, queue.Queue[tuple[bytes, tuple[bytes, bool] | BaseException | None]]] = {}
+        self._asked: set[bytes] = set()  # a pull server answers each id once per session
         self._lock = threading.Lock()
         self.broken: BaseException | None = None
         threading.Thread(target=self._read_answers, daemon=True).start()
 
     def stream(self, ids: list[bytes], window: int = 64) -> Iterator[tuple[bytes, tuple[bytes, bool] | None]]:
-        """Request all ids at once (casync's prefetch) and yield (id, answer) as answers arrive.
+        """Request all ids at once (casync's prefetch); the (id, answer) pairs as answers arrive.
+        AlreadyAsked at once if this session was asked for one of them before.
 
         At most `window` answers wait unconsumed; beyond that the reader stops
         reading and the server blocks on its pipe (backpressure, flat memory).
@@ -302,6 +313,10 @@ class PullSession:
         with self._lock:
             if self.broken is not None:
                 raise self._failure(self.broken)
+            again = next((key for key in unique if key in self._asked), None)
+            if again is not None:
+                raise AlreadyAsked(again)
+            self._asked.update(unique)
             for key in unique:
                 self._streams[key] = answers
 
@@ -310,11 +325,15 @@ class PullSession:
                 for i in range(0, len(unique), STREAM_BATCH):
                     batch = unique[i:i + STREAM_BATCH]
                     self.channel.send(REQUEST, struct.pack("<Q", 0) + b"".join(batch))
-            except OSError as e:
-                answers.put((b"", e))
+            except (OSError, ValueError) as e:  # ValueError: the session was closed meanwhile
+                answers.put((b"", e if isinstance(e, OSError) else OSError(str(e))))
 
         threading.Thread(target=send_requests, daemon=True).start()
-        for _ in range(len(unique)):
+        return self._arrivals(answers, len(unique))
+
+    def _arrivals(self, answers: queue.Queue[tuple[bytes, tuple[bytes, bool] | BaseException | None]],
+                  count: int) -> Iterator[tuple[bytes, tuple[bytes, bool] | None]]:
+        for _ in range(count):
             key, answer = answers.get()
             if isinstance(answer, BaseException):
                 raise self._failure(answer)
@@ -328,6 +347,9 @@ class PullSession:
             if self.broken is not None:
                 raise self._failure(self.broken)
             first = key not in self._waiting
+            if first and key in self._asked:  # answered already: it would never be again
+                raise AlreadyAsked(key)
+            self._asked.add(key)
             self._waiting.setdefault(key, []).append(waiter)
         if first:
             self.channel.send(REQUEST, struct.pack("<Q", REQUEST_HIGH_PRIORITY) + key)
@@ -336,6 +358,11 @@ class PullSession:
             raise self._failure(waiter.error)
         return waiter.result
 
+    def asked(self, key: bytes) -> bool:
+        """Whether this session was asked for `key` (and will not answer it again)."""
+        with self._lock:
+            return key in self._asked
+
     def _failure(self, error: BaseException) -> ProtocolError:
         """What a caller sees when the session broke: the reader's own error (it names the peer)."""
         return error if isinstance(error, ProtocolError) else ProtocolError(f"{self.channel.peer}: {error}")
@@ -343,6 +370,10 @@ class PullSession:
     def _outstanding(self) -> bool:
         with self._lock:
             return bool(self._waiting or self._streams)
+
+    def busy(self) -> bool:
+        """Whether answers are still owed (a session to keep)."""
+        return self._outstanding()
 
     def _answers(self) -> Iterator[tuple[int, bytes]]:
         """The server's messages; quiet spells are fine while no answer is owed."""

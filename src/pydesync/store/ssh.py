@@ -17,14 +17,14 @@ import os
 import shlex
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from urllib.parse import unquote, urlsplit
 
 from ..codec import CodecError
 from ..digest import ChunkId
 from ..errors import ChunkInvalid, ChunkMissing, StoreError, UsageError
 from ..parallel import ordered_map, workers_for
-from ..protocol import Channel, ProtocolError, PullSession, decode_payload
+from ..protocol import AlreadyAsked, Channel, ProtocolError, PullSession, decode_payload
 from .base import Store, StoreOptions, close_at_exit, verify_chunk
 
 MAX_SESSIONS = 2
@@ -109,15 +109,23 @@ class SshStore(Store):
         command = f"{remote} pull - - - {shlex.quote(self.path)}"
         return [ssh, *(["-p", str(self.port)] if self.port else []), "--", self.destination, command]
 
-    def _session(self) -> _Session:
-        """A live session, starting another while fewer than the maximum run."""
+    def _session(self, keys: Sequence[bytes] = ()) -> _Session:
+        """A live session that was not asked for any of `keys` (it would not answer again),
+        starting another while fewer than the maximum run, or one beyond (a repeat is rare:
+        callers ask each id once)."""
         with self._lock:
             self._sessions = [x for x in self._sessions if x.pull.broken is None]
-            if len(self._sessions) >= self._max_sessions:
-                return self._sessions[next(self._turn) % len(self._sessions)]
+            fresh = [x for x in self._sessions if not any(x.pull.asked(k) for k in keys)]
+            if fresh and len(self._sessions) >= self._max_sessions:
+                return fresh[next(self._turn) % len(fresh)]
         session = _Session(self._argv(), f"ssh {self.destination}", self.options.timeout)
         with self._lock:
             self._sessions.append(session)
+            if len(self._sessions) > self._max_sessions:  # the one beyond: the least useful goes
+                spare = next((x for x in self._sessions if x is not session and not x.pull.busy()), None)
+                if spare is not None:
+                    self._sessions.remove(spare)
+                    spare.end()
         return session
 
     def _drop(self, session: _Session) -> None:
@@ -127,12 +135,16 @@ class SshStore(Store):
         session.end(kill=True)
 
     def get(self, chunk_id: ChunkId, digest: str | None = None) -> bytes:
-        session = self._session()
-        try:
-            answer = session.pull.fetch(chunk_id)
-        except (ProtocolError, OSError) as e:
-            self._drop(session)
-            raise StoreError(f"{self.location}: {e}{session.stderr_text()}") from None
+        while True:
+            session = self._session([bytes(chunk_id)])
+            try:
+                answer = session.pull.fetch(chunk_id)
+                break
+            except AlreadyAsked:
+                continue  # another thread asked that session meanwhile: the next pick avoids it
+            except (ProtocolError, OSError) as e:
+                self._drop(session)
+                raise StoreError(f"{self.location}: {e}{session.stderr_text()}") from None
         if answer is None:
             raise ChunkMissing(chunk_id, [self.location])
         return self._chunk(chunk_id, answer, digest)
@@ -156,7 +168,17 @@ class SshStore(Store):
         verifying runs on one thread per core. A MISSING answer is final: the
         remote answers each id once per session.
         """
-        session = self._session()
+        keys = [bytes(i) for i in dict.fromkeys(ids)]
+        while True:
+            session = self._session(keys)
+            try:
+                answers = session.pull.stream(keys)
+                break
+            except AlreadyAsked:
+                continue  # asked meanwhile by another thread: the next pick avoids that session
+            except (ProtocolError, OSError) as e:
+                self._drop(session)
+                raise StoreError(f"{self.location}: {e}{session.stderr_text()}") from None
 
         def decode(item: tuple[bytes, tuple[bytes, bool] | None]) -> tuple[ChunkId, bytes | None]:
             key, answer = item
@@ -164,8 +186,7 @@ class SshStore(Store):
             return chunk_id, None if answer is None else self._chunk(chunk_id, answer, digest)
 
         try:
-            yield from ordered_map(decode, session.pull.stream([bytes(i) for i in dict.fromkeys(ids)]),
-                                   workers_for(self.options.concurrency, False))
+            yield from ordered_map(decode, answers, workers_for(self.options.concurrency, False))
         except (ProtocolError, OSError) as e:
             self._drop(session)
             raise StoreError(f"{self.location}: {e}{session.stderr_text()}") from None
