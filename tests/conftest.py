@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from faultserver import Behaviour, FaultServer
-from procutil import HANG_GUARD, free_port, stop, wait_listening
+from procutil import HANG_GUARD, free_port, start_server, stop, wait_listening
 from sshd_util import SshdFailed, sshd_binaries, throwaway_sshd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +42,27 @@ def fault() -> Iterator[Callable[..., FaultServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+ServerProcess = tuple[subprocess.Popen, int, Path]  # process, port, its stderr
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start a server process (chunk-server, index-server, sync-serve) on a port of its choosing:
+    serve(kind, *args) gives (process, port, stderr file); each is stopped after the test."""
+    started: list[subprocess.Popen] = []
+
+    def start(kind: str, *args: object) -> ServerProcess:
+        log = tmp_path / f"{kind}-{len(started)}.stderr"
+        proc, port = start_server(kind, *map(str, args), stderr=log)
+        started.append(proc)
+        return proc, port, log
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            stop(proc)
 
 
 def need(condition: bool, reason: str) -> None:

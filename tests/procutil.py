@@ -24,7 +24,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-HANG_GUARD = 300.0
+# how long a test waits on a peer before calling it a hang (a failure, never a pass); lower it
+# with PYDESYNC_HANG_GUARD while hunting a hang
+HANG_GUARD = float(os.environ.get("PYDESYNC_HANG_GUARD", "300"))
 
 
 def _port_range() -> range:

@@ -15,17 +15,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from conftest import assert_clean_error, need, run_cli
 from faultserver import Gate
-from procutil import HANG_GUARD, exchange, start_server, stop
+from procutil import HANG_GUARD, exchange, stop
 
 from pydesync.index import read_index
-
-Server = tuple[subprocess.Popen, int, Path]  # process, port, its stderr
 
 
 @pytest.fixture(scope="module")
@@ -36,23 +33,6 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
     r = run_cli("make", "-s", d / "store", d / "blob.caibx", d / "blob")
     assert r.returncode == 0, r.stderr
     return d
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """Start a server process on a port of its choosing: serve(kind, *args, preexec=...)."""
-    started: list[subprocess.Popen] = []
-
-    def start(kind: str, *args: object) -> Server:
-        log = tmp_path / f"{kind}-{len(started)}.stderr"
-        proc, port = start_server(kind, *map(str, args), stderr=log)
-        started.append(proc)
-        return proc, port, log
-
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            stop(proc)
 
 
 def chunk_path(made: Path) -> tuple[str, bytes]:

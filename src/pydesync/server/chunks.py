@@ -26,12 +26,20 @@ from ..remotesync import SyncError, check_wishlist_length, index_syncinfo, send
 from ..store.base import Store, verify_chunk
 from ..store.converters import COMPRESSED, PLAIN, Converters
 from ..store.local import LocalStore
-from .common import App, Exchange
+from .common import App, Exchange, target_path
 from .http11 import Request
 from .indexes import valid_index_name
 from .metrics import Metrics
 
 SYNC_PREFIX = "/sync/"
+
+
+def _is_sync(req: Request) -> bool:
+    """A request for remotesync's /sync/ (in origin or absolute form, as the dispatcher sees it)."""
+    return req.target.startswith(SYNC_PREFIX) or (
+        not req.target.startswith("/") and (target_path(req.target) or "").startswith(SYNC_PREFIX))
+
+
 OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS)
 _CHUNK_PATH = re.compile(r"^/([0-9a-f]{4})/([0-9a-f]{64})(.*)$")
 
@@ -60,11 +68,11 @@ class ChunkServer(App):
     def quick(self, req: Request) -> bool:
         """Reads from a local store are answered on the event loop (a stat, or a file read)."""
         return req.method in ("GET", "HEAD") and isinstance(self.upstream, LocalStore) \
-            and not req.target.startswith(SYNC_PREFIX)
+            and not _is_sync(req)
 
     def streams(self, req: Request) -> bool:
         """A wishlist POST streams the chunks asked for on a thread of its own."""
-        return req.method == "POST" and self.sync_indexes is not None and req.target.startswith(SYNC_PREFIX)
+        return req.method == "POST" and self.sync_indexes is not None and _is_sync(req)
 
     def _dispatch(self, req: Exchange) -> None:
         if req.target_path.startswith(SYNC_PREFIX) and self.sync_indexes is not None:

@@ -23,12 +23,15 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import fcntl
 import itertools
 import os
 import selectors
 import socket
 import ssl
+import struct
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +46,7 @@ from .metrics import Metrics
 
 MAX_HEAD = 64 * 1024
 MAX_HEADERS = 100
+PARSE_SLICE = 8 * 1024  # received bytes are parsed this much at a time (see Connection.take)
 RECV_SIZE = 64 * 1024
 HIGH_WATER = 1 << 20  # stop reading a connection while this much of its answers waits to be sent
 SWEEP = 1.0  # seconds between checks for timed-out connections
@@ -67,11 +71,13 @@ class Limits:
 
 
 class Refused(Exception):
-    """A request answered with an error status before any handler ran; the connection ends."""
+    """A request answered with an error status before any handler ran; the connection ends once
+    the requests received in full before it are answered."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+        self.req: Request | None = None  # the request refused, when its head was complete
 
 
 @dataclass
@@ -91,8 +97,8 @@ class Service:
 class Request:
     """One request: method, target, headers (names lower-case), and the ways to answer it."""
 
-    __slots__ = ("_conn", "_counted", "_declared", "_done", "_pieces", "_size", "body_read", "client",
-                 "has_body", "headers", "keep_alive", "method", "mode", "target", "version")
+    __slots__ = ("_body", "_conn", "_continue", "_counted", "_declared", "_done", "_size", "body_read",
+                 "client", "has_body", "headers", "keep_alive", "method", "mode", "target", "version")
 
     def __init__(self, conn: Connection, method: str = "GET", target: str = "-", version: str = "1.1",
                  headers: dict[str, str] | None = None, keep_alive: bool = True):
@@ -104,9 +110,10 @@ class Request:
         self.headers = headers if headers is not None else {}
         self.keep_alive = keep_alive
         self.has_body = self.headers.get("content-length", "0") != "0" or "transfer-encoding" in self.headers
-        self.mode = "loop"  # "loop": answered on the loop; "worker": in the pool; "stream": own thread
+        self.mode = "loop"  # "loop": on the loop; "worker": in the pool; "stream": own thread; "ignored"
         self.body_read = False
-        self._pieces: list[bytes] = []
+        self._body = bytearray()  # one buffer: a body in small chunks costs its bytes, not an object each
+        self._continue = False  # owes `100 Continue` once the answers before it are out
         self._size = 0
         self._counted = False  # counted against the upload limits (released once answered)
         self._declared = 0  # the bytes counted
@@ -128,27 +135,29 @@ class Request:
             self.keep_alive = False
             self._conn.reply(self, 413, b"body too large\n")
             return None
-        return b"".join(self._pieces)
+        return bytes(self._body)
 
     def body_pieces(self) -> Iterator[bytes]:
-        """The body as it arrives (a streaming request's; chunked framing removed); each piece
+        """The body as it arrives (a streaming request's; chunked framing removed); what arrived
         is kept for read_body too."""
         self.body_read = True
         i = 0
         while True:
-            while i < len(self._pieces):
-                yield self._pieces[i]
-                i += 1
-            if self._done or self.mode != "stream" or not self._conn.receive_blocking():
+            if i < len(self._body):
+                piece = bytes(self._body[i:])
+                i += len(piece)
+                yield piece
+            elif self._done or self.mode != "stream" or not self._conn.receive_blocking():
                 return
 
 
 class Connection:
     """One client connection. The loop thread owns it, except while a streaming request has it."""
 
-    __slots__ = ("_head_bytes", "_head_parsed", "_headers", "_server", "_url", "busy", "client", "closing",
-                 "events", "handshaking", "last_active", "out", "out_bytes", "parser", "ready", "req",
-                 "req_since", "sock", "streaming", "tls", "write_since")
+    __slots__ = ("_head_bytes", "_head_parsed", "_headers", "_server", "_stalled", "_url",
+                 "busy", "client", "closing", "events", "handshaking", "last_active", "out", "out_bytes",
+                 "parser", "ready", "refusal", "req", "req_since", "sock", "streaming", "tls", "unsent",
+                 "write_since")
 
     def __init__(self, server: Http11Server, sock: socket.socket, client: tuple[str, int], tls: bool):
         self._server = server
@@ -161,10 +170,12 @@ class Connection:
         self.req_since: float | None = None  # when the request being received began (None: none is)
         self.ready: collections.deque[Request] = collections.deque()  # received, not yet answered
         self.busy = False  # a request is with a worker (or streaming)
-        self.streaming: Request | None = None  # to be handed to its own thread once parsing stops
+        self.streaming: Request | None = None  # to be handed to its own thread after those before it
+        self.refusal: Refused | None = None  # to be answered after those before it; then the end
         self.out: collections.deque[bytes | memoryview] = collections.deque()
         self.out_bytes = 0
-        self.write_since: float | None = None  # when the oldest unsent answer was queued
+        self.write_since: float | None = None  # when an answer was last taken by the socket, if one waits
+        self.unsent = -1  # bytes in the kernel's send queue at the last sweep (-1: not looked)
         self.closing = False  # close once the answers queued are sent
         self.events = 0
         self.last_active = time.monotonic()
@@ -172,15 +183,17 @@ class Connection:
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
         self._head_parsed = 0
+        self._stalled = 0  # bytes received inside a request's body that brought no body byte
 
     # ---- parser callbacks (httptools) ----------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.req_since = time.monotonic()
+        self._url = b""
+        self._headers = []
+        self._head_parsed = 0
+        self._head_bytes = 0
+
     def on_url(self, url: bytes) -> None:
-        if self.req_since is None:  # a request begins (its URL is the first thing parsed)
-            self.req_since = time.monotonic()
-            self._url = url
-            self._headers = []
-            self._head_parsed = len(url)
-            return
         self._url += url
         self._parsed_head(len(url))
 
@@ -195,14 +208,6 @@ class Connection:
         if self._head_parsed > MAX_HEAD:
             raise Refused(431, "request head too large")
 
-    def count_head(self, n: int) -> None:
-        """Bytes received while a head is incomplete (it may have begun inside them): past
-        MAX_HEAD the request is refused, so a head without its end holds bounded memory (the
-        parser keeps a header line until it ends)."""
-        self._head_bytes += n
-        if self._head_bytes > MAX_HEAD:
-            raise Refused(431, "request head too large")
-
     def on_headers_complete(self) -> None:
         parser = self.parser
         method = parser.get_method()
@@ -213,16 +218,22 @@ class Connection:
                                  self._url.decode("latin-1"), parser.get_http_version(), headers,
                                  parser.should_keep_alive())
         self._head_bytes = 0
+        self._stalled = 0
+        if parser.should_upgrade() and (req.has_body or req.method == "CONNECT"):
+            raise Refused(400, "protocol upgrades are not supported")  # an offer without a body is ignored
+        if self.streaming is not None:  # after a streaming request, which ends the connection
+            req.mode = "ignored"
+            return
         self._server.admit(self, req)
 
     def on_body(self, body: bytes) -> None:
         req = self.req
-        if req is None:
+        if req is None or req.mode == "ignored":
             return
         req._size += len(body)
         if req._size > req._declared:  # chunked: counted as it arrives
             self._server.grow_upload(req, len(body))
-        req._pieces.append(body)
+        req._body += body
 
     def on_message_complete(self) -> None:
         req = self.req
@@ -232,7 +243,7 @@ class Connection:
         self.req = None
         self.req_since = None
         self._head_bytes = 0
-        if req.mode != "stream":
+        if req.mode not in ("stream", "ignored"):
             self.ready.append(req)
 
     # ---- input ---------------------------------------------------------------------------------
@@ -240,18 +251,46 @@ class Connection:
         """A request has begun and its head is not complete yet."""
         return self.req_since is not None and self.req is None
 
-    def feed(self, data: bytes) -> None:
-        """Parse received bytes; protocol errors become Refused."""
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as e:
-            if isinstance(e.__context__, Refused):
-                raise e.__context__ from None
-            raise
-        except httptools.HttpParserUpgrade:
-            raise Refused(400, "protocol upgrades are not supported") from None
-        except httptools.HttpParserError as e:
-            raise Refused(400, f"bad request: {e}") from None
+    def take(self, data: bytes | memoryview) -> None:
+        """Parse received bytes, bounding what the parser can be made to hold: a request head
+        that goes on past MAX_HEAD, and bytes inside a request that bring no body (a trailer or
+        chunk framing without end) past as much, are refused (431). The bytes are parsed in
+        slices, so what a pending head is charged for is its own bytes and at most one slice of
+        the requests before it."""
+        for start in range(0, len(data), PARSE_SLICE):
+            piece = data[start:start + PARSE_SLICE]
+            req = self.req
+            size = req._size if req is not None else 0
+            self.feed(piece)
+            if self.head_pending():
+                self._head_bytes += len(piece)
+                if self._head_bytes > MAX_HEAD:
+                    raise Refused(431, "request head too large")
+            elif req is not None and self.req is req and req._size == size:
+                self._stalled += len(piece)
+                if self._stalled > MAX_HEAD:
+                    raise Refused(431, "request trailer or chunk framing too large")
+            else:
+                self._stalled = 0
+
+    def feed(self, data: bytes | memoryview) -> None:
+        """Parse received bytes; protocol errors become Refused. An upgrade offer (h2c, websocket)
+        is declined by answering over HTTP/1.1 (RFC 9110 7.8): parsing goes on after it."""
+        while True:
+            try:
+                self.parser.feed_data(data)
+                return
+            except httptools.HttpParserCallbackError as e:
+                if isinstance(e.__context__, (Refused, OSError, ssl.SSLError)):
+                    raise e.__context__ from None
+                raise
+            except httptools.HttpParserUpgrade as e:
+                data = data[int(e.args[0]):]
+                self.parser = httptools.HttpRequestParser(self)
+                if not data:
+                    return
+            except httptools.HttpParserError as e:
+                raise Refused(400, f"bad request: {e}") from None
 
     def receive_blocking(self) -> bool:
         """Streaming mode: receive and parse more of the body (blocking); False at its end."""
@@ -261,7 +300,7 @@ class Connection:
         data = self.sock.recv(RECV_SIZE)
         if not data:
             return False
-        self.feed(data)
+        self.take(data)
         return True
 
     # ---- answers -------------------------------------------------------------------------------
@@ -538,22 +577,31 @@ class Http11Server:
     def _event(self, conn: Connection, events: int) -> None:
         if conn not in self.conns:
             return  # dropped earlier in this round
+        self._guarded(conn, self._on_event, conn, events)
+
+    def _on_event(self, conn: Connection, events: int) -> None:
+        if conn.handshaking:
+            self._handshake(conn)
+            return
+        if events & selectors.EVENT_WRITE:
+            if conn.busy:
+                self._flush(conn)
+            else:
+                self._answer_ready(conn)  # and what was held back while answers were backed up
+        if events & selectors.EVENT_READ and conn in self.conns:
+            self._read(conn)
+
+    def _guarded(self, conn: Connection, step: Callable[..., None], *args: object) -> None:
+        """Run one step of a connection's life on the loop: a refused request is answered, a
+        failure of the connection ends it, and a bug costs this connection, not the server."""
         try:
-            if conn.handshaking:
-                self._handshake(conn)
-                return
-            if events & selectors.EVENT_WRITE:
-                if conn.ready and not conn.busy:
-                    self._answer_ready(conn)  # those held back while answers were backed up
-                else:
-                    self._flush(conn)
-            if events & selectors.EVENT_READ and conn in self.conns:
-                self._read(conn)
-        except Refused as e:
-            self._refuse(conn, e)
+            try:
+                step(*args)
+            except Refused as e:
+                self._refuse(conn, e)
         except (OSError, ssl.SSLError):
             self._drop(conn)
-        except Exception as e:  # a bug costs this connection, not the server
+        except Exception as e:
             _warn(f"{self.service.name}: internal error on a connection from {conn.client[0]}: {e!r}")
             self._drop(conn)
 
@@ -587,14 +635,9 @@ class Http11Server:
             conn.last_active = time.monotonic()
             if self.metrics.enabled:
                 self.metrics.bytes_in(n)
-            conn.feed(buffer[:n])
-            if conn.streaming is not None:
-                self._hand_over(conn, conn.streaming)
-                return
-            if conn.head_pending():
-                conn.count_head(n)
-            if conn not in self.conns or conn.busy or (conn.req is not None and conn.req.mode == "stream"):
-                break
+            conn.take(buffer[:n])
+            if conn not in self.conns or conn.busy or conn.streaming is not None:
+                break  # a streaming request's body is read by its own thread
             if not conn.tls or not conn.sock.pending():  # type: ignore[attr-defined]
                 break
         self._answer_ready(conn)
@@ -625,8 +668,33 @@ class Http11Server:
                 req.mode = "worker"
                 conn.busy = True
                 self._pool.submit(self._work, conn, req)
+        if conn in self.conns and not conn.busy and not conn.ready:
+            self._after_answers(conn)
         if conn in self.conns:
             self._flush(conn)
+
+    def _after_answers(self, conn: Connection) -> None:
+        """The requests received in full are answered: what comes next in the connection's order.
+        A streaming request takes the connection (once the answers are out); a refusal is answered
+        (unless an answer has ended the connection); a request receiving its body gets its
+        `100 Continue`."""
+        if conn.streaming is not None:
+            self._send_out(conn)
+            if not conn.out:
+                self._hand_over(conn, conn.streaming)
+        elif conn.refusal is not None:
+            e, conn.refusal = conn.refusal, None
+            if not conn.closing:
+                req = e.req or Request(conn)
+                req.keep_alive = False
+                req.mode = "loop"
+                conn.reply(req, e.status, f"{e}\n".encode())
+        elif conn.req is not None and conn.req._continue:
+            conn.req._continue = False
+            conn.out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
+            conn.out_bytes += 25
+            if conn.write_since is None:
+                conn.write_since = time.monotonic()
 
     def _run_handler(self, conn: Connection, req: Request) -> None:
         """Run the service on one request; a handler that raises (a bug) answers 500."""
@@ -675,11 +743,10 @@ class Http11Server:
                 self.upload_bytes += declared
             req._counted = True
             req._declared = declared
-            if req.headers.get("expect", "").lower() == "100-continue" and not streams:
-                self._send_now(conn, b"HTTP/1.1 100 Continue\r\n\r\n")
-        if streams:  # handed over once the parser has taken what this read brought
+            # sent once the answers before it are (a pipelining client reads answers in order)
+            req._continue = req.headers.get("expect", "").lower() == "100-continue" and not streams
+        if streams:  # handed over once the answers before it are out
             req.mode = "stream"
-            conn.busy = True
             conn.streaming = req
 
     def grow_upload(self, req: Request, n: int) -> None:
@@ -707,6 +774,7 @@ class Http11Server:
         """From now on `req` (its head complete, maybe some of its body parsed) and its connection
         belong to a thread of its own."""
         conn.streaming = None
+        conn.busy = True
         self.conns.discard(conn)
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(conn.sock)
@@ -753,13 +821,12 @@ class Http11Server:
             if conn not in self.conns:
                 self._release_upload(req)
                 continue
-            try:
-                self._queue_answer(conn, req, parts)
-                self._answer_ready(conn)  # the next request received meanwhile; flushes
-            except Refused as e:
-                self._refuse(conn, e)
-            except (OSError, ssl.SSLError):
-                self._drop(conn)
+            self._guarded(conn, self._deliver, conn, req, parts)
+
+    def _deliver(self, conn: Connection, req: Request, parts: list[Part]) -> None:
+        """A worker's answer: queued, then the next request received meanwhile (this flushes)."""
+        self._queue_answer(conn, req, parts)
+        self._answer_ready(conn)
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):
@@ -779,13 +846,20 @@ class Http11Server:
             conn.write_since = time.monotonic()
         if not req.keep_alive or self._stopping:
             conn.closing = True
-            conn.ready.clear()
+            self._forget_pending(conn)
 
-    def _send_now(self, conn: Connection, data: bytes) -> None:
-        """An interim answer (100 Continue): nothing else is queued while a request is received."""
-        conn.out.append(data)
-        conn.out_bytes += len(data)
-        self._flush(conn)
+    def _forget_pending(self, conn: Connection) -> None:
+        """Requests that will not be answered (the connection ends before them): their share of
+        the upload limits is given back."""
+        for pending in conn.ready:
+            self._release_upload(pending)
+        conn.ready.clear()
+        for pending in (conn.req, conn.streaming):
+            if pending is not None:
+                self._release_upload(pending)
+        conn.req = None
+        conn.streaming = None
+        conn.refusal = None
 
     def _flush(self, conn: Connection) -> None:
         """Send queued answers without blocking; then close (if closing and done) or wait for
@@ -825,30 +899,29 @@ class Http11Server:
             conn.write_since = time.monotonic() if out else None
 
     def _refuse(self, conn: Connection, e: Refused) -> None:
-        """Answer a refused request (when the connection can still take it) and end the
-        connection once it is out."""
+        """A request is refused: it is answered after the requests received in full before it,
+        and then the connection ends (nothing after it is read). Never raises."""
         if conn not in self.conns:
             return
-        req = conn.req or Request(conn)
-        req.method = req.method or "GET"
-        req.target = req.target or "-"
-        req.keep_alive = False
-        conn.req = None
-        conn.ready.clear()
-        if conn.busy:  # an answer is still being made: just end after it
-            conn.closing = True
+        req = conn.req
+        if req is not None:  # refused before its body was complete: nothing of it will be used
             self._release_upload(req)
-            return
-        with contextlib.suppress(OSError, ssl.SSLError):
-            conn.reply(req, e.status, f"{e}\n".encode())
-        if conn in self.conns:
-            conn.closing = True
-            self._flush(conn)
+            if conn.streaming is req:
+                conn.streaming = None
+            e.req = req
+        conn.req = None
+        conn.req_since = None
+        if conn.refusal is None:
+            conn.refusal = e
+        if conn.busy:
+            return  # answered once the worker's answer is in
+        self._guarded(conn, self._answer_ready, conn)
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     @staticmethod
     def _idle(conn: Connection) -> bool:
-        return not conn.busy and not conn.out and not conn.ready and conn.req_since is None
+        return not conn.busy and not conn.out and not conn.ready and conn.req_since is None \
+            and conn.streaming is None and conn.refusal is None
 
     def _update(self, conn: Connection) -> None:
         """Wait for what the connection needs next: its answers to drain, or more requests
@@ -856,10 +929,16 @@ class Http11Server:
         if conn not in self.conns or conn.handshaking:
             return
         events = 0
-        if conn.out:
+        if conn.out or (conn.ready and not conn.busy):  # answers to send, or held back to answer
             events |= selectors.EVENT_WRITE
-        if not conn.busy and not conn.closing and not conn.ready and conn.out_bytes < HIGH_WATER:
+        if not conn.busy and not conn.closing and not conn.ready and conn.out_bytes < HIGH_WATER \
+                and conn.refusal is None and conn.streaming is None:
             events |= selectors.EVENT_READ
+            if not conn.events & selectors.EVENT_READ and conn.req_since is not None:
+                # reading again after the server held back: the client's time runs from now
+                conn.last_active = time.monotonic()
+                if conn.head_pending():
+                    conn.req_since = conn.last_active
         self._set_events(conn, events)
 
     def _set_events(self, conn: Connection, events: int) -> None:
@@ -882,18 +961,14 @@ class Http11Server:
                     self.selector.unregister(conn.sock)
                 conn.events = 0
             self.metrics.connections(len(self.conns))
-        if conn.req is not None:
-            self._release_upload(conn.req)
-        for req in conn.ready:
-            self._release_upload(req)
-        conn.ready.clear()
+        self._forget_pending(conn)
         conn.out.clear()
         conn.close()
 
     def _sweep(self, now: float) -> None:
         """End connections that keep the server waiting: a TLS handshake or a request head not
-        done within head_timeout, silence inside a request or an answer not read for as long,
-        or idle past idle_timeout."""
+        done within head_timeout, silence inside a request while the server reads, an answer the
+        client does not take for as long, or idle past idle_timeout."""
         limits = self.limits
         for conn in list(self.conns):
             if conn.busy:
@@ -901,9 +976,12 @@ class Http11Server:
             if conn.handshaking:
                 if now - conn.last_active > limits.head_timeout:
                     self._drop(conn)
-            elif conn.write_since is not None and now - conn.write_since > limits.head_timeout:
-                self._drop(conn)
-            elif conn.req_since is not None and (
+            elif conn.write_since is not None:
+                if now - conn.write_since > SWEEP and _reading_progressed(conn):
+                    conn.write_since = now
+                if now - conn.write_since > limits.head_timeout:
+                    self._drop(conn)
+            elif conn.req_since is not None and conn.events & selectors.EVENT_READ and (
                     now - conn.last_active > limits.head_timeout
                     or (conn.head_pending() and now - conn.req_since > limits.head_timeout)):
                 self.metrics.refused("timeout")
@@ -947,6 +1025,19 @@ def _listen(address: tuple[str, int]) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _reading_progressed(conn: Connection) -> bool:
+    """Whether the client has taken bytes from the kernel's send queue since the last look. A
+    large send buffer only turns writable again once half of it has drained: a slow reader that
+    reads all along is not one that stopped (Linux's SIOCOUTQ; elsewhere: no)."""
+    try:
+        unsent = struct.unpack("i", fcntl.ioctl(conn.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, ValueError, AttributeError):
+        return False
+    progressed = 0 <= unsent < conn.unsent
+    conn.unsent = unsent
+    return progressed
 
 
 def _refuse_at_once(sock: socket.socket, message: bytes) -> None:

@@ -8,7 +8,6 @@ The names follow Prometheus's conventions, prefixed `pydesync_`, with the server
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from typing import Any
 
 from ..errors import UsageError
@@ -48,7 +47,8 @@ class Metrics:
         self._server = server
         self._request_children: dict[tuple[str, int], Any] = {}
         self._lock = threading.Lock()
-        self._make_wsgi = prom.make_wsgi_app
+        self._generate = prom.generate_latest
+        self._content_type = prom.CONTENT_TYPE_LATEST
 
     # ---- counting (no-ops when disabled) ---------------------------------------------------------
     def request(self, method: str, status: int) -> None:
@@ -87,37 +87,31 @@ class Metrics:
             self._invalid.inc()
 
     # ---- exporting -------------------------------------------------------------------------------
-    def wsgi_app(self) -> Callable[..., Any]:
+    def page(self, path: str) -> tuple[int, bytes, str]:
         """/metrics in Prometheus's text format, /health: 200 while serving, 503 once stopping."""
-        metrics_app = self._make_wsgi(self.registry)
-
-        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-            if environ.get("PATH_INFO") == "/health":
-                ok = self.healthy
-                start_response("200 OK" if ok else "503 Service Unavailable",
-                               [("Content-Type", "text/plain; charset=utf-8")])
-                return [b"ok\n" if ok else b"stopping\n"]
-            if environ.get("PATH_INFO") != "/metrics":
-                start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
-                return [b"/metrics or /health\n"]
-            return metrics_app(environ, start_response)
-        return app
+        text = "text/plain; charset=utf-8"
+        if path == "/health":
+            return (200, b"ok\n", text) if self.healthy else (503, b"stopping\n", text)
+        if path != "/metrics":
+            return 404, b"/metrics or /health\n", text
+        return 200, self._generate(self.registry), self._content_type
 
     def serve(self, host: str, port: int) -> tuple[str, int]:
-        """Serve /metrics and /health on a thread of their own; the address bound."""
-        from socketserver import ThreadingMixIn
-        from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+        """Serve /metrics and /health on a thread of their own, through the same bounded HTTP/1.1
+        core as the service (a few connections, short timeouts); the address bound."""
+        from .http11 import Http11Server, Limits, Request, Service
 
-        class Quiet(WSGIRequestHandler):
-            def log_message(self, format: str, *args: object) -> None:
-                pass
+        def handle(req: Request) -> None:
+            status, body, content_type = self.page(req.target.split("?", 1)[0]) \
+                if req.method in ("GET", "HEAD") else (405, b"GET or HEAD\n", "text/plain; charset=utf-8")
+            req._conn.reply(req, status, body, content_type)
 
-        class Threading(ThreadingMixIn, WSGIServer):
-            daemon_threads = True
-
+        limits = Limits(connections=64, uploads=1, upload_bytes=0, workers=2, head_timeout=10.0,
+                        idle_timeout=30.0, stop_grace=0.0)
+        service = Service("metrics", handle, quick=lambda req: True, body_limit=lambda req: 0)
         try:
-            httpd = make_server(host, port, self.wsgi_app(), Threading, handler_class=Quiet)
+            server = Http11Server([(host, port)], service, limits=limits)
         except OSError as e:
             raise UsageError(f"cannot listen on {host}:{port} for metrics: {e.strerror}") from None
-        threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
-        return httpd.server_address[:2]  # type: ignore[return-value]
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        return server.server_address
