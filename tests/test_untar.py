@@ -847,7 +847,8 @@ def test_untar_to_a_gnu_tar_stream(cli, wdir):
     with tarfile.open(wdir / "x.tar") as tar:
         members = {m.name: m for m in tar}
         assert tar.extractfile("a").read() == b"hello\n"  # type: ignore[union-attr]
-    assert sorted(members) == sorted(["a", "d", "d/b", "l", "f"] + (["dev"] if IS_ROOT else []))
+    assert sorted(members) == sorted([".", "a", "d", "d/b", "l", "f"] + (["dev"] if IS_ROOT else []))
+    assert members["."].isdir()
     assert members["d"].isdir() and members["l"].issym() and members["l"].linkname == "a"
     assert members["f"].isfifo()
     b = members["d/b"]

@@ -29,11 +29,11 @@ def _check_source(source: str) -> None:
         raise PydesyncError(f"{source} is not a directory")
 
 
-def tar_to_file(source: str, output: str, flags: int, progress: Callable[[int], None] | None = None) -> int:
-    """Write the catar of `source` to `output` (atomically; `-` = stdout); returns its size.
-    `progress` is told the bytes written."""
-    _check_source(source)
-    encoder = TreeEncoder(source, flags)
+def tar_to_file(source: str | TreeEncoder, output: str, flags: int,
+                progress: Callable[[int], None] | None = None) -> int:
+    """Write the catar of `source` (a directory, or an encoder such as TarInputEncoder) to
+    `output` (atomically; `-` = stdout); returns its size. `progress` is told the bytes written."""
+    encoder = _encoder(source, flags)
     try:
         with atomic_write(output) as f:
             for piece in encoder:
@@ -45,18 +45,24 @@ def tar_to_file(source: str, output: str, flags: int, progress: Callable[[int], 
     return encoder.offset
 
 
-def tar_to_index(source: str, index_path: str, store: Store, flags: int,
+def tar_to_index(source: str | TreeEncoder, index_path: str, store: Store, flags: int,
                  sizes: ChunkSizes = DEFAULT_SIZES, digest: str = SHA512_256,
                  concurrency: int = DEFAULT_CONCURRENCY,
                  progress: Callable[[int], None] | None = None,
                  index_options: StoreOptions | None = None) -> tuple[Index, MakeStats]:
-    """Chunk the catar of `source` into `store` and write its .caidx (flags = the archive's) to a path,
-    `-` or an index store URL (written with `index_options`)."""
-    _check_source(source)
-    reader: BinaryIO = IterReader(TreeEncoder(source, flags))  # type: ignore[assignment]
+    """Chunk the catar of `source` (as in tar_to_file) into `store` and write its .caidx (flags =
+    the archive's) to a path, `-` or an index store URL (written with `index_options`)."""
+    reader: BinaryIO = IterReader(_encoder(source, flags))  # type: ignore[assignment]
     index, stats = chunk_stream(reader, sizes, digest, store, concurrency, flags=flags, progress=progress)
     write_index_at(index, index_path, index_options)
     return index, stats
+
+
+def _encoder(source: str | TreeEncoder, flags: int) -> TreeEncoder:
+    if isinstance(source, TreeEncoder):
+        return source
+    _check_source(source)
+    return TreeEncoder(source, flags)
 
 
 def stream_digest(pieces: Iterable[bytes], digest: str = SHA512_256) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ..errors import PydesyncError
 from . import exclude
@@ -161,10 +161,14 @@ class TreeEncoder:
     def _file(self, path: bytes, fd: int, st: os.stat_result, magic: int) -> Iterator[bytes]:
         size = st.st_size if magic not in VIRTUAL_FS_MAGICS else 0
         self._out(self._metadata(path, st, fd, magic, payload_size=size))
+        yield from self._payload(path, size, lambda n: os.read(fd, n))
+
+    def _payload(self, path: bytes, size: int, read: Callable[[int], bytes]) -> Iterator[bytes]:
+        """A file's `size` bytes as PAYLOAD contents, read in blocks; big blocks go out as they are."""
         remaining = size
         while remaining:
             try:
-                block = os.read(fd, min(READ_BLOCK, remaining))
+                block = read(min(READ_BLOCK, remaining))
             except OSError as e:
                 raise EncodeError(f"cannot read {os.fsdecode(path)}: {e.strerror}") from None
             if not block:
@@ -221,10 +225,10 @@ class TreeEncoder:
             return kind | ((0o777 if is_dir else 0o666) if writable else (0o555 if is_dir else 0o444))
         return kind | (0o777 if is_dir else 0o666)
 
-    def _fixup_mtime(self, st: os.stat_result) -> int:
+    def _fixup_mtime(self, mtime_ns: int) -> int:
         if self.granularity is None:
             return 0
-        return st.st_mtime_ns // self.granularity * self.granularity
+        return mtime_ns // self.granularity * self.granularity
 
     def _name_for(self, ident: int, lookup) -> bytes | None:  # type: ignore[no-untyped-def]
         """casync's uid_to_name: root has no name; unknown ids are numbers unless ids are stored."""
@@ -255,28 +259,13 @@ class TreeEncoder:
                 sub, ro = btrfs_subvolume(fd, st, magic)
                 entry_flags |= ((F.WITH_SUBVOLUME if sub else 0) | (F.WITH_SUBVOLUME_RO if ro else 0)) & flags
         out = [_ENTRY.pack(F.ENTRY_SIZE, F.ENTRY, flags, self._fixup_mode(mode), entry_flags, uid, gid,
-                           self._fixup_mtime(st))]
+                           self._fixup_mtime(st.st_mtime_ns))]
         if flags & F.WITH_USER_NAMES:
-            user = self._name_for(st.st_uid, user_name)
-            group = self._name_for(st.st_gid, group_name)
-            if user is not None:
-                out.append(F.cstring(F.USER, user))
-            if group is not None:
-                out.append(F.cstring(F.GROUP, group))
+            out.extend(self._owner_records(st.st_uid, st.st_gid, user_name, group_name))
         # One listxattr tells which of the xattr-borne features exist; only those are read.
         present = self._xattr_names(path) if flags & XATTR_FEATURES else set()
-        if not is_lnk:
-            out.extend(self._xattr_records(path, present))
-            if flags & F.WITH_ACL and present & ACL_NAMES:
-                out.extend(self._acl_records(path, is_dir, present))
-        if flags & F.WITH_SELINUX and b"security.selinux" in present:
-            label = get_xattr(path, "security.selinux")
-            if label:
-                out.append(F.cstring(F.SELINUX, label.rstrip(b"\0")))
-        if not is_lnk and flags & F.WITH_FCAPS and is_reg and b"security.capability" in present:
-            caps = get_xattr(path, "security.capability")
-            if caps is not None:
-                out.append(F.record(F.FCAPS, caps))
+        if present:
+            out.extend(self._xattr_borne_records(path, mode, present, lambda name: get_xattr(path, name)))
         if flags & F.WITH_QUOTA_PROJID and fd is not None and (is_dir or is_reg) \
                 and magic in (EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC, FUSE_SUPER_MAGIC):
             projid = read_projid(fd)
@@ -289,6 +278,39 @@ class TreeEncoder:
         elif stat.S_ISBLK(mode) or stat.S_ISCHR(mode):
             out.append(F.record(F.DEVICE, struct.pack("<QQ", os.major(st.st_rdev), os.minor(st.st_rdev))))
         return b"".join(out)
+
+    def _owner_records(self, uid: int, gid: int, user_lookup: Callable[[int], str | None],
+                       group_lookup: Callable[[int], str | None]) -> list[bytes]:
+        """USER and GROUP, by casync's naming rule (_name_for)."""
+        out = []
+        user = self._name_for(uid, user_lookup)
+        group = self._name_for(gid, group_lookup)
+        if user is not None:
+            out.append(F.cstring(F.USER, user))
+        if group is not None:
+            out.append(F.cstring(F.GROUP, group))
+        return out
+
+    def _xattr_borne_records(self, path: bytes, mode: int, present: set[bytes],
+                             get: Callable[[str], bytes | None]) -> list[bytes]:
+        """The records that come from xattrs (XATTR, ACL*, SELINUX, FCAPS), in casync's order;
+        `present` names the xattrs there are, `get` reads one."""
+        flags = self.flags
+        is_lnk = stat.S_ISLNK(mode)
+        out: list[bytes] = []
+        if not is_lnk:
+            out.extend(self._xattr_records(present, get))
+            if flags & F.WITH_ACL and present & ACL_NAMES:
+                out.extend(self._acl_records(path, stat.S_ISDIR(mode), present, get))
+        if flags & F.WITH_SELINUX and b"security.selinux" in present:
+            label = get("security.selinux")
+            if label:
+                out.append(F.cstring(F.SELINUX, label.rstrip(b"\0")))
+        if not is_lnk and flags & F.WITH_FCAPS and stat.S_ISREG(mode) and b"security.capability" in present:
+            caps = get("security.capability")
+            if caps is not None:
+                out.append(F.record(F.FCAPS, caps))
+        return out
 
     @staticmethod
     def _readlink(path: bytes) -> bytes:
@@ -304,23 +326,24 @@ class TreeEncoder:
         except OSError as e:
             raise EncodeError(f"cannot list xattrs of {os.fsdecode(path)}: {e.strerror}") from None
 
-    def _xattr_records(self, path: bytes, present: set[bytes]) -> list[bytes]:
+    def _xattr_records(self, present: set[bytes], get: Callable[[str], bytes | None]) -> list[bytes]:
         if not self.flags & F.WITH_XATTRS:
             return []
         out = []
         for name in sorted(present):
             if not (name.startswith((b"user.", b"trusted.")) and _valid_xattr_name(name)):
                 continue
-            value = get_xattr(path, os.fsdecode(name))
+            value = get(os.fsdecode(name))
             if value is not None:
                 out.append(F.record(F.XATTR, name + b"\0" + value))
         return out
 
-    def _acl_records(self, path: bytes, is_dir: bool, present: set[bytes]) -> list[bytes]:
+    def _acl_records(self, path: bytes, is_dir: bool, present: set[bytes],
+                     get: Callable[[str], bytes | None]) -> list[bytes]:
         out: list[bytes] = []
         try:
-            access_raw = get_xattr(path, ACL_XATTR_ACCESS) if ACL_ACCESS in present else None
-            default_raw = get_xattr(path, ACL_XATTR_DEFAULT) if is_dir and ACL_DEFAULT in present else None
+            access_raw = get(ACL_XATTR_ACCESS) if ACL_ACCESS in present else None
+            default_raw = get(ACL_XATTR_DEFAULT) if is_dir and ACL_DEFAULT in present else None
             access = PosixAcl.parse(access_raw) if access_raw else None
             default = PosixAcl.parse(default_raw) if default_raw else None
         except (OSError, ValueError) as e:

@@ -19,12 +19,13 @@ _TYPES = {stat.S_IFDIR: tarfile.DIRTYPE, stat.S_IFREG: tarfile.REGTYPE, stat.S_I
 
 def write_tar(items: Iterable[Node | DirectoryEnd], out: BinaryIO,
               warn: Callable[[str], None] | None = None) -> int:
-    """Write the archive's entries (the root directory excluded) to `out` as a tar stream; returns
-    the entries written. What tar cannot hold (a socket) is left out with a warning."""
+    """Write the archive's entries to `out` as a tar stream, the root directory first as `./`
+    (desync's first member is `.`; a tar read back keeps the root's metadata); returns the entries
+    written. What tar cannot hold (a socket) is left out with a warning."""
     count = 0
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.GNU_FORMAT) as tar:
         for item in items:
-            if isinstance(item, DirectoryEnd) or not item.path:
+            if isinstance(item, DirectoryEnd):
                 continue
             info = tar_info(item)
             if info is None:
@@ -43,7 +44,7 @@ def tar_info(node: Node) -> tarfile.TarInfo | None:
     kind = _TYPES.get(stat.S_IFMT(node.mode))
     if kind is None:
         return None
-    info = tarfile.TarInfo(_name(node.path) + ("/" if node.is_dir else ""))
+    info = tarfile.TarInfo((_name(node.path) or ".") + ("/" if node.is_dir else ""))
     info.type = kind
     info.mode = stat.S_IMODE(node.mode)
     info.uid, info.gid = node.uid, node.gid

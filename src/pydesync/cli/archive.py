@@ -10,7 +10,9 @@ import sys
 from ..archive import tar_to_file, tar_to_index
 from ..catar import format as F
 from ..catar.decoder import ArchiveDecoder, Readable
+from ..catar.encoder import TreeEncoder
 from ..catar.extractor import ExtractOptions, TreeExtractor
+from ..catar.fromtar import TarInputEncoder
 from ..catar.totar import write_tar
 from ..chunker import ChunkSizes
 from ..digest import SHA512_256, check_digest
@@ -44,9 +46,12 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     add_stores(p, help="target store (with -i; created if missing)", cache=False)
     p.add_argument("-m", "--chunk-size", default="16:64:256", help="min:avg:max chunk size in KiB (with -i)")
     p.add_argument("-i", "--index", action="store_true", help="write chunks and a .caidx instead of a catar")
-    p.add_argument("--input-format", choices=["disk", "tar"], default="disk", help="source kind (disk)")
+    p.add_argument("--input-format", choices=["disk", "tar"], default="disk",
+                   help="disk (SOURCE is a directory) or tar (SOURCE is a tar stream, plain or compressed, "
+                        "- for stdin)")
     p.add_argument("--no-time", action="store_true", help="store no modification times")
-    p.add_argument("--tar-add-root", action="store_true", help="(tar input) add a root directory")
+    p.add_argument("--tar-add-root", action="store_true",
+                   help="(tar input) make a root directory (mode 0755) when the stream lists none")
     p.add_argument("-x", "--one-file-system", action="store_true", help="do not cross filesystem boundaries")
     add_feature_flags(p)
     add_store_options(p)
@@ -86,16 +91,20 @@ def feature_flags(ctx: Context) -> int:
 
 def run_tar(ctx: Context) -> int:
     a = ctx.args
-    if a.input_format == "tar":
-        raise UsageError("--input-format=tar is not supported yet")
-    if a.tar_add_root:
+    if a.tar_add_root and a.input_format != "tar":
         raise UsageError("--tar-add-root only applies to --input-format=tar")
+    if a.one_file_system and a.input_format == "tar":
+        raise UsageError("-x/--one-file-system only applies to --input-format=disk")
     flags = feature_flags(ctx)
+    source: str | TreeEncoder = a.source
+    if a.input_format == "tar":
+        stream = sys.stdin.buffer if a.source == "-" else a.source
+        source = TarInputEncoder(stream, flags, add_root=a.tar_add_root)
     if not a.index:
         if a.store:
             raise UsageError("-s is only used with -i")
         with Progress("Packing ", None, unit="bytes") as bar:
-            tar_to_file(a.source, a.output, flags, progress=bar.callback())
+            tar_to_file(source, a.output, flags, progress=bar.callback())
         return 0
     if len(a.store) != 1:
         raise UsageError("-i needs exactly one target store (-s)")
@@ -103,7 +112,7 @@ def run_tar(ctx: Context) -> int:
     check_index_output(a.output, a.source)
     store = ctx.target(a.store[0], create=True)
     with store, Progress("Packing ", None, unit="bytes") as bar:
-        tar_to_index(a.source, a.output, store, flags, ChunkSizes.parse_kib(a.chunk_size),
+        tar_to_index(source, a.output, store, flags, ChunkSizes.parse_kib(a.chunk_size),
                      check_digest(ctx.digest), ctx.concurrency, progress=bar.callback(),
                      index_options=index_options)
     return 0
