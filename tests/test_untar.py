@@ -858,3 +858,32 @@ def test_untar_to_a_gnu_tar_stream(cli, wdir):
     if IS_ROOT:
         assert (b.uid, b.gid) == (1234, 5678)
         assert members["dev"].ischr() and (members["dev"].devmajor, members["dev"].devminor) == (1, 3)
+
+
+@pytest.mark.parametrize("into", ["new", "existing"])
+def test_entries_named_like_temporary_files_round_trip(cli, wdir, into):
+    """untar's temporary names once were `.#pydesync.<n>`: an archive holding a big file `!x` and a
+    symlink `.#pydesync.0` restored `!x` as the symlink and exited 0, and a tree holding such names
+    could not round-trip. Every entry comes back as it was, into a new or an existing target."""
+    src = wdir / "src"
+    src.mkdir()
+    (src / "!x").write_bytes(os.urandom(8 << 20))
+    (src / ".#pydesync.0").symlink_to("elsewhere")
+    (src / ".#pydesync.1").write_bytes(b"a file\n")
+    (src / ".#pydesync.2").mkdir()
+    (src / ".#pydesync.2" / ".#pydesync.3").write_bytes(b"inner\n")
+    for i in range(4, 40):
+        (src / f".#pydesync.{i}").write_bytes(b"%d" % i)
+    assert cli("tar", wdir / "x.catar", src).returncode == 0
+    out = wdir / "out"
+    if into == "existing":
+        out.mkdir()
+        (out / "!x").write_bytes(b"old")
+    r = cli("untar", wdir / "x.catar", out)
+    assert r.returncode == 0, r.stderr
+    assert (out / "!x").read_bytes() == (src / "!x").read_bytes()
+    assert os.readlink(out / ".#pydesync.0") == "elsewhere"
+    assert (out / ".#pydesync.2" / ".#pydesync.3").read_bytes() == b"inner\n"
+    assert sorted(os.listdir(out)) == sorted(os.listdir(src))
+    assert cli("tar", wdir / "y.catar", out).returncode == 0
+    assert (wdir / "y.catar").read_bytes() == (wdir / "x.catar").read_bytes()

@@ -303,6 +303,9 @@ class TreeExtractor:
         self._ids = (os.geteuid(), os.getegid())
         self._owner_cache: dict[tuple, tuple[int | None, int | None]] = {}
         self._temp_counter = itertools.count()
+        # Temporary names: a prefix drawn per extraction, which no archive (made before it) can
+        # name, and O_EXCL creation, which never replaces what is there
+        self._temp_prefix = b".#pydesync.%s." % secrets.token_hex(8).encode()
         self._umask = current_umask()
         self._magic: dict[int, int] = {}
         self._writer: BatchWriter[_Dir, Node] = BatchWriter(self._finish_directory, self._umask)
@@ -441,7 +444,7 @@ class TreeExtractor:
             mode = default | 0o200 if node.mode & 0o222 else default & ~0o222
         else:
             mode = default
-        temp = b".#pydesync.%d" % next(self._temp_counter)  # private directory: no collisions
+        temp = self._temp_prefix + b"%d" % next(self._temp_counter)
         mtime = node.mtime if flags & TIME_FLAGS else -1
         self._writer.add(dir_fd, temp, node.name, node.read_payload(), mode, mtime, node)
 
@@ -536,7 +539,7 @@ class TreeExtractor:
         if existing is not None and not self.options.overwrite:
             self._problem(display, "already exists (--overwrite=false keeps it)")
             return
-        temp = f".#pydesync.{secrets.token_hex(8)}".encode()
+        temp = self._temp_prefix + b"%d" % next(self._temp_counter)
         target = _Target(node, display, dir_fd, temp, may_inherit_acl=may_inherit_acl,
                          may_inherit_flags=may_inherit_flags)
         pending = True  # the temporary node may exist and must go if we do not finish
