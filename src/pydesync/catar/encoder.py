@@ -10,10 +10,12 @@ directory ends with a GOODBYE table of its children.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import struct
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 from ..errors import PydesyncError
 from . import exclude
@@ -44,6 +46,45 @@ XATTR_FEATURES = F.WITH_XATTRS | F.WITH_ACL | F.WITH_SELINUX | F.WITH_FCAPS
 ACL_ACCESS = ACL_XATTR_ACCESS.encode()
 ACL_DEFAULT = ACL_XATTR_DEFAULT.encode()
 ACL_NAMES = {ACL_ACCESS, ACL_DEFAULT}
+
+
+OPEN_DIRECTORIES = 64  # directory descriptors a walk holds, whatever the depth
+_PROC_FD = b"/proc/self/fd/"
+
+
+@functools.cache
+def _proc_fd_usable() -> bool:
+    return os.path.isdir(_PROC_FD)
+
+
+@dataclass(slots=True, eq=False)
+class _Level:
+    """A directory being walked: its descriptor (None while closed for depth), children still to
+    come, and the goodbye items of those done."""
+
+    name: bytes
+    fd: int | None
+    st: os.stat_result
+    magic: int
+    rules: list[exclude.Rule]
+    start: int  # where its FILENAME began in the parent (its goodbye item)
+    entry_offset: int
+    names: list[bytes] = field(default_factory=list)
+    next: int = 0
+    items: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+class _Where:
+    """A node's path for messages, built only if one is needed (os.fsdecode takes it)."""
+
+    __slots__ = ("_encoder", "_name")
+
+    def __init__(self, encoder: TreeEncoder, name: bytes | None):
+        self._encoder = encoder
+        self._name = name
+
+    def __fspath__(self) -> bytes:
+        return self._encoder._path(self._name)
 
 
 class EncodeError(PydesyncError):
@@ -88,82 +129,158 @@ class TreeEncoder:
             fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             raise EncodeError(f"cannot read {os.fsdecode(self.root)}: {e.strerror}") from None
+        self._levels: list[_Level] = []
         try:
-            st = os.fstat(fd)
-            yield from self._directory(self.root, fd, st, [], fs_magic(fd))
+            try:
+                st = os.fstat(fd)
+                magic = fs_magic(fd)
+            except OSError as e:
+                os.close(fd)
+                raise EncodeError(f"cannot read {os.fsdecode(self.root)}: {e.strerror}") from None
+            self._enter(b"", fd, st, [], magic, 0)
+            levels = self._levels
+            while levels:  # a walk with a stack of its own: any depth, no Python recursion
+                level = levels[-1]
+                if level.next < len(level.names):
+                    name = level.names[level.next]
+                    level.next += 1
+                    yield from self._child(level, name)
+                else:
+                    self._leave()
+                yield from self._flush()
             yield from self._flush(force=True)
         finally:
-            os.close(fd)
+            for level in self._levels:
+                if level.fd is not None:
+                    os.close(level.fd)
+            self._levels = []
 
-    # ---- nodes -----------------------------------------------------------------------------
-    def _directory(self, path: bytes, fd: int, st: os.stat_result, rules: list[exclude.Rule],
-                   magic: int) -> Iterator[bytes]:
-        entry_offset = self.offset
-        self._out(self._metadata(path, st, fd, magic))
-        items: list[tuple[int, int, int]] = []
+    # ---- the walk --------------------------------------------------------------------------
+    def _enter(self, name: bytes, fd: int, st: os.stat_result, rules: list[exclude.Rule], magic: int,
+               start: int) -> None:
+        """A directory begins: its metadata, its children's names (strcmp order); it owns `fd`."""
+        level = _Level(name, fd, st, magic, rules, start, self.offset)
+        self._levels.append(level)
+        self._out(self._metadata(st, fd, magic, fd, None, _Where(self, None)))
         if magic not in VIRTUAL_FS_MAGICS:
             try:
-                names = sorted(os.fsencode(n) for n in os.listdir(fd))
+                level.names = sorted(os.fsencode(n) for n in os.listdir(fd))
             except OSError as e:
-                raise EncodeError(f"cannot list {os.fsdecode(path)}: {e.strerror}") from None
-            if self.flags & F.EXCLUDE_FILE and b".caexclude" in names:
-                rules = rules + exclude.parse_file(self._read_small(fd, b".caexclude", path))
-            for name in names:
-                start = self.offset
-                stored = yield from self._child(path, fd, st, name, rules, magic)
-                if stored:
-                    items.append((start, self.offset, F.name_hash(name)))
-                yield from self._flush()
-        self._out(F.goodbye_record(items, self.offset, entry_offset))
+                raise EncodeError(f"cannot list {os.fsdecode(self._path())}: {e.strerror}") from None
+            if self.flags & F.EXCLUDE_FILE and b".caexclude" in level.names:
+                level.rules = rules + exclude.parse_file(self._read_small(fd, b".caexclude"))
+        self._bound_descriptors()
 
-    def _child(self, parent: bytes, parent_fd: int, parent_st: os.stat_result, name: bytes,
-               rules: list[exclude.Rule], parent_magic: int) -> Iterator[bytes]:
-        """Encode one directory entry (FILENAME + node); returns whether it was stored."""
-        path = parent + b"/" + name
+    def _leave(self) -> None:
+        """A directory ends: its GOODBYE; it becomes an item of its parent, whose descriptor is
+        opened again (through `..`, checked to be the same directory) if it was closed."""
+        levels = self._levels
+        level = levels[-1]
+        self._out(F.goodbye_record(level.items, self.offset, level.entry_offset))
+        try:
+            if len(levels) > 1:
+                parent = levels[-2]
+                parent.items.append((level.start, self.offset, F.name_hash(level.name)))
+                if parent.fd is None:
+                    parent.fd = self._reopen_parent(level)
+        finally:
+            levels.pop()
+            if level.fd is not None:
+                os.close(level.fd)
+
+    def _reopen_parent(self, level: _Level) -> int:
+        assert level.fd is not None
+        try:
+            fd = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=level.fd)
+        except OSError as e:
+            where = os.fsdecode(self._path(levels=-1))
+            raise EncodeError(f"cannot return to {where}: {e.strerror}") from None
+        st = os.fstat(fd)
+        parent = self._levels[-2]
+        if (st.st_dev, st.st_ino) != (parent.st.st_dev, parent.st.st_ino):
+            os.close(fd)
+            raise EncodeError(f"{os.fsdecode(self._path(levels=-1))} was moved while it was being archived")
+        return fd
+
+    def _bound_descriptors(self) -> None:
+        """Keep at most OPEN_DIRECTORIES directory descriptors: the deepest ones, which the walk
+        uses next; a shallower one is opened again when the walk climbs back to it."""
+        levels = self._levels
+        if len(levels) > OPEN_DIRECTORIES:
+            old = levels[-OPEN_DIRECTORIES - 1]
+            if old.fd is not None:
+                os.close(old.fd)
+                old.fd = None
+
+    def _xattr_path(self, dir_fd: int, name: bytes) -> bytes:
+        """A short path to `name` in an open directory, for the xattr calls that have no *at form:
+        through /proc whatever the depth (the full path only where /proc is missing)."""
+        if _proc_fd_usable():
+            return b"%s%d/%s" % (_PROC_FD, dir_fd, name)
+        return self._path(name)
+
+    def _path(self, name: bytes | None = None, levels: int | None = None) -> bytes:
+        """The path of the directory being walked (or of `name` in it), for messages only: built
+        when asked, so memory stays linear in the depth."""
+        parts = [level.name for level in self._levels[1:levels]]
+        if name is not None:
+            parts.append(name)
+        return b"/".join([self.root, *parts]) if parts else self.root
+
+    def _child(self, parent: _Level, name: bytes) -> Iterator[bytes]:
+        """One directory entry: FILENAME and the node; a directory is entered (its children follow
+        on the stack), anything else is written whole."""
+        parent_fd = parent.fd
+        assert parent_fd is not None
         try:
             st = os.lstat(name, dir_fd=parent_fd)
         except FileNotFoundError:
-            return False  # vanished while we walked
+            return  # vanished while we walked
         except OSError as e:
-            raise EncodeError(f"cannot stat {os.fsdecode(path)}: {e.strerror}") from None
+            raise EncodeError(f"cannot stat {os.fsdecode(self._path(name))}: {e.strerror}") from None
         mode = st.st_mode
         if not self._type_enabled(mode):
-            return False
+            return
+        is_dir, is_reg = stat.S_ISDIR(mode), stat.S_ISREG(mode)
         fd = None
         try:
-            if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
-                fd = self._open(parent_fd, name, path, stat.S_ISDIR(mode))
+            if is_dir or is_reg:
+                fd = self._open(parent_fd, name, is_dir)
                 st = os.fstat(fd)
-                if stat.S_ISREG(st.st_mode) != stat.S_ISREG(mode):
-                    return False  # replaced while we walked
+                if stat.S_ISREG(st.st_mode) != is_reg:
+                    return  # replaced while we walked
                 if self.flags & F.EXCLUDE_NODUMP and read_chattr(fd) & F.FS_NODUMP_FL:
-                    return False
-            if self.flags & F.EXCLUDE_SUBMOUNTS and st.st_dev != parent_st.st_dev:
-                return False
-            excluded, subrules = exclude.test(rules, name, stat.S_ISDIR(mode))
+                    return
+            if self.flags & F.EXCLUDE_SUBMOUNTS and st.st_dev != parent.st.st_dev:
+                return
+            excluded, subrules = exclude.test(parent.rules, name, is_dir)
             if excluded:
-                return False
+                return
+            start = self.offset
             self._out(F.cstring(F.FILENAME, name))
-            magic = parent_magic if st.st_dev == parent_st.st_dev or fd is None else fs_magic(fd)
-            if stat.S_ISDIR(mode):
+            magic = parent.magic if st.st_dev == parent.st.st_dev or fd is None else fs_magic(fd)
+            if is_dir:
                 assert fd is not None
-                yield from self._directory(path, fd, st, subrules, magic)
-            elif stat.S_ISREG(mode):
+                fd, owned = None, fd
+                self._enter(name, owned, st, subrules, magic, start)  # the level owns it now
+                return
+            where = _Where(self, name)
+            if is_reg:
                 assert fd is not None
-                yield from self._file(path, fd, st, magic)
+                size = st.st_size if magic not in VIRTUAL_FS_MAGICS else 0
+                self._out(self._metadata(st, fd, magic, fd, None, where, payload_size=size))
+                file_fd = fd
+                yield from self._payload(where, size, lambda n: os.read(file_fd, n))
             else:
-                self._out(self._metadata(path, st, None, magic))
-            return True
+                link = self._readlink(parent_fd, name, where) if stat.S_ISLNK(mode) else None
+                self._out(self._metadata(st, None, magic, self._xattr_path(parent_fd, name), link, where))
+            parent.items.append((start, self.offset, F.name_hash(name)))
         finally:
             if fd is not None:
                 os.close(fd)
 
-    def _file(self, path: bytes, fd: int, st: os.stat_result, magic: int) -> Iterator[bytes]:
-        size = st.st_size if magic not in VIRTUAL_FS_MAGICS else 0
-        self._out(self._metadata(path, st, fd, magic, payload_size=size))
-        yield from self._payload(path, size, lambda n: os.read(fd, n))
-
-    def _payload(self, path: bytes, size: int, read: Callable[[int], bytes]) -> Iterator[bytes]:
+    def _payload(self, path: bytes | os.PathLike[bytes], size: int,
+                 read: Callable[[int], bytes]) -> Iterator[bytes]:
         """A file's `size` bytes as PAYLOAD contents, read in blocks; big blocks go out as they are."""
         remaining = size
         while remaining:
@@ -194,19 +311,17 @@ class TreeEncoder:
             return bool(self.flags & F.WITH_SOCKETS)
         return stat.S_ISDIR(mode) or stat.S_ISREG(mode)
 
-    @staticmethod
-    def _open(parent_fd: int, name: bytes, path: bytes, directory: bool) -> int:
+    def _open(self, parent_fd: int, name: bytes, directory: bool) -> int:
         try:
             return os.open(name, OPEN_FLAGS | (os.O_DIRECTORY if directory else 0), dir_fd=parent_fd)
         except OSError as e:
-            raise EncodeError(f"cannot open {os.fsdecode(path)}: {e.strerror}") from None
+            raise EncodeError(f"cannot open {os.fsdecode(self._path(name))}: {e.strerror}") from None
 
-    @staticmethod
-    def _read_small(dir_fd: int, name: bytes, path: bytes) -> bytes:
+    def _read_small(self, dir_fd: int, name: bytes) -> bytes:
         try:
             fd = os.open(name, OPEN_FLAGS | os.O_NONBLOCK, dir_fd=dir_fd)
         except OSError as e:
-            raise EncodeError(f"cannot read {os.fsdecode(path + b'/' + name)}: {e.strerror}") from None
+            raise EncodeError(f"cannot read {os.fsdecode(self._path(name))}: {e.strerror}") from None
         try:
             with os.fdopen(fd, "rb", closefd=False) as f:
                 return f.read(1 << 20)
@@ -239,9 +354,11 @@ class TreeEncoder:
             return os.fsencode(name)
         return None if self.has_ids else str(ident).encode()
 
-    def _metadata(self, path: bytes, st: os.stat_result, fd: int | None, magic: int,
-                  payload_size: int = 0) -> bytes:
-        """ENTRY, the metadata records, and the content header (PAYLOAD/SYMLINK/DEVICE) of a node."""
+    def _metadata(self, st: os.stat_result, fd: int | None, magic: int, xattrs_at: int | bytes,
+                  link: bytes | None, path: bytes | os.PathLike[bytes], payload_size: int = 0) -> bytes:
+        """ENTRY, the metadata records, and the content header (PAYLOAD/SYMLINK/DEVICE) of a node.
+        `xattrs_at` is where its xattrs are read (its descriptor, or a path to it that never follows
+        it), `link` a symlink's target, `path` its name in messages."""
         flags = self.flags
         mode = st.st_mode
         is_dir, is_reg, is_lnk = stat.S_ISDIR(mode), stat.S_ISREG(mode), stat.S_ISLNK(mode)
@@ -263,9 +380,10 @@ class TreeEncoder:
         if flags & F.WITH_USER_NAMES:
             out.extend(self._owner_records(st.st_uid, st.st_gid, user_name, group_name))
         # One listxattr tells which of the xattr-borne features exist; only those are read.
-        present = self._xattr_names(path) if flags & XATTR_FEATURES else set()
+        present = self._xattr_names(xattrs_at, path) if flags & XATTR_FEATURES else set()
         if present:
-            out.extend(self._xattr_borne_records(path, mode, present, lambda name: get_xattr(path, name)))
+            out.extend(self._xattr_borne_records(path, mode, present,
+                                                 lambda name: get_xattr(xattrs_at, name)))
         if flags & F.WITH_QUOTA_PROJID and fd is not None and (is_dir or is_reg) \
                 and magic in (EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC, FUSE_SUPER_MAGIC):
             projid = read_projid(fd)
@@ -274,7 +392,7 @@ class TreeEncoder:
         if is_reg:
             out.append(F.HEADER.pack(16 + payload_size, F.PAYLOAD))
         elif is_lnk:
-            out.append(F.cstring(F.SYMLINK, self._readlink(path)))
+            out.append(F.cstring(F.SYMLINK, link or b""))
         elif stat.S_ISBLK(mode) or stat.S_ISCHR(mode):
             out.append(F.record(F.DEVICE, struct.pack("<QQ", os.major(st.st_rdev), os.minor(st.st_rdev))))
         return b"".join(out)
@@ -291,7 +409,7 @@ class TreeEncoder:
             out.append(F.cstring(F.GROUP, group))
         return out
 
-    def _xattr_borne_records(self, path: bytes, mode: int, present: set[bytes],
+    def _xattr_borne_records(self, path: bytes | os.PathLike[bytes], mode: int, present: set[bytes],
                              get: Callable[[str], bytes | None]) -> list[bytes]:
         """The records that come from xattrs (XATTR, ACL*, SELINUX, FCAPS), in casync's order;
         `present` names the xattrs there are, `get` reads one."""
@@ -313,16 +431,16 @@ class TreeEncoder:
         return out
 
     @staticmethod
-    def _readlink(path: bytes) -> bytes:
+    def _readlink(dir_fd: int, name: bytes, path: bytes | os.PathLike[bytes]) -> bytes:
         try:
-            return os.readlink(path)
+            return os.readlink(name, dir_fd=dir_fd)
         except OSError as e:
             raise EncodeError(f"cannot read link {os.fsdecode(path)}: {e.strerror}") from None
 
     @staticmethod
-    def _xattr_names(path: bytes) -> set[bytes]:
+    def _xattr_names(at: int | bytes, path: bytes | os.PathLike[bytes]) -> set[bytes]:
         try:
-            return {os.fsencode(n) for n in list_xattrs(path)}
+            return {os.fsencode(n) for n in list_xattrs(at)}
         except OSError as e:
             raise EncodeError(f"cannot list xattrs of {os.fsdecode(path)}: {e.strerror}") from None
 
@@ -338,7 +456,7 @@ class TreeEncoder:
                 out.append(F.record(F.XATTR, name + b"\0" + value))
         return out
 
-    def _acl_records(self, path: bytes, is_dir: bool, present: set[bytes],
+    def _acl_records(self, path: bytes | os.PathLike[bytes], is_dir: bool, present: set[bytes],
                      get: Callable[[str], bytes | None]) -> list[bytes]:
         out: list[bytes] = []
         try:

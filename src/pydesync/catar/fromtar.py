@@ -70,7 +70,7 @@ class TarInputEncoder(TreeEncoder):
         with tempfile.TemporaryFile(buffering=0) as spool:  # read back with pread: no buffer
             self._spool = spool  # type: ignore[assignment]
             root = self._read_tree(spool)  # type: ignore[arg-type]
-            yield from self._tar_directory(b".", root)
+            yield from self._tar_directory(root)
             yield from self._flush(force=True)
 
     # ---- reading the stream ------------------------------------------------------------------
@@ -169,27 +169,40 @@ class TarInputEncoder(TreeEncoder):
         return offset, size
 
     # ---- encoding the tree -------------------------------------------------------------------
-    def _tar_directory(self, path: bytes, node: TarNode) -> Iterator[bytes]:
-        entry_offset = self.offset
-        self._out(self._tar_metadata(path, node))
-        items: list[tuple[int, int, int]] = []
-        for name in sorted(node.children):
-            child = node.children[name]
-            if not self._type_enabled(child.mode):
+    def _tar_directory(self, root: TarNode) -> Iterator[bytes]:
+        """The tree below `root`, depth first with each directory's children in strcmp order; a
+        stack of its own (any depth, no Python recursion; paths made only for messages)."""
+        self._out(self._tar_metadata(b".", root))
+        # per directory: its name, entry offset, FILENAME offset, children to come, goodbye items
+        stack = [(b".", 0, 0, iter(sorted(root.children.items())), [])]
+        while stack:
+            dir_name, entry_offset, start, children, items = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                self._out(F.goodbye_record(items, self.offset, entry_offset))
+                if stack:
+                    stack[-1][4].append((start, self.offset, F.name_hash(dir_name)))
+                yield from self._flush()
                 continue
-            start = self.offset
+            name, node = child
+            if not self._type_enabled(node.mode):
+                continue
+            child_start = self.offset
             self._out(F.cstring(F.FILENAME, name))
-            child_path = path + b"/" + name
-            if stat.S_ISDIR(child.mode):
-                yield from self._tar_directory(child_path, child)
-            elif stat.S_ISREG(child.mode):
-                self._out(self._tar_metadata(child_path, child, payload_size=child.data[1]))
-                yield from self._payload(child_path, child.data[1], self._spool_reader(*child.data))
+            where = _StackPath(stack, name)
+            if stat.S_ISDIR(node.mode):
+                entry = self.offset
+                self._out(self._tar_metadata(where, node))
+                stack.append((name, entry, child_start, iter(sorted(node.children.items())), []))
+                continue
+            if stat.S_ISREG(node.mode):
+                self._out(self._tar_metadata(where, node, payload_size=node.data[1]))
+                yield from self._payload(where, node.data[1], self._spool_reader(*node.data))
             else:
-                self._out(self._tar_metadata(child_path, child))
-            items.append((start, self.offset, F.name_hash(name)))
+                self._out(self._tar_metadata(where, node))
+            items.append((child_start, self.offset, F.name_hash(name)))
             yield from self._flush()
-        self._out(F.goodbye_record(items, self.offset, entry_offset))
 
     def _spool_reader(self, offset: int, size: int):  # type: ignore[no-untyped-def]
         fd = self._spool.fileno()  # type: ignore[union-attr]
@@ -202,7 +215,7 @@ class TarInputEncoder(TreeEncoder):
             return block
         return read
 
-    def _tar_metadata(self, path: bytes, node: TarNode, payload_size: int = 0) -> bytes:
+    def _tar_metadata(self, path: bytes | os.PathLike[bytes], node: TarNode, payload_size: int = 0) -> bytes:
         """ENTRY, the metadata records and the content header of a node, as TreeEncoder._metadata
         makes them from a file on disk with the same metadata."""
         flags = self.flags
@@ -225,6 +238,19 @@ class TarInputEncoder(TreeEncoder):
         elif stat.S_ISBLK(mode) or stat.S_ISCHR(mode):
             out.append(F.record(F.DEVICE, struct.pack("<QQ", *node.rdev)))
         return b"".join(out)
+
+
+class _StackPath:
+    """A node's path for messages, made from the names on the walk's stack only if asked for."""
+
+    __slots__ = ("_name", "_stack")
+
+    def __init__(self, stack: list, name: bytes):
+        self._stack = stack
+        self._name = name
+
+    def __fspath__(self) -> bytes:
+        return b"/".join([*(level[0] for level in self._stack), self._name])
 
 
 _ENDED = "_pydesync_end_seen"

@@ -165,8 +165,11 @@ class PosixAcl:
         return struct.pack("<I", ACL_VERSION) + b"".join(struct.pack("<HHI", *e) for e in entries)
 
 
-def get_xattr(path: bytes, name: str) -> bytes | None:
+def get_xattr(path: bytes | int, name: str) -> bytes | None:
+    """An xattr of `path` (never following a symlink) or of an open descriptor; None if absent."""
     try:
+        if isinstance(path, int):
+            return os.getxattr(path, name)
         return os.getxattr(path, name, follow_symlinks=False)
     except OSError as e:
         if e.errno in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM, errno.ENOENT):
@@ -174,8 +177,11 @@ def get_xattr(path: bytes, name: str) -> bytes | None:
         raise
 
 
-def list_xattrs(path: bytes) -> list[str]:
+def list_xattrs(path: bytes | int) -> list[str]:
+    """The xattr names of `path` (never following a symlink) or of an open descriptor."""
     try:
+        if isinstance(path, int):
+            return os.listxattr(path)
         return os.listxattr(path, follow_symlinks=False)
     except OSError as e:
         if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.EPERM):

@@ -1,0 +1,99 @@
+"""Trees casync can archive that once broke the walk: paths past PATH_MAX (4096 bytes) and
+thousands of levels; the walk holds a bounded number of descriptors and recurses nowhere."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+
+def chain(root: Path, levels: int, name: str) -> int:
+    """`levels` nested directories below root (made through descriptors: no path grows); returns
+    an open descriptor of the deepest, for the caller to fill and close."""
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for i in range(levels):
+        entry = name % i if "%" in name else name
+        os.mkdir(entry, dir_fd=fd)
+        deeper = os.open(entry, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = deeper
+    return fd
+
+
+@pytest.fixture(scope="module")
+def long_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 levels of 120-byte names (about 4.9 kB of path), a file with an xattr and a symlink at
+    the bottom."""
+    root = tmp_path_factory.mktemp("long") / "tree"
+    fd = chain(root, 40, "L%03d" + "x" * 116)
+    try:
+        os.symlink("target", "link", dir_fd=fd)
+        f = os.open("file", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(f, b"at the bottom\n")
+        with contextlib.suppress(OSError):
+            os.setxattr(f, "user.deep", b"yes")
+        os.close(f)
+    finally:
+        os.close(fd)
+    return root
+
+
+@pytest.fixture(scope="module")
+def deep_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3,000 levels (about 6 kB of path), a file at the bottom."""
+    root = tmp_path_factory.mktemp("deep") / "tree"
+    fd = chain(root, 3000, "d")
+    try:
+        f = os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(f, b"x")
+        os.close(f)
+    finally:
+        os.close(fd)
+    return root
+
+
+def test_paths_past_path_max_archive_as_casync_does(long_tree: Path, casync: str, tmp_path: Path):
+    subprocess.run([casync, "make", tmp_path / "casync.catar", long_tree], check=True, capture_output=True)
+    r = run_cli("tar", tmp_path / "ours.catar", long_tree)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "ours.catar").read_bytes() == (tmp_path / "casync.catar").read_bytes()
+    for command in ("digest", "mtree"):
+        r = run_cli(command, long_tree)
+        assert r.returncode == 0, (command, r.stderr)
+    r = run_cli("digest", tmp_path / "casync.catar")
+    assert r.returncode == 0 and r.stdout == run_cli("digest", long_tree).stdout
+
+
+def test_thousands_of_levels_round_trip(deep_tree: Path, tmp_path: Path):
+    r = run_cli("tar", tmp_path / "a.catar", deep_tree)
+    assert r.returncode == 0, r.stderr[-500:]
+    r = run_cli("untar", tmp_path / "a.catar", tmp_path / "out")
+    assert r.returncode == 0, r.stderr[-500:]
+    r = run_cli("tar", tmp_path / "b.catar", tmp_path / "out")
+    assert r.returncode == 0, r.stderr[-500:]
+    assert (tmp_path / "a.catar").read_bytes() == (tmp_path / "b.catar").read_bytes()
+    digests = {run_cli("digest", p).stdout for p in (deep_tree, tmp_path / "a.catar")}
+    assert len(digests) == 1 and b"" not in digests
+    r = run_cli("mtree", deep_tree)
+    assert r.returncode == 0 and r.stdout.count(b"\n") == 3000 + 3, r.stderr[-500:]
+
+
+def few_descriptors() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+
+@pytest.mark.parametrize("command", ["tar", "digest"])
+def test_the_walk_holds_few_descriptors_whatever_the_depth(deep_tree: Path, tmp_path: Path, command: str):
+    """3,000 levels walked with 128 descriptors allowed (a walk holding one per level needs 3,000)."""
+    args = [tmp_path / "x.catar", deep_tree] if command == "tar" else [deep_tree]
+    proc = subprocess.run([sys.executable, "-m", "pydesync", command, *map(str, args)], capture_output=True,
+                          stdin=subprocess.DEVNULL, preexec_fn=few_descriptors)
+    assert proc.returncode == 0, proc.stderr[-500:]
