@@ -97,3 +97,22 @@ def test_the_walk_holds_few_descriptors_whatever_the_depth(deep_tree: Path, tmp_
     proc = subprocess.run([sys.executable, "-m", "pydesync", command, *map(str, args)], capture_output=True,
                           stdin=subprocess.DEVNULL, preexec_fn=few_descriptors)
     assert proc.returncode == 0, proc.stderr[-500:]
+
+
+@pytest.mark.parametrize("with_file", [False, True])
+def test_an_archive_casync_cannot_read_is_a_warning(casync: str, tmp_path: Path, with_file: bool):
+    """casync reads 64 nodes deep (the root included): 63 nested directories are fine, a file in
+    the deepest is one too many. Our tar says so, naming the path, exactly where casync fails."""
+    fd = chain(tmp_path / "tree", 63, "d")
+    if with_file:
+        os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    os.close(fd)
+    r = run_cli("tar", tmp_path / "x.catar", tmp_path / "tree")
+    assert r.returncode == 0, r.stderr
+    listed = subprocess.run([casync, "list", tmp_path / "x.catar"], capture_output=True)
+    assert (listed.returncode != 0) == with_file, listed.stderr
+    if with_file:
+        assert r.stderr.startswith("Warning: ") and "/d/f is 64 levels deep" in r.stderr, r.stderr
+        assert "casync cannot read" in r.stderr
+    else:
+        assert r.stderr == ""

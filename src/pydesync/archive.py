@@ -30,10 +30,12 @@ def _check_source(source: str) -> None:
 
 
 def tar_to_file(source: str | TreeEncoder, output: str, flags: int,
-                progress: Callable[[int], None] | None = None) -> int:
+                progress: Callable[[int], None] | None = None,
+                warn: Callable[[str], None] | None = None) -> int:
     """Write the catar of `source` (a directory, or an encoder such as TarInputEncoder) to
-    `output` (atomically; `-` = stdout); returns its size. `progress` is told the bytes written."""
-    encoder = _encoder(source, flags)
+    `output` (atomically; `-` = stdout); returns its size. `progress` is told the bytes written,
+    `warn` what casync could not read back."""
+    encoder = _encoder(source, flags, warn)
     try:
         with atomic_write(output) as f:
             for piece in encoder:
@@ -49,20 +51,21 @@ def tar_to_index(source: str | TreeEncoder, index_path: str, store: Store, flags
                  sizes: ChunkSizes = DEFAULT_SIZES, digest: str = SHA512_256,
                  concurrency: int = DEFAULT_CONCURRENCY,
                  progress: Callable[[int], None] | None = None,
-                 index_options: StoreOptions | None = None) -> tuple[Index, MakeStats]:
+                 index_options: StoreOptions | None = None,
+                warn: Callable[[str], None] | None = None) -> tuple[Index, MakeStats]:
     """Chunk the catar of `source` (as in tar_to_file) into `store` and write its .caidx (flags =
     the archive's) to a path, `-` or an index store URL (written with `index_options`)."""
-    reader: BinaryIO = IterReader(_encoder(source, flags))  # type: ignore[assignment]
+    reader: BinaryIO = IterReader(_encoder(source, flags, warn))  # type: ignore[assignment]
     index, stats = chunk_stream(reader, sizes, digest, store, concurrency, flags=flags, progress=progress)
     write_index_at(index, index_path, index_options)
     return index, stats
 
 
-def _encoder(source: str | TreeEncoder, flags: int) -> TreeEncoder:
+def _encoder(source: str | TreeEncoder, flags: int, warn: Callable[[str], None] | None) -> TreeEncoder:
     if isinstance(source, TreeEncoder):
         return source
     _check_source(source)
-    return TreeEncoder(source, flags)
+    return TreeEncoder(source, flags, warn)
 
 
 def stream_digest(pieces: Iterable[bytes], digest: str = SHA512_256) -> str:

@@ -49,6 +49,7 @@ ACL_NAMES = {ACL_ACCESS, ACL_DEFAULT}
 
 
 OPEN_DIRECTORIES = 64  # directory descriptors a walk holds, whatever the depth
+CASYNC_MAX_DEPTH = 64  # casync holds 64 nodes (the root included): an entry this deep it cannot read
 _PROC_FD = b"/proc/self/fd/"
 
 
@@ -103,8 +104,11 @@ class TreeEncoder:
     (normalised) feature flags, stored in every ENTRY.
     """
 
-    def __init__(self, root: str | bytes | os.PathLike[str], flags: int):
+    def __init__(self, root: str | bytes | os.PathLike[str], flags: int,
+                 warn: Callable[[str], None] | None = None):
         self.root = os.fsencode(root)
+        self.warn = warn  # told (once) of what casync will not read back
+        self._deep_warned = False
         self.flags = F.normalize_flags(flags)
         if self.flags & ~F.FEATURE_FLAGS_MAX:
             raise EncodeError(f"unsupported feature flags {self.flags:#x}")
@@ -212,6 +216,12 @@ class TreeEncoder:
                 os.close(old.fd)
                 old.fd = None
 
+    def _too_deep_for_casync(self, path: bytes | os.PathLike[bytes]) -> None:
+        if not self._deep_warned and self.warn is not None:
+            self._deep_warned = True
+            self.warn(f"{os.fsdecode(path)} is {CASYNC_MAX_DEPTH} levels deep or more: casync cannot read "
+                      f"this archive (its limit is {CASYNC_MAX_DEPTH - 1}); pydesync can")
+
     def _xattr_path(self, dir_fd: int, name: bytes) -> bytes:
         """A short path to `name` in an open directory, for the xattr calls that have no *at form:
         through /proc whatever the depth (the full path only where /proc is missing)."""
@@ -258,6 +268,8 @@ class TreeEncoder:
                 return
             start = self.offset
             self._out(F.cstring(F.FILENAME, name))
+            if len(self._levels) >= CASYNC_MAX_DEPTH:
+                self._too_deep_for_casync(_Where(self, name))
             magic = parent.magic if st.st_dev == parent.st.st_dev or fd is None else fs_magic(fd)
             if is_dir:
                 assert fd is not None

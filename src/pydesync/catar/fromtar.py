@@ -23,14 +23,14 @@ import stat
 import struct
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import BinaryIO
 from urllib.parse import unquote_to_bytes
 
 from . import format as F
-from .encoder import _ENTRY, XATTR_FEATURES, EncodeError, TreeEncoder
+from .encoder import _ENTRY, CASYNC_MAX_DEPTH, XATTR_FEATURES, EncodeError, TreeEncoder
 
 SPOOL_BLOCK = 1 << 20
 DEFAULT_DIR_MODE = stat.S_IFDIR | 0o755  # a directory the stream implies but does not list
@@ -59,8 +59,9 @@ class TarInputEncoder(TreeEncoder):
     file object). `add_root` makes a root directory (mode 0755) when the stream lists none,
     as desync's `--tar-add-root`; without it such a stream is refused."""
 
-    def __init__(self, source: str | os.PathLike[str] | BinaryIO, flags: int, add_root: bool = False):
-        super().__init__(b"<tar>", flags)
+    def __init__(self, source: str | os.PathLike[str] | BinaryIO, flags: int, add_root: bool = False,
+                 warn: Callable[[str], None] | None = None):
+        super().__init__(b"<tar>", flags, warn)
         self.source = source
         self.name = os.fsdecode(source) if isinstance(source, (str, os.PathLike)) else "<stdin>"
         self.add_root = add_root
@@ -191,6 +192,8 @@ class TarInputEncoder(TreeEncoder):
             child_start = self.offset
             self._out(F.cstring(F.FILENAME, name))
             where = _StackPath(stack, name)
+            if len(stack) >= CASYNC_MAX_DEPTH:
+                self._too_deep_for_casync(where)
             if stat.S_ISDIR(node.mode):
                 entry = self.offset
                 self._out(self._tar_metadata(where, node))

@@ -99,12 +99,12 @@ def run_tar(ctx: Context) -> int:
     source: str | TreeEncoder = a.source
     if a.input_format == "tar":
         stream = sys.stdin.buffer if a.source == "-" else a.source
-        source = TarInputEncoder(stream, flags, add_root=a.tar_add_root)
+        source = TarInputEncoder(stream, flags, add_root=a.tar_add_root, warn=print_warning)
     if not a.index:
         if a.store:
             raise UsageError("-s is only used with -i")
         with Progress("Packing ", None, unit="bytes") as bar:
-            tar_to_file(source, a.output, flags, progress=bar.callback())
+            tar_to_file(source, a.output, flags, progress=bar.callback(), warn=print_warning)
         return 0
     if len(a.store) != 1:
         raise UsageError("-i needs exactly one target store (-s)")
@@ -114,7 +114,7 @@ def run_tar(ctx: Context) -> int:
     with store, Progress("Packing ", None, unit="bytes") as bar:
         tar_to_index(source, a.output, store, flags, ChunkSizes.parse_kib(a.chunk_size),
                      check_digest(ctx.digest), ctx.concurrency, progress=bar.callback(),
-                     index_options=index_options)
+                     index_options=index_options, warn=print_warning)
     return 0
 
 
