@@ -36,8 +36,10 @@ SYNC_PREFIX = "/sync/"
 
 def _is_sync(req: Request) -> bool:
     """A request for remotesync's /sync/ (in origin or absolute form, as the dispatcher sees it)."""
-    return req.target.startswith(SYNC_PREFIX) or (
-        not req.target.startswith("/") and (target_path(req.target) or "").startswith(SYNC_PREFIX))
+    target = req.target
+    if target[:1] == "/":
+        return target.startswith(SYNC_PREFIX)
+    return (target_path(target) or "").startswith(SYNC_PREFIX)
 
 
 OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS)

@@ -186,14 +186,14 @@ class Connection:
         self._stalled = 0  # bytes received inside a request's body that brought no body byte
 
     # ---- parser callbacks (httptools) ----------------------------------------------------------
-    def on_message_begin(self) -> None:
-        self.req_since = time.monotonic()
-        self._url = b""
-        self._headers = []
-        self._head_parsed = 0
-        self._head_bytes = 0
-
     def on_url(self, url: bytes) -> None:
+        if self.req_since is None:  # a request begins (its URL is the first thing parsed)
+            self.req_since = time.monotonic()
+            self._url = url
+            self._headers = []
+            self._head_parsed = len(url)
+            self._head_bytes = 0
+            return
         self._url += url
         self._parsed_head(len(url))
 
@@ -252,45 +252,46 @@ class Connection:
         return self.req_since is not None and self.req is None
 
     def take(self, data: bytes | memoryview) -> None:
-        """Parse received bytes, bounding what the parser can be made to hold: a request head
-        that goes on past MAX_HEAD, and bytes inside a request that bring no body (a trailer or
-        chunk framing without end) past as much, are refused (431). The bytes are parsed in
-        slices, so what a pending head is charged for is its own bytes and at most one slice of
-        the requests before it."""
-        for start in range(0, len(data), PARSE_SLICE):
-            piece = data[start:start + PARSE_SLICE]
-            req = self.req
-            size = req._size if req is not None else 0
-            self.feed(piece)
-            if self.head_pending():
-                self._head_bytes += len(piece)
-                if self._head_bytes > MAX_HEAD:
-                    raise Refused(431, "request head too large")
-            elif req is not None and self.req is req and req._size == size:
-                self._stalled += len(piece)
-                if self._stalled > MAX_HEAD:
-                    raise Refused(431, "request trailer or chunk framing too large")
-            else:
-                self._stalled = 0
-
-    def feed(self, data: bytes | memoryview) -> None:
-        """Parse received bytes; protocol errors become Refused. An upgrade offer (h2c, websocket)
-        is declined by answering over HTTP/1.1 (RFC 9110 7.8): parsing goes on after it."""
+        """Parse received bytes; protocol errors become Refused. What the parser can be made to
+        hold is bounded: a request head that goes on past MAX_HEAD, and bytes inside a request
+        that bring no body (a trailer or chunk framing without end) past as much, are refused
+        (431). Bytes are parsed in slices of PARSE_SLICE, so what a pending head is charged for
+        is its own bytes and at most one slice of the requests before it. An upgrade offer (h2c,
+        websocket) is declined by answering over HTTP/1.1 (RFC 9110 7.8): parsing goes on."""
+        n = len(data)
+        if n > PARSE_SLICE:
+            for start in range(0, n, PARSE_SLICE):
+                self.take(data[start:start + PARSE_SLICE])
+            return
+        req = self.req
+        size = req._size if req is not None else 0
         while True:
             try:
                 self.parser.feed_data(data)
-                return
+                break
             except httptools.HttpParserCallbackError as e:
                 if isinstance(e.__context__, (Refused, OSError, ssl.SSLError)):
                     raise e.__context__ from None
                 raise
-            except httptools.HttpParserUpgrade as e:
-                data = data[int(e.args[0]):]
+            except httptools.HttpParserUpgrade as e:  # declined: what follows is HTTP/1.1 again
                 self.parser = httptools.HttpRequestParser(self)
+                data = data[int(e.args[0]):]
                 if not data:
                     return
             except httptools.HttpParserError as e:
                 raise Refused(400, f"bad request: {e}") from None
+        if self.req_since is None:
+            return
+        if self.req is None:  # a head not complete yet
+            self._head_bytes += n
+            if self._head_bytes > MAX_HEAD:
+                raise Refused(431, "request head too large")
+        elif req is not None and self.req is req and req._size == size:
+            self._stalled += n
+            if self._stalled > MAX_HEAD:
+                raise Refused(431, "request trailer or chunk framing too large")
+        else:
+            self._stalled = 0
 
     def receive_blocking(self) -> bool:
         """Streaming mode: receive and parse more of the body (blocking); False at its end."""
@@ -577,19 +578,24 @@ class Http11Server:
     def _event(self, conn: Connection, events: int) -> None:
         if conn not in self.conns:
             return  # dropped earlier in this round
-        self._guarded(conn, self._on_event, conn, events)
-
-    def _on_event(self, conn: Connection, events: int) -> None:
-        if conn.handshaking:
-            self._handshake(conn)
-            return
-        if events & selectors.EVENT_WRITE:
-            if conn.busy:
-                self._flush(conn)
-            else:
-                self._answer_ready(conn)  # and what was held back while answers were backed up
-        if events & selectors.EVENT_READ and conn in self.conns:
-            self._read(conn)
+        try:
+            if conn.handshaking:
+                self._handshake(conn)
+                return
+            if events & selectors.EVENT_WRITE:
+                if conn.busy:
+                    self._flush(conn)
+                else:
+                    self._answer_ready(conn)  # and what was held back while answers were backed up
+            if events & selectors.EVENT_READ and conn in self.conns:
+                self._read(conn)
+        except Refused as e:
+            self._refuse(conn, e)  # never raises
+        except (OSError, ssl.SSLError):
+            self._drop(conn)
+        except Exception as e:  # a bug costs this connection, not the server
+            _warn(f"{self.service.name}: internal error on a connection from {conn.client[0]}: {e!r}")
+            self._drop(conn)
 
     def _guarded(self, conn: Connection, step: Callable[..., None], *args: object) -> None:
         """Run one step of a connection's life on the loop: a refused request is answered, a
@@ -668,7 +674,8 @@ class Http11Server:
                 req.mode = "worker"
                 conn.busy = True
                 self._pool.submit(self._work, conn, req)
-        if conn in self.conns and not conn.busy and not conn.ready:
+        if (conn.streaming is not None or conn.refusal is not None or conn.req is not None) \
+                and not conn.busy and not conn.ready and conn in self.conns:
             self._after_answers(conn)
         if conn in self.conns:
             self._flush(conn)
