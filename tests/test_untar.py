@@ -442,7 +442,7 @@ def test_bad_archives_fail_cleanly(cli, good_archive, wdir, how, fragment):
     assert_clean_error(result, fragment)
     assert snapshot(sentinel) == before
     assert sorted(p.name for p in wdir.iterdir()) == ["bad.catar", "box", "sentinel"]
-    assert sorted(p.name for p in (wdir / "box").iterdir()) == ["target"]
+    assert sorted(p.name for p in (wdir / "box").iterdir()) == []  # a new target: nothing left at all
     assert [p for p in wdir.rglob("pwned") if target not in p.parents] == []
     assert temp_leftovers(wdir) == []
 
@@ -460,16 +460,22 @@ def node(path: bytes, mode: int, target: bytes | None = None, flags: int = 0xB00
 
 
 def test_extractor_rejects_bad_names_itself(wdir):
-    """Defence in depth: even nodes that bypass the decoder cannot name '..', 'a/b' or NUL."""
-    for bad in (b"..", b".", b"a/b", b"a\0b", b""):
+    """Defence in depth: even nodes that bypass the decoder cannot name '..', 'a/b' or NUL. The
+    targets were new: nothing of them is left (an existing one keeps what it had)."""
+    for i, bad in enumerate((b"..", b".", b"a/b", b"a\0b", b"")):
         root = node(b"", stat.S_IFDIR | 0o755)
         child = node(bad or b"x", stat.S_IFREG | 0o644)
         child.name = bad
-        target = wdir / f"t{len(list(wdir.iterdir()))}"
+        target = wdir / f"t{i}"
         with pytest.raises(ExtractError, match="invalid file name"):
             TreeExtractor(target).extract([root, child, DirectoryEnd(root)])
-        assert os.listdir(target) == []
-    assert sorted(os.listdir(wdir)) == [f"t{i}" for i in range(5)]
+    existing = wdir / "existing"
+    existing.mkdir()
+    (existing / "kept").write_bytes(b"kept")
+    with pytest.raises(ExtractError, match="invalid file name"):
+        TreeExtractor(existing).extract([root, child, DirectoryEnd(root)])
+    assert sorted(os.listdir(wdir)) == ["existing"]
+    assert os.listdir(existing) == ["kept"]
 
 
 def test_symlink_then_directory_of_same_name_never_follows_it(wdir):
@@ -793,7 +799,8 @@ def test_batch_writer_failure_names_the_file_and_returns_pending_work(wdir):
 
 def test_untar_write_failure_is_one_clean_error(cli, wdir):
     """A file of the fast path that cannot be written (here: the name is taken by a directory
-    created by a racing process) gives one Error line naming it."""
+    created by a racing process) gives one Error line naming it. (The target exists: a new one
+    would be built beside it, out of the racer's reach.)"""
     src = wdir / "src"
     (src / "d").mkdir(parents=True)
     for i in range(600):
@@ -804,6 +811,7 @@ def test_untar_write_failure_is_one_clean_error(cli, wdir):
     cut = data.index(b"f599\0")
     fifo = wdir / "fifo"
     os.mkfifo(fifo)
+    (wdir / "out").mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "pydesync", "untar", str(fifo), str(wdir / "out")],
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     with open(fifo, "wb") as f:
@@ -887,3 +895,18 @@ def test_entries_named_like_temporary_files_round_trip(cli, wdir, into):
     assert sorted(os.listdir(out)) == sorted(os.listdir(src))
     assert cli("tar", wdir / "y.catar", out).returncode == 0
     assert (wdir / "y.catar").read_bytes() == (wdir / "x.catar").read_bytes()
+
+
+@pytest.mark.parametrize("how", ["goodbye", "truncate-0.5"])
+def test_a_broken_archive_into_a_new_target_leaves_nothing(cli, good_archive, wdir, how):
+    """A new target is built under a temporary sibling and renamed into place at the end: a
+    failure found late (a bad goodbye table, a cut stream) leaves neither the target nor the
+    sibling; a good archive leaves exactly the target."""
+    (wdir / "bad.catar").write_bytes(corrupt(good_archive, how))
+    (wdir / "box").mkdir()
+    assert cli("untar", wdir / "bad.catar", wdir / "box" / "new").returncode != 0
+    assert os.listdir(wdir / "box") == []
+    (wdir / "good.catar").write_bytes(good_archive)
+    r = cli("untar", wdir / "good.catar", wdir / "box" / "new")
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(wdir / "box") == ["new"]

@@ -309,10 +309,23 @@ class TreeExtractor:
         self._umask = current_umask()
         self._magic: dict[int, int] = {}
         self._writer: BatchWriter[_Dir, Node] = BatchWriter(self._finish_directory, self._umask)
+        self._staging: bytes | None = None  # a new target is built here, a sibling, and renamed at the end
 
     # ---- driving -----------------------------------------------------------------------------
     def extract(self, items: Iterable[Node | DirectoryEnd]) -> list[str]:
-        """Write every item; returns the warnings (best_effort). Raises ExtractError/ArchiveError."""
+        """Write every item; returns the warnings (best_effort). Raises ExtractError/ArchiveError.
+        A target that did not exist is built under a temporary sibling and renamed into place at
+        the end, so a failure leaves no target at all."""
+        try:
+            self._extract(items)
+        except BaseException:
+            self._discard_staging()
+            raise
+        if self._staging is not None:
+            self._commit_staging()
+        return self.warnings
+
+    def _extract(self, items: Iterable[Node | DirectoryEnd]) -> None:
         writer = self._writer = BatchWriter(self._finish_directory, self._umask)
         try:
             for item in items:
@@ -331,7 +344,29 @@ class TreeExtractor:
                 if frame.fd is not None:
                     os.close(frame.fd)
             self._stack.clear()
-        return self.warnings
+
+    def _commit_staging(self) -> None:
+        """Rename the finished tree over the empty directory that held the target's name."""
+        staging, self._staging = self._staging, None
+        try:
+            os.rename(staging, self.target.rstrip(b"/"))  # type: ignore[arg-type]
+        except OSError as e:
+            self._staging = staging
+            self._discard_staging()
+            what = "something was written into it meanwhile" if e.errno in (errno.ENOTEMPTY, errno.EEXIST) \
+                else _strerror(e)
+            raise ExtractError(f"cannot put the extracted tree in place at {os.fsdecode(self.target)}: "
+                               f"{what}") from None
+
+    def _discard_staging(self) -> None:
+        """After a failure: remove the partial tree and the placeholder (best effort)."""
+        staging, self._staging = self._staging, None
+        if staging is None:
+            return
+        with contextlib.suppress(Exception):  # a tree too deep for rmtree stays, under its odd name
+            shutil.rmtree(staging)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.target.rstrip(b"/"))
 
     def _display(self, node: Node) -> str:
         path = self.target.rstrip(b"/") + b"/" + node.path if node.path else self.target
@@ -357,14 +392,26 @@ class TreeExtractor:
             parent = os.path.dirname(self.target.rstrip(b"/"))
             if parent:
                 os.makedirs(parent, exist_ok=True)
-            os.mkdir(self.target, 0o700)
+            os.mkdir(self.target, 0o700)  # holds the name until the tree built beside it replaces it
             created = True
         except FileExistsError:
             pass
         except OSError as e:
             raise ExtractError(f"cannot create {display}: {_strerror(e)}") from None
+        root = self.target
+        if created:
+            base = os.path.basename(self.target.rstrip(b"/"))[:200]  # the sibling's name fits NAME_MAX
+            staging = os.path.join(os.path.dirname(self.target.rstrip(b"/")) or b".",
+                                   b".%s.pydesync-%s" % (base, secrets.token_hex(6).encode()))
+            try:
+                os.mkdir(staging, 0o700)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.target)
+                raise ExtractError(f"cannot create {os.fsdecode(staging)}: {_strerror(e)}") from None
+            self._staging = root = staging
         try:
-            fd = os.open(self.target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             what = "is not a directory" if e.errno == errno.ENOTDIR else _strerror(e)
             raise ExtractError(f"cannot extract into {display}: {what}") from None
