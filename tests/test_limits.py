@@ -101,8 +101,9 @@ def test_full_disk(tmp_path: Path):
 
 def test_tar_and_untar_onto_a_full_disk(tmp_path: Path):
     """An archive larger than the disk: one ENOSPC line and no archive. A tree larger than the
-    disk: one ENOSPC line naming the file that did not fit; every file that is there is whole
-    (written under a temporary name, renamed when complete)."""
+    disk: one ENOSPC line naming the file that did not fit; into a new target nothing is left,
+    into an existing one every file that is there is whole (written under a temporary name,
+    renamed when complete)."""
     tree = tmp_path / "tree" / "sub"
     tree.mkdir(parents=True)
     files = {f"f{i}": random.Random(i).randbytes(2 << 20) for i in range(8)}
@@ -113,6 +114,10 @@ def test_tar_and_untar_onto_a_full_disk(tmp_path: Path):
         r = run_cli("tar", small / "t.catar", tmp_path / "tree")
         assert_clean_error(r, "No space left on device")
         assert os.listdir(small) == []
+        r = run_cli("untar", tmp_path / "t.catar", small / "new")
+        assert_clean_error(r, "No space left on device", str(small / "new" / "sub"))
+        assert os.listdir(small) == []
+        (small / "out").mkdir()
         r = run_cli("untar", tmp_path / "t.catar", small / "out")
         assert_clean_error(r, "No space left on device", str(small / "out" / "sub"))
         present = sorted(os.listdir(small / "out" / "sub"))
