@@ -75,17 +75,17 @@ class _Level:
     items: list[tuple[int, int, int]] = field(default_factory=list)
 
 
-class _Where:
-    """A node's path for messages, built only if one is needed (os.fsdecode takes it)."""
+class LazyPath:
+    """A node's path for messages, made by `make` only if one is needed (os.fsdecode takes it):
+    walks at any depth keep names, not a path per level."""
 
-    __slots__ = ("_encoder", "_name")
+    __slots__ = ("_make",)
 
-    def __init__(self, encoder: TreeEncoder, name: bytes | None):
-        self._encoder = encoder
-        self._name = name
+    def __init__(self, make: Callable[[], bytes]):
+        self._make = make
 
     def __fspath__(self) -> bytes:
-        return self._encoder._path(self._name)
+        return self._make()
 
 
 class EncodeError(PydesyncError):
@@ -165,7 +165,7 @@ class TreeEncoder:
         """A directory begins: its metadata, its children's names (strcmp order); it owns `fd`."""
         level = _Level(name, fd, st, magic, rules, start, self.offset)
         self._levels.append(level)
-        self._out(self._metadata(st, fd, magic, fd, None, _Where(self, None)))
+        self._out(self._metadata(st, fd, magic, fd, None, LazyPath(self._path)))
         if magic not in VIRTUAL_FS_MAGICS:
             try:
                 level.names = sorted(os.fsencode(n) for n in os.listdir(fd))
@@ -269,14 +269,14 @@ class TreeEncoder:
             start = self.offset
             self._out(F.cstring(F.FILENAME, name))
             if len(self._levels) >= CASYNC_MAX_DEPTH:
-                self._too_deep_for_casync(_Where(self, name))
+                self._too_deep_for_casync(LazyPath(lambda: self._path(name)))
             magic = parent.magic if st.st_dev == parent.st.st_dev or fd is None else fs_magic(fd)
             if is_dir:
                 assert fd is not None
                 fd, owned = None, fd
                 self._enter(name, owned, st, subrules, magic, start)  # the level owns it now
                 return
-            where = _Where(self, name)
+            where = LazyPath(lambda: self._path(name))
             if is_reg:
                 assert fd is not None
                 size = st.st_size if magic not in VIRTUAL_FS_MAGICS else 0

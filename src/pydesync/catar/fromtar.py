@@ -30,7 +30,7 @@ from typing import BinaryIO
 from urllib.parse import unquote_to_bytes
 
 from . import format as F
-from .encoder import _ENTRY, CASYNC_MAX_DEPTH, XATTR_FEATURES, EncodeError, TreeEncoder
+from .encoder import _ENTRY, CASYNC_MAX_DEPTH, XATTR_FEATURES, EncodeError, LazyPath, TreeEncoder
 
 SPOOL_BLOCK = 1 << 20
 DEFAULT_DIR_MODE = stat.S_IFDIR | 0o755  # a directory the stream implies but does not list
@@ -191,7 +191,7 @@ class TarInputEncoder(TreeEncoder):
                 continue
             child_start = self.offset
             self._out(F.cstring(F.FILENAME, name))
-            where = _StackPath(stack, name)
+            where = LazyPath(lambda name=name: b"/".join([*(level[0] for level in stack), name]))
             if len(stack) >= CASYNC_MAX_DEPTH:
                 self._too_deep_for_casync(where)
             if stat.S_ISDIR(node.mode):
@@ -241,19 +241,6 @@ class TarInputEncoder(TreeEncoder):
         elif stat.S_ISBLK(mode) or stat.S_ISCHR(mode):
             out.append(F.record(F.DEVICE, struct.pack("<QQ", *node.rdev)))
         return b"".join(out)
-
-
-class _StackPath:
-    """A node's path for messages, made from the names on the walk's stack only if asked for."""
-
-    __slots__ = ("_name", "_stack")
-
-    def __init__(self, stack: list, name: bytes):
-        self._stack = stack
-        self._name = name
-
-    def __fspath__(self) -> bytes:
-        return b"/".join([*(level[0] for level in self._stack), self._name])
 
 
 _ENDED = "_pydesync_end_seen"
