@@ -57,14 +57,14 @@ def test_escape():
 
 
 def _node(mode: int, **kw) -> Node:  # type: ignore[no-untyped-def]
-    fields = {"path": b"x", "name": b"x", "offset": 0, "feature_flags": 0, "mode": mode, "flags": 0, "uid": 1,
-              "gid": 2, "mtime": 5_000_000_007}
+    fields = {"_path": b"x", "name": b"x", "offset": 0, "feature_flags": 0, "mode": mode, "flags": 0,
+              "uid": 1, "gid": 2, "mtime": 5_000_000_007}
     fields.update(kw)
     return Node(**fields)  # type: ignore[arg-type]
 
 
 def test_node_lines_every_type():
-    assert node_line(_node(stat.S_IFDIR | 0o1755, path=b"")) == \
+    assert node_line(_node(stat.S_IFDIR | 0o1755, _path=b"")) == \
         ". type=dir mode=1755 uid=1 gid=2 time=5.000000007"
     assert node_line(_node(stat.S_IFLNK | 0o777, target=b"a b")) == \
         "x type=link mode=0777 target=a\\040b uid=1 gid=2 time=5.000000007"

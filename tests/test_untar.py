@@ -799,8 +799,8 @@ def test_batch_writer_failure_names_the_file_and_returns_pending_work(wdir):
 
 def test_untar_write_failure_is_one_clean_error(cli, wdir):
     """A file of the fast path that cannot be written (here: the name is taken by a directory
-    created by a racing process) gives one Error line naming it. (The target exists: a new one
-    would be built beside it, out of the racer's reach.)"""
+    created by a racing process) gives one Error line naming it. (The target exists, and d/ is new
+    in it: d/ is filled under a temporary name, where the racer finds it; nothing of it is left.)"""
     src = wdir / "src"
     (src / "d").mkdir(parents=True)
     for i in range(600):
@@ -818,15 +818,15 @@ def test_untar_write_failure_is_one_clean_error(cli, wdir):
         f.write(data[:cut])
         f.flush()
         deadline = time.monotonic() + HANG_GUARD  # untar is waiting for the rest of the archive
-        while not (wdir / "out" / "d").is_dir():
-            assert proc.poll() is None and time.monotonic() < deadline, "untar never made out/d"
+        while not (filling := [p for p in (wdir / "out").iterdir() if (p / "f000").exists()]):
+            assert proc.poll() is None and time.monotonic() < deadline, "untar never filled d/"
             time.sleep(0.01)
-        (wdir / "out" / "d" / "f599").mkdir()
+        (filling[0] / "f599").mkdir()
         f.write(data[cut:])
     _, err = proc.communicate(timeout=HANG_GUARD)
     assert proc.returncode != 0
     assert err.strip().splitlines() == [f"Error: cannot create {wdir}/out/d/f599: Is a directory"]
-    assert not [n for n in os.listdir(wdir / "out" / "d") if n.startswith(".#")]
+    assert os.listdir(wdir / "out") == []
 
 
 def test_untar_to_a_gnu_tar_stream(cli, wdir):
@@ -910,3 +910,60 @@ def test_a_broken_archive_into_a_new_target_leaves_nothing(cli, good_archive, wd
     r = cli("untar", wdir / "good.catar", wdir / "box" / "new")
     assert r.returncode == 0, r.stderr
     assert os.listdir(wdir / "box") == ["new"]
+
+
+def contents(folder: Path) -> dict[str, bytes | None]:
+    """Every entry below `folder`: a file's bytes, None for a directory."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in folder.rglob("*")}
+
+
+@pytest.fixture
+def update(wdir: Path) -> tuple[bytes, Path]:
+    """An archive updating an existing tree (3,000 files in a/; in b/ a new subdirectory, a file
+    where a directory was, a changed file), and that tree as it was before."""
+    src = wdir / "src"
+    (src / "a").mkdir(parents=True)
+    for i in range(3000):
+        (src / "a" / f"f{i:04}").write_bytes(b"new %d" % i)
+    (src / "b" / "n").mkdir(parents=True)
+    (src / "b" / "n" / "inside").write_bytes(b"new inside")
+    (src / "b" / "g").write_bytes(b"new g")
+    (src / "b" / "x").write_bytes(b"new x, was a directory")
+    assert run_cli("tar", wdir / "update.catar", src).returncode == 0
+    old = wdir / "target"
+    (old / "a").mkdir(parents=True)
+    for i in range(3000):
+        (old / "a" / f"f{i:04}").write_bytes(b"old")
+    (old / "b" / "x").mkdir(parents=True)
+    (old / "b" / "x" / "y").write_bytes(b"old y")
+    (old / "b" / "g").write_bytes(b"old g")
+    return (wdir / "update.catar").read_bytes(), old
+
+
+@pytest.mark.parametrize("broken", ["a", "b", "root"])
+def test_a_broken_archive_changes_no_existing_directory_before_its_end(cli, wdir, update, broken):
+    """In a target that exists, what goes into a directory waits under temporary names until the
+    directory's goodbye table is checked: a bad table leaves that directory (and those above it)
+    as they were, their entries and the files in them; directories finished before it are
+    updated in full."""
+    data, target = update
+    before = contents(target)
+    goodbyes = [o for o, s, k in records(data) if k == F.GOODBYE]  # post-order: a, b/n, b, root
+    pos = goodbyes[{"a": 0, "b": 2, "root": 3}[broken]]
+    bad = bytearray(data)
+    bad[pos + 16 + 16] ^= 0xFF
+    (wdir / "bad.catar").write_bytes(bytes(bad))
+    assert_clean_error(cli("untar", wdir / "bad.catar", target), "GOODBYE")
+    after = contents(target)
+    assert temp_leftovers(target) == []
+    if broken == "root":  # a/ and b/ ended before the failure: both whole, new
+        assert after == contents(wdir / "src")
+    else:
+        assert set(after) == set(before)
+        changed = {name for name in before if after[name] != before[name]}
+        # a/ ended before b's failure: whole, new; b/ as it was (and nothing at all for a's)
+        assert changed == (set() if broken == "a" else {f"a/f{i:04}" for i in range(3000)})
+    (wdir / "good.catar").write_bytes(data)
+    r = cli("untar", wdir / "good.catar", target)
+    assert r.returncode == 0, r.stderr
+    assert contents(target) == contents(wdir / "src")

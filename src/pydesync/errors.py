@@ -2,6 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
+SHOWN_PATH_HEAD = 200
+SHOWN_PATH_TAIL = 600
+
+
+def shown_path(path: str | bytes | os.PathLike) -> str:
+    """A path as an error message shows it: decoded, and cut in the middle when very long (a tree
+    100,000 levels deep has paths of 200 kB; one line must stay readable), keeping its start and
+    the end that names the entry."""
+    text = os.fsdecode(path)
+    if len(text) <= SHOWN_PATH_HEAD + SHOWN_PATH_TAIL + 50:
+        return text
+    cut = len(text) - SHOWN_PATH_HEAD - SHOWN_PATH_TAIL
+    return f"{text[:SHOWN_PATH_HEAD]}[...{cut} characters...]{text[-SHOWN_PATH_TAIL:]}"
+
 
 class PydesyncError(Exception):
     """Base of every error the library raises on purpose (bad input, bad data, missing chunks)."""

@@ -54,10 +54,13 @@ def _type(mode: int) -> str:
     return "socket"
 
 
-def node_line(node: Node, digest: str = SHA512_256) -> str:
-    """The manifest line of one node; reads a regular file's payload (hashing it)."""
+def node_line(node: Node, digest: str = SHA512_256, shown: str | None = None) -> str:
+    """The manifest line of one node; reads a regular file's payload (hashing it). `shown` is its
+    escaped path, if the caller has it already."""
     kind = _type(node.mode)
-    parts = [escape(node.path) if node.path else ".", f"type={kind}", f"mode={node.mode & 0o7777:04o}"]
+    if shown is None:
+        shown = escape(node.path) if node.path else "."
+    parts = [shown, f"type={kind}", f"mode={node.mode & 0o7777:04o}"]
     if kind == "link":
         parts.append(f"target={escape(node.target or b'')}")
     parts += [f"uid={node.uid}", f"gid={node.gid}"]
@@ -77,9 +80,17 @@ def mtree_lines(items: Iterable[Node | DirectoryEnd], digest: str = SHA512_256) 
     """`#mtree v1.0`, then one line per node (without newlines)."""
     check_digest(digest)
     yield HEADER
+    folder = ""  # escaped path of the directory being listed, grown and cut as the walk goes:
+    cuts: list[int] = []  # memory linear in the depth, whatever it is
     for item in items:
-        if isinstance(item, Node):
-            yield node_line(item, digest)
+        if isinstance(item, DirectoryEnd):
+            folder = folder[:cuts.pop()]
+            continue
+        shown = f"{folder}/{escape(item.name)}" if folder else escape(item.name) if cuts else "."
+        yield node_line(item, digest, shown)
+        if item.is_dir:
+            cuts.append(len(folder))
+            folder = shown if cuts[1:] else ""
 
 
 # ---- decoder items from each kind of input ------------------------------------------------------

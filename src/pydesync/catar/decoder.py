@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..errors import PydesyncError
+from ..errors import PydesyncError, shown_path
 from . import format as F
 
 READ_AHEAD = 1 << 20
@@ -72,9 +72,11 @@ class AclEntry:
 class Node:
     """One archive entry with its metadata (fields absent from the archive are None/empty).
 
-    Slots and shared empty tuples keep the tens of thousands of nodes of an OS tree cheap."""
+    Slots and shared empty tuples keep the tens of thousands of nodes of an OS tree cheap. A node
+    keeps its path only while that is shorter than PATH_MAX; deeper ones build it from their
+    parents when asked, so a walk of any depth holds memory linear in the depth, not its square."""
 
-    path: bytes
+    _path: bytes | None
     name: bytes
     offset: int
     feature_flags: int
@@ -99,6 +101,21 @@ class Node:
     rdev: tuple[int, int] | None = None
     size: int | None = None
     _decoder: ArchiveDecoder | None = field(default=None, repr=False, compare=False)
+    parent: Node | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def path(self) -> bytes:
+        """The path below the archive's root (b"" for the root itself)."""
+        if self._path is not None:
+            return self._path
+        names = []
+        node: Node | None = self
+        while node is not None and node._path is None:
+            names.append(node.name)
+            node = node.parent
+        if node is not None and node._path:
+            names.append(node._path)
+        return b"/".join(reversed(names))
 
     @property
     def is_dir(self) -> bool:
@@ -255,7 +272,8 @@ class ArchiveDecoder:
             yield data
 
     # ---- nodes -------------------------------------------------------------------------------
-    def _entry(self, path: bytes, name: bytes, header: tuple[int, int, int]) -> tuple[Node, tuple | None]:
+    def _entry(self, parent: Node | None, name: bytes,
+               header: tuple[int, int, int]) -> tuple[Node, tuple | None]:
         """ENTRY and its metadata records; returns the node and the next (non-metadata) header."""
         start, size, kind = header
         if kind != F.ENTRY:
@@ -269,7 +287,8 @@ class ArchiveDecoder:
             raise self.error(f"bad mode {mode:o}", start)
         if uid >= 2**32 - 1 or gid >= 2**32 - 1:
             raise self.error("uid/gid out of range", start)
-        node = Node(path, name, start, flags, mode, eflags, uid, gid, mtime, _decoder=self)
+        node = Node(_child_path(parent, name), name, start, flags, mode, eflags, uid, gid, mtime,
+                    _decoder=self, parent=parent)
         stage = 0
         while True:
             header = self._header()
@@ -366,19 +385,19 @@ class ArchiveDecoder:
         start, size, kind = header
         if stat.S_ISREG(mode):
             if kind != F.PAYLOAD:
-                raise self.error(f"regular file {node.path!r} without PAYLOAD", start)
+                raise self.error(f"regular file {shown_path(node.path)!r} without PAYLOAD", start)
             node.size = size - 16
             self._payload_left = node.size
         elif stat.S_ISLNK(mode):
             if kind != F.SYMLINK:
-                raise self.error(f"symlink {node.path!r} without SYMLINK", start)
+                raise self.error(f"symlink {shown_path(node.path)!r} without SYMLINK", start)
             target = self._cstring(self._body(size, 16 + MAX_PATH, "SYMLINK", start))
             if not target:
                 raise self.error("malformed SYMLINK record", start)
             node.target = target
         else:  # device
             if kind != F.DEVICE or size != 32:
-                raise self.error(f"device {node.path!r} without DEVICE", start)
+                raise self.error(f"device {shown_path(node.path)!r} without DEVICE", start)
             major, minor = struct.unpack("<QQ", self._read(16))
             if major >= 2**32 or minor >= 2**32:
                 raise self.error("device number out of range", start)
@@ -390,7 +409,7 @@ class ArchiveDecoder:
         header = self._header()
         if header is None:
             raise self.error("empty archive")
-        node, header = self._entry(b"", b"", header)
+        node, header = self._entry(None, b"", header)
         stack: list[_Frame] = []
         child_start = 0
         while True:
@@ -421,11 +440,10 @@ class ArchiveDecoder:
                     raise self.error(f"file name {name!r} out of order or duplicated", start)
                 frame.last_name = name
                 child_start = start
-                path = frame.node.path + b"/" + name if frame.node.path else name
                 entry = self._header()
                 if entry is None:
                     raise self.error("truncated after FILENAME")
-                node, header = self._entry(path, name, entry)
+                node, header = self._entry(frame.node, name, entry)
             elif kind == F.GOODBYE:
                 self._goodbye(frame, start, size)
                 stack.pop()
@@ -452,6 +470,19 @@ class ArchiveDecoder:
         expected = sorted((start - s, e - s, h) for s, e, h in frame.items)
         if sorted(found) != expected:
             raise self.error("GOODBYE table does not match the directory's entries", start)
+
+
+def _child_path(parent: Node | None, name: bytes) -> bytes | None:
+    """A new node's path to keep: its parent's plus its name, while shorter than PATH_MAX (the
+    root's is b""); None beyond, where `Node.path` builds it on demand."""
+    if parent is None:
+        return b""
+    above = parent._path
+    if above is None:
+        return None
+    if not above:
+        return name
+    return above + b"/" + name if len(above) + len(name) < MAX_PATH else None
 
 
 def frame_start(frame: _Frame) -> int:

@@ -17,7 +17,8 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from ..errors import PydesyncError
+from ..errors import PydesyncError, shown_path
+from ..fsutil import OPEN_DIRECTORIES, TreeMoved, reopen_parent
 from . import exclude
 from . import format as F
 from .fsmeta import (
@@ -48,7 +49,6 @@ ACL_DEFAULT = ACL_XATTR_DEFAULT.encode()
 ACL_NAMES = {ACL_ACCESS, ACL_DEFAULT}
 
 
-OPEN_DIRECTORIES = 64  # directory descriptors a walk holds, whatever the depth
 CASYNC_MAX_DEPTH = 64  # casync holds 64 nodes (the root included): an entry this deep it cannot read
 _PROC_FD = b"/proc/self/fd/"
 
@@ -132,7 +132,7 @@ class TreeEncoder:
         try:
             fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
-            raise EncodeError(f"cannot read {os.fsdecode(self.root)}: {e.strerror}") from None
+            raise EncodeError(f"cannot read {shown_path(self.root)}: {e.strerror}") from None
         self._levels: list[_Level] = []
         try:
             try:
@@ -140,7 +140,7 @@ class TreeEncoder:
                 magic = fs_magic(fd)
             except OSError as e:
                 os.close(fd)
-                raise EncodeError(f"cannot read {os.fsdecode(self.root)}: {e.strerror}") from None
+                raise EncodeError(f"cannot read {shown_path(self.root)}: {e.strerror}") from None
             self._enter(b"", fd, st, [], magic, 0)
             levels = self._levels
             while levels:  # a walk with a stack of its own: any depth, no Python recursion
@@ -170,7 +170,7 @@ class TreeEncoder:
             try:
                 level.names = sorted(os.fsencode(n) for n in os.listdir(fd))
             except OSError as e:
-                raise EncodeError(f"cannot list {os.fsdecode(self._path())}: {e.strerror}") from None
+                raise EncodeError(f"cannot list {shown_path(self._path())}: {e.strerror}") from None
             if self.flags & F.EXCLUDE_FILE and b".caexclude" in level.names:
                 level.rules = rules + exclude.parse_file(self._read_small(fd, b".caexclude"))
         self._bound_descriptors()
@@ -194,17 +194,14 @@ class TreeEncoder:
 
     def _reopen_parent(self, level: _Level) -> int:
         assert level.fd is not None
-        try:
-            fd = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=level.fd)
-        except OSError as e:
-            where = os.fsdecode(self._path(levels=-1))
-            raise EncodeError(f"cannot return to {where}: {e.strerror}") from None
-        st = os.fstat(fd)
         parent = self._levels[-2]
-        if (st.st_dev, st.st_ino) != (parent.st.st_dev, parent.st.st_ino):
-            os.close(fd)
-            raise EncodeError(f"{os.fsdecode(self._path(levels=-1))} was moved while it was being archived")
-        return fd
+        try:
+            return reopen_parent(level.fd, (parent.st.st_dev, parent.st.st_ino))
+        except TreeMoved:
+            raise EncodeError(f"{shown_path(self._path(levels=-1))} was moved while it was being archived") \
+                from None
+        except OSError as e:
+            raise EncodeError(f"cannot return to {shown_path(self._path(levels=-1))}: {e.strerror}") from None
 
     def _bound_descriptors(self) -> None:
         """Keep at most OPEN_DIRECTORIES directory descriptors: the deepest ones, which the walk
@@ -219,7 +216,7 @@ class TreeEncoder:
     def _too_deep_for_casync(self, path: bytes | os.PathLike[bytes]) -> None:
         if not self._deep_warned and self.warn is not None:
             self._deep_warned = True
-            self.warn(f"{os.fsdecode(path)} is {CASYNC_MAX_DEPTH} levels deep or more: casync cannot read "
+            self.warn(f"{shown_path(path)} is {CASYNC_MAX_DEPTH} levels deep or more: casync cannot read "
                       f"this archive (its limit is {CASYNC_MAX_DEPTH - 1}); pydesync can")
 
     def _xattr_path(self, dir_fd: int, name: bytes) -> bytes:
@@ -247,7 +244,7 @@ class TreeEncoder:
         except FileNotFoundError:
             return  # vanished while we walked
         except OSError as e:
-            raise EncodeError(f"cannot stat {os.fsdecode(self._path(name))}: {e.strerror}") from None
+            raise EncodeError(f"cannot stat {shown_path(self._path(name))}: {e.strerror}") from None
         mode = st.st_mode
         if not self._type_enabled(mode):
             return
@@ -299,9 +296,9 @@ class TreeEncoder:
             try:
                 block = read(min(READ_BLOCK, remaining))
             except OSError as e:
-                raise EncodeError(f"cannot read {os.fsdecode(path)}: {e.strerror}") from None
+                raise EncodeError(f"cannot read {shown_path(path)}: {e.strerror}") from None
             if not block:
-                raise EncodeError(f"{os.fsdecode(path)} shrank while it was being archived")
+                raise EncodeError(f"{shown_path(path)} shrank while it was being archived")
             remaining -= len(block)
             if len(block) >= FLUSH_AT:  # big reads go out as they are, after what is queued
                 yield from self._flush(force=True)
@@ -327,13 +324,13 @@ class TreeEncoder:
         try:
             return os.open(name, OPEN_FLAGS | (os.O_DIRECTORY if directory else 0), dir_fd=parent_fd)
         except OSError as e:
-            raise EncodeError(f"cannot open {os.fsdecode(self._path(name))}: {e.strerror}") from None
+            raise EncodeError(f"cannot open {shown_path(self._path(name))}: {e.strerror}") from None
 
     def _read_small(self, dir_fd: int, name: bytes) -> bytes:
         try:
             fd = os.open(name, OPEN_FLAGS | os.O_NONBLOCK, dir_fd=dir_fd)
         except OSError as e:
-            raise EncodeError(f"cannot read {os.fsdecode(self._path(name))}: {e.strerror}") from None
+            raise EncodeError(f"cannot read {shown_path(self._path(name))}: {e.strerror}") from None
         try:
             with os.fdopen(fd, "rb", closefd=False) as f:
                 return f.read(1 << 20)
@@ -376,7 +373,7 @@ class TreeEncoder:
         is_dir, is_reg, is_lnk = stat.S_ISDIR(mode), stat.S_ISREG(mode), stat.S_ISLNK(mode)
         uid, gid = (st.st_uid, st.st_gid) if self.has_ids else (0, 0)
         if flags & F.WITH_16BIT_UIDS and (uid > 0xFFFF or gid > 0xFFFF):
-            raise EncodeError(f"{os.fsdecode(path)}: uid/gid does not fit 16 bits")
+            raise EncodeError(f"{shown_path(path)}: uid/gid does not fit 16 bits")
         entry_flags = 0
         if fd is not None and (is_dir or is_reg):
             if flags & F.WITH_CHATTR:
@@ -447,14 +444,14 @@ class TreeEncoder:
         try:
             return os.readlink(name, dir_fd=dir_fd)
         except OSError as e:
-            raise EncodeError(f"cannot read link {os.fsdecode(path)}: {e.strerror}") from None
+            raise EncodeError(f"cannot read link {shown_path(path)}: {e.strerror}") from None
 
     @staticmethod
     def _xattr_names(at: int | bytes, path: bytes | os.PathLike[bytes]) -> set[bytes]:
         try:
             return {os.fsencode(n) for n in list_xattrs(at)}
         except OSError as e:
-            raise EncodeError(f"cannot list xattrs of {os.fsdecode(path)}: {e.strerror}") from None
+            raise EncodeError(f"cannot list xattrs of {shown_path(path)}: {e.strerror}") from None
 
     def _xattr_records(self, present: set[bytes], get: Callable[[str], bytes | None]) -> list[bytes]:
         if not self.flags & F.WITH_XATTRS:
@@ -477,7 +474,7 @@ class TreeEncoder:
             access = PosixAcl.parse(access_raw) if access_raw else None
             default = PosixAcl.parse(default_raw) if default_raw else None
         except (OSError, ValueError) as e:
-            raise EncodeError(f"cannot read the ACL of {os.fsdecode(path)}: {e}") from None
+            raise EncodeError(f"cannot read the ACL of {shown_path(path)}: {e}") from None
         if access is not None:
             out += self._acl_entries(F.ACL_USER, access.users, user_name)
             out += self._acl_entries(F.ACL_GROUP, access.groups, group_name)

@@ -11,7 +11,13 @@ from the archive or already in the target — is followed:
   written are not disturbed by the children;
 * every other node is created under a temporary name in its directory, gets its
   metadata, and is renamed into place (a failure leaves no partial file behind);
-  chattr flags such as immutable/append-only come last, after the rename.
+  chattr flags such as immutable/append-only come last, after the rename;
+* in a directory that existed before, those renames (and new subdirectories, built
+  under temporary names) wait for the directory's end, when the decoder has checked
+  its goodbye table: a bad archive leaves such a directory as it was. A new target
+  is built beside its name and renamed at the very end;
+* at most OPEN_DIRECTORIES directory descriptors are open whatever the depth: a
+  shallower one is closed and reopened through ".." (checked by device and inode).
 
 The order of the metadata steps follows casync (cadecoder.c): owner first (it
 clears setuid bits and file capabilities), xattrs, capabilities and the SELinux
@@ -37,16 +43,16 @@ import functools
 import itertools
 import os
 import secrets
-import shutil
 import stat
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from ..errors import PydesyncError
+from ..errors import PydesyncError, shown_path
+from ..fsutil import OPEN_DIRECTORIES, TreeMoved, remove_tree, reopen_parent
 from . import format as F
 from .decoder import AclEntry, ArchiveDecoder, DirectoryEnd, Node, Readable
-from .filewriter import BatchWriter, WriteFailed
+from .filewriter import BatchWriter, WriteFailed, max_deferred
 from .fsmeta import (
     ACL_XATTR_ACCESS,
     ACL_XATTR_DEFAULT,
@@ -100,14 +106,54 @@ class ExtractOptions:
     same_permissions: bool = True
 
 
+class _Where:
+    """Where a node is restored, as a message shows it: made only when a message needs it, so a
+    tree of any depth keeps no path per level."""
+
+    __slots__ = ("node", "root")
+
+    def __init__(self, root: bytes, node: Node):
+        self.root = root
+        self.node = node
+
+    def __str__(self) -> str:
+        path = self.node.path
+        return shown_path((self.root.rstrip(b"/") + b"/" + path if path else self.root) or b"/")
+
+
+@dataclass
+class _Release:
+    """A directory descriptor to close once the files queued in it are written (a deep walk keeps
+    only the deepest OPEN_DIRECTORIES open)."""
+
+    fd: int | None
+
+
+@dataclass
+class _Pending:
+    """An entry finished under its temporary name in a directory that existed before, waiting for
+    that directory's end (its goodbye table checked) to take its real name."""
+
+    temp: bytes
+    node: Node
+    display: _Where
+    is_dir: bool
+    may_inherit_flags: bool
+
+
 @dataclass
 class _Dir:
-    """A directory being filled; fd None = skipped (its whole subtree is ignored)."""
+    """A directory being filled; fd None and not `released` = skipped (its subtree is ignored)."""
 
     node: Node
     fd: int | None
-    display: str
+    display: _Where
     created: bool = True
+    released: bool = False  # closed while deeper directories are filled; reopened through ".."
+    identity: tuple[int, int] | None = None  # (st_dev, st_ino), to check a reopened descriptor
+    disk_name: bytes | None = None  # its name in its parent while it is being filled
+    pending: list[_Pending] = field(default_factory=list)  # existing directories: what waits for the end
+    late_attributes: bool = True  # False: a new directory whose chattr flags wait for its rename
     restore_mode: int | None = None  # mode to put back on a merged directory we had to make writable
     _default_acl: bool | None = None
     _inheritable: bool | None = None
@@ -136,7 +182,7 @@ class _Target:
     """The node being restored: by its own fd (regular files, directories) or by name in dir_fd."""
 
     node: Node
-    display: str
+    display: _Where
     dir_fd: int | None
     name: bytes | None
     fd: int | None = None
@@ -221,6 +267,11 @@ class _Target:
             if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
                 return []
             raise
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 def current_umask() -> int:
@@ -308,7 +359,7 @@ class TreeExtractor:
         self._temp_prefix = b".#pydesync.%s." % secrets.token_hex(8).encode()
         self._umask = current_umask()
         self._magic: dict[int, int] = {}
-        self._writer: BatchWriter[_Dir, Node] = BatchWriter(self._finish_directory, self._umask)
+        self._writer: BatchWriter[_Dir | _Release, Node] = BatchWriter(self._finish_directory, self._umask)
         self._staging: bytes | None = None  # a new target is built here, a sibling, and renamed at the end
 
     # ---- driving -----------------------------------------------------------------------------
@@ -326,7 +377,7 @@ class TreeExtractor:
         return self.warnings
 
     def _extract(self, items: Iterable[Node | DirectoryEnd]) -> None:
-        writer = self._writer = BatchWriter(self._finish_directory, self._umask)
+        writer = self._writer = BatchWriter(self._finish_directory, self._umask, max_deferred())
         try:
             for item in items:
                 if isinstance(item, DirectoryEnd):
@@ -340,10 +391,58 @@ class TreeExtractor:
             raise ExtractError(f"cannot create {self._display(e.label)}: {_strerror(e.error)}") from None
         finally:
             # the writer thread may still use these descriptors: stop it first
-            for frame in writer.abandon() + self._stack[::-1]:
+            left = writer.abandon()
+            self._undo_pending()
+            for frame in left + self._stack[::-1]:
                 if frame.fd is not None:
                     os.close(frame.fd)
             self._stack.clear()
+
+    def _undo_pending(self) -> None:
+        """After a failure: remove what waited in existing directories for their end, and give
+        them back the mode we changed, so each is as it was. Released directories are reopened
+        by name from the root down (two descriptors at a time)."""
+        parent_fd: int | None = None
+        reopened: int | None = None  # the last descriptor opened here, closed one level further
+        for depth, frame in enumerate(self._stack):
+            fd, ours = frame.fd, False
+            if fd is None and frame.released:
+                with contextlib.suppress(OSError):
+                    fd = self._reopen_by_name(frame, depth, parent_fd)
+                    ours = fd is not None
+            if fd is not None:
+                self._remove_pending(frame, fd)
+            frame.pending.clear()
+            if reopened is not None:
+                os.close(reopened)
+            reopened = fd if ours else None
+            parent_fd = fd
+        if reopened is not None:
+            os.close(reopened)
+
+    @staticmethod
+    def _remove_pending(frame: _Dir, fd: int) -> None:
+        for entry in frame.pending:
+            with contextlib.suppress(OSError):
+                if entry.is_dir:
+                    remove_tree(entry.temp, dir_fd=fd)
+                else:
+                    os.unlink(entry.temp, dir_fd=fd)
+        if frame.restore_mode is not None:
+            with contextlib.suppress(OSError):
+                os.fchmod(fd, frame.restore_mode)
+
+    def _reopen_by_name(self, frame: _Dir, depth: int, parent_fd: int | None) -> int | None:
+        if depth == 0:
+            fd = os.open(self._staging or self.target, DIR_OPEN)
+        elif parent_fd is None or frame.disk_name is None:
+            return None
+        else:
+            fd = os.open(frame.disk_name, DIR_OPEN, dir_fd=parent_fd)
+        if _identity(fd) != frame.identity:
+            os.close(fd)
+            return None
+        return fd
 
     def _commit_staging(self) -> None:
         """Rename the finished tree over the empty directory that held the target's name."""
@@ -363,16 +462,15 @@ class TreeExtractor:
         staging, self._staging = self._staging, None
         if staging is None:
             return
-        with contextlib.suppress(Exception):  # a tree too deep for rmtree stays, under its odd name
-            shutil.rmtree(staging)
+        with contextlib.suppress(OSError):
+            remove_tree(staging)
         with contextlib.suppress(OSError):
             os.rmdir(self.target.rstrip(b"/"))
 
-    def _display(self, node: Node) -> str:
-        path = self.target.rstrip(b"/") + b"/" + node.path if node.path else self.target
-        return os.fsdecode(path or b"/")
+    def _display(self, node: Node) -> _Where:
+        return _Where(self.target, node)
 
-    def _problem(self, display: str, what: str, error: OSError | str | None = None) -> None:
+    def _problem(self, display: _Where, what: str, error: OSError | str | None = None) -> None:
         """Something could not be restored: an error, or a warning with best_effort."""
         reason = _strerror(error) if isinstance(error, OSError) else error
         message = f"{display}: {what}" + (f": {reason}" if reason else "")
@@ -447,10 +545,14 @@ class TreeExtractor:
             return
         self._check_name(node)
         if node.is_dir:
-            self._stack.append(self._make_directory(parent.fd, node, display))
+            if parent.created:
+                self._stack.append(self._make_directory(parent.fd, node, display))
+            else:
+                self._stack.append(self._enter_in_existing(parent, node, display))
+            self._bound_descriptors()
         else:
             self._make_leaf(parent.fd, node, display, parent.has_default_acl(), parent.passes_on_flags(),
-                            private=parent.created)
+                            private=parent.created, pending=None if parent.created else parent.pending)
 
     # ---- the common case in one native call ----------------------------------------------------
     def _plain(self, node: Node, parent: _Dir) -> bool:
@@ -495,11 +597,58 @@ class TreeExtractor:
         mtime = node.mtime if flags & TIME_FLAGS else -1
         self._writer.add(dir_fd, temp, node.name, node.read_payload(), mode, mtime, node)
 
-    def _make_directory(self, dir_fd: int, node: Node, display: str) -> _Dir:
-        name = node.name
+    def _bound_descriptors(self) -> None:
+        """Keep the deepest OPEN_DIRECTORIES directories open, whatever the depth: a shallower one
+        is closed once the files queued in it are written, and reopened through ".." when the walk
+        comes back up to it."""
+        stack = self._stack
+        if len(stack) > OPEN_DIRECTORIES:
+            far = stack[-OPEN_DIRECTORIES - 1]
+            if far.fd is not None:
+                far.identity = _identity(far.fd)
+                self._writer.defer(_Release(far.fd))
+                far.fd, far.released = None, True
+
+    def _reopen(self, frame: _Dir, child: _Dir) -> None:
+        """Open a released directory again from the child just finished, checking it is the same."""
+        assert child.fd is not None and frame.identity is not None
+        try:
+            frame.fd = reopen_parent(child.fd, frame.identity)
+        except TreeMoved:
+            raise ExtractError(f"{frame.display}: moved while the archive was extracted into it") from None
+        except OSError as e:
+            raise ExtractError(f"cannot return to {frame.display}: {_strerror(e)}") from None
+        frame.released = False
+
+    def _enter_in_existing(self, parent: _Dir, node: Node, display: _Where) -> _Dir:
+        """A directory inside one that existed: merged in place if it is a directory already,
+        otherwise built under a temporary name that takes the real one at the parent's end."""
+        assert parent.fd is not None
+        try:
+            st: os.stat_result | None = os.lstat(node.name, dir_fd=parent.fd)
+        except FileNotFoundError:
+            st = None
+        except OSError as e:
+            raise ExtractError(f"cannot access {display}: {_strerror(e)}") from None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            return self._make_directory(parent.fd, node, display)
+        if st is not None and not self.options.overwrite:
+            what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+            self._problem(display, f"already exists and is {what} (--overwrite=false keeps it)")
+            return _Dir(node, None, display)
+        temp = self._temp_prefix + b"%d" % next(self._temp_counter)
+        frame = self._make_directory(parent.fd, node, display, temp)
+        if frame.fd is not None:
+            frame.late_attributes = False
+            parent.pending.append(_Pending(temp, node, display, True, parent.passes_on_flags()))
+        return frame
+
+    def _make_directory(self, dir_fd: int, node: Node, display: _Where, temp: bytes | None = None) -> _Dir:
+        """Create (or merge into) the directory `node`, as `temp` if given; its frame, opened."""
+        name = temp or node.name
         created = False
         try:
-            created = self._mkdir(dir_fd, node, display)
+            created = self._mkdir(dir_fd, node, display, name)
         except FileExistsError:
             st = os.lstat(name, dir_fd=dir_fd)
             if not stat.S_ISDIR(st.st_mode):  # a symlink included: replaced itself, never followed
@@ -509,7 +658,7 @@ class TreeExtractor:
                     return _Dir(node, None, display)
                 try:
                     os.unlink(name, dir_fd=dir_fd)
-                    created = self._mkdir(dir_fd, node, display)
+                    created = self._mkdir(dir_fd, node, display, name)
                 except OSError as e:
                     raise ExtractError(f"cannot replace {display}: {_strerror(e)}") from None
         except OSError as e:
@@ -521,7 +670,7 @@ class TreeExtractor:
                 self._problem(display, "refusing to follow a symlink in place of a directory")
                 return _Dir(node, None, display)
             raise ExtractError(f"cannot open directory {display}: {_strerror(e)}") from None
-        frame = _Dir(node, fd, display, created)
+        frame = _Dir(node, fd, display, created, disk_name=name)
         try:
             if not created:
                 frame.restore_mode = self._make_writable(fd)
@@ -531,11 +680,11 @@ class TreeExtractor:
             raise
         return frame
 
-    def _mkdir(self, dir_fd: int, node: Node, display: str) -> bool:
+    def _mkdir(self, dir_fd: int, node: Node, display: _Where, name: bytes) -> bool:
         """Create a directory (a btrfs subvolume if the archive says so and we can); True if created."""
         if node.flags & node.feature_flags & F.WITH_SUBVOLUME:
-            if self._fs_magic(dir_fd) == BTRFS_SUPER_MAGIC and len(node.name) < 4088:
-                args = struct.pack("<q", 0) + node.name.ljust(4088, b"\0")
+            if self._fs_magic(dir_fd) == BTRFS_SUPER_MAGIC and len(name) < 4088:
+                args = struct.pack("<q", 0) + name.ljust(4088, b"\0")
                 try:
                     fcntl.ioctl(dir_fd, BTRFS_IOC_SUBVOL_CREATE, args)
                     return True
@@ -545,34 +694,64 @@ class TreeExtractor:
                     self._problem(display, "cannot create a btrfs subvolume (made a plain directory)", e)
             else:
                 self._problem(display, "cannot create a btrfs subvolume here (made a plain directory)")
-        os.mkdir(node.name, 0o700, dir_fd=dir_fd)
+        os.mkdir(name, 0o700, dir_fd=dir_fd)
         return True
 
     def _end_directory(self, node: Node) -> None:
         if not self._stack or self._stack[-1].node is not node:
             raise ExtractError(f"{self._display(node)}: directory end out of order")
-        frame = self._stack.pop()
+        frame = self._stack[-1]
+        if frame.pending:  # (on the stack still: a failure here removes what is left of them)
+            self._install_pending(frame)
+        self._stack.pop()
+        if self._stack and self._stack[-1].released:
+            self._reopen(self._stack[-1], frame)
         if frame.fd is not None:
             self._writer.defer(frame)  # after the files queued in it are written
 
-    def _finish_directory(self, frame: _Dir) -> None:
+    def _install_pending(self, frame: _Dir) -> None:
+        """An existing directory's end, its goodbye table checked: what was made under temporary
+        names in it takes the real names now (new directories once their contents are written)."""
+        assert frame.fd is not None
+        if any(entry.is_dir for entry in frame.pending):
+            self._writer.flush()
+        pending, frame.pending = frame.pending, []
+        for i, entry in enumerate(pending):
+            try:
+                installed = self._install(frame.fd, entry.temp, entry.node.name, entry.display,
+                                          is_dir=entry.is_dir)
+            except BaseException:
+                frame.pending = pending[i:]  # (a failed rename leaves its temporary name)
+                raise
+            if installed and self._needs_late_attributes(entry):
+                self._late_attributes_by_name(frame.fd, entry)
+
+    def _finish_directory(self, frame: _Dir | _Release) -> None:
         """A directory's own metadata, once everything inside it exists; closes its descriptor."""
+        if isinstance(frame, _Release):
+            fd, frame.fd = frame.fd, None
+            if fd is not None:
+                os.close(fd)
+            return
         node = frame.node
         try:
             target = _Target(node, frame.display, None, None, frame.fd, created=frame.created,
                              restore_mode=frame.restore_mode, fresh=frame.created)
             self._metadata(target)
-            self._late_attributes(target)
+            if frame.late_attributes:  # (a directory made immutable could not be renamed)
+                self._late_attributes(target)
         finally:
             os.close(frame.fd)
 
     # ---- everything but directories -----------------------------------------------------------
-    def _make_leaf(self, dir_fd: int, node: Node, display: str, may_inherit_acl: bool = True,
-                   may_inherit_flags: bool = True, private: bool = False) -> None:
+    def _make_leaf(self, dir_fd: int, node: Node, display: _Where, may_inherit_acl: bool = True,
+                   may_inherit_flags: bool = True, private: bool = False,
+                   pending: list[_Pending] | None = None) -> None:
         """Create a non-directory node under a temporary name, then move it into place.
 
         `private`: the directory was created by this extraction (mode 0700, names
         unique in the archive), so nothing can be in the way of the final name.
+        `pending`: the directory existed; the node waits there, whole, for the directory's end.
         """
         name = node.name
         existing: os.stat_result | None = None
@@ -589,20 +768,24 @@ class TreeExtractor:
         temp = self._temp_prefix + b"%d" % next(self._temp_counter)
         target = _Target(node, display, dir_fd, temp, may_inherit_acl=may_inherit_acl,
                          may_inherit_flags=may_inherit_flags)
-        pending = True  # the temporary node may exist and must go if we do not finish
+        discard = True  # the temporary node may exist and must go if we do not finish
         try:
             if not self._create(target):
                 return
             self._metadata(target)
+            if pending is not None:
+                pending.append(_Pending(temp, node, display, False, may_inherit_flags))
+                discard = False
+                return
             installed = self._install(dir_fd, temp, name, display, private)
-            pending = False
+            discard = False
             if installed:
                 target.name = name
                 self._late_attributes(target)
         finally:
             if target.fd is not None:
                 os.close(target.fd)
-            if pending:
+            if discard:
                 with contextlib.suppress(OSError):
                     os.unlink(temp, dir_fd=dir_fd)
 
@@ -642,8 +825,10 @@ class TreeExtractor:
                 raise ExtractError(f"cannot write {target.display}: {_strerror(e)}") from None
         return True
 
-    def _install(self, dir_fd: int, temp: bytes, name: bytes, display: str, private: bool = False) -> bool:
-        """Rename the finished node into place; False if something is in the way (best_effort)."""
+    def _install(self, dir_fd: int, temp: bytes, name: bytes, display: _Where, private: bool = False,
+                 is_dir: bool = False) -> bool:
+        """Rename the finished node (a new directory: `is_dir`) into place; False if something is in
+        the way (best_effort)."""
         try:
             if private:
                 os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
@@ -656,7 +841,9 @@ class TreeExtractor:
             except FileNotFoundError:
                 old = None
             if old is not None and stat.S_ISDIR(old.st_mode):
-                shutil.rmtree(name, dir_fd=dir_fd)  # fd-based: never follows symlinks inside
+                remove_tree(name, dir_fd=dir_fd)  # fd-based: never follows symlinks inside
+            elif old is not None and is_dir:
+                os.unlink(name, dir_fd=dir_fd)  # (a directory cannot be renamed over a file)
             os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             return True
         except FileExistsError:
@@ -664,8 +851,37 @@ class TreeExtractor:
         except OSError as e:
             self._problem(display, "cannot move the new file into place", e)
         with contextlib.suppress(OSError):
-            os.unlink(temp, dir_fd=dir_fd)
+            if is_dir:
+                remove_tree(temp, dir_fd=dir_fd)
+            else:
+                os.unlink(temp, dir_fd=dir_fd)
         return False
+
+    @staticmethod
+    def _needs_late_attributes(entry: _Pending) -> bool:
+        """Whether a node installed late has chattr flags, FAT attributes or a read-only subvolume
+        to receive (then it is opened again by name)."""
+        node = entry.node
+        flags = node.feature_flags
+        if not (node.is_dir or node.is_file):
+            return False
+        if node.flags & flags:
+            return True
+        return entry.may_inherit_flags and bool(flags & F.WITH_CHATTR)
+
+    def _late_attributes_by_name(self, dir_fd: int, entry: _Pending) -> None:
+        node = entry.node
+        extra = os.O_DIRECTORY if node.is_dir else os.O_NOCTTY
+        try:
+            fd = os.open(node.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | extra, dir_fd=dir_fd)
+        except OSError as e:
+            self._problem(entry.display, "cannot open it again to set its file attributes", e)
+            return
+        try:
+            self._late_attributes(_Target(node, entry.display, dir_fd, node.name, fd,
+                                          may_inherit_flags=entry.may_inherit_flags))
+        finally:
+            os.close(fd)
 
     # ---- metadata ----------------------------------------------------------------------------
     def _fs_magic(self, fd: int) -> int:

@@ -14,6 +14,7 @@ Errors surface at the next batch boundary or at `flush`, naming the file.
 from __future__ import annotations
 
 import os
+import resource
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
@@ -26,6 +27,15 @@ L = TypeVar("L")  # labels naming files in errors
 BATCH_FILES = 256
 BATCH_BYTES = 1 << 20
 MAX_DEFERRED = 512  # finished directories hold a descriptor open until their batch lands
+
+
+def max_deferred() -> int:
+    """How many finished directories may wait for their batch, each holding a descriptor: at most a
+    quarter of what the process may open (a deep tree finishes thousands in a row)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_DEFERRED
+    return max(8, min(MAX_DEFERRED, soft // 4))
 
 
 class WriteFailed(Exception):
@@ -45,8 +55,9 @@ class BatchWriter(Generic[T, L]):
     deferred items that never ran, so the caller can release what they hold.
     """
 
-    def __init__(self, finish: Callable[[T], None], umask: int) -> None:
+    def __init__(self, finish: Callable[[T], None], umask: int, max_deferred: int = MAX_DEFERRED) -> None:
         self._finish = finish
+        self._max_deferred = max_deferred
         self._umask = umask
         self._executor: ThreadPoolExecutor | None = None
         self._files: list[tuple[int, bytes, bytes, bytes, int, int]] = []
@@ -72,7 +83,7 @@ class BatchWriter(Generic[T, L]):
             self._finish(item)
             return
         self._deferred.append(item)
-        if len(self._deferred) >= MAX_DEFERRED:
+        if len(self._deferred) >= self._max_deferred:
             self._submit()
 
     def flush(self) -> None:

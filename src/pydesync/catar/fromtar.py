@@ -29,6 +29,7 @@ from decimal import Decimal, InvalidOperation
 from typing import BinaryIO
 from urllib.parse import unquote_to_bytes
 
+from ..errors import shown_path
 from . import format as F
 from .encoder import _ENTRY, CASYNC_MAX_DEPTH, XATTR_FEATURES, EncodeError, LazyPath, TreeEncoder
 
@@ -225,7 +226,7 @@ class TarInputEncoder(TreeEncoder):
         mode = node.mode
         uid, gid = (node.uid, node.gid) if self.has_ids else (0, 0)
         if flags & F.WITH_16BIT_UIDS and (uid > 0xFFFF or gid > 0xFFFF):
-            raise EncodeError(f"{os.fsdecode(path)}: uid/gid does not fit 16 bits")
+            raise EncodeError(f"{shown_path(path)}: uid/gid does not fit 16 bits")
         out = [_ENTRY.pack(F.ENTRY_SIZE, F.ENTRY, flags, self._fixup_mode(mode), 0, uid, gid,
                            self._fixup_mtime(node.mtime_ns))]
         if flags & F.WITH_USER_NAMES:
