@@ -221,6 +221,28 @@ def test_nonexistent_base_path(sshd: Sshd, tmp_path: Path):
     assert_clean_error(r, "does not exist")
 
 
+def test_a_missing_store_is_created_by_the_local_rule(sshd: Sshd, tmp_path: Path):
+    """Writing into an sftp store that does not exist makes it when its parent exists, as a local
+    store is made; reading does not, and a missing parent or a file in the way is one error."""
+    data = blob(tmp_path / "blob", 7, 300_000)
+    new = tmp_path / "new.castr"
+    r = sftp_cli(sshd, "verify", "-s", url(new))
+    assert_clean_error(r, str(new), "does not exist")
+    assert not new.exists()
+    r = sftp_cli(sshd, "make", "-s", url(new), tmp_path / "b.caibx", tmp_path / "blob")
+    assert r.returncode == 0, r.stderr
+    assert new.is_dir() and chunk_files(new)
+    r = sftp_cli(sshd, "extract", "-s", url(new), tmp_path / "b.caibx", tmp_path / "out")
+    assert r.returncode == 0 and (tmp_path / "out").read_bytes() == data, r.stderr
+    deeper = tmp_path / "no" / "store"
+    r = sftp_cli(sshd, "make", "-s", url(deeper), tmp_path / "c.caibx", tmp_path / "blob")
+    assert_clean_error(r, "cannot create store", str(tmp_path / "no"), "does not exist")
+    assert not (tmp_path / "no").exists() and not (tmp_path / "c.caibx").exists()
+    (tmp_path / "file").write_bytes(b"x")
+    r = sftp_cli(sshd, "make", "-s", url(tmp_path / "file"), tmp_path / "c.caibx", tmp_path / "blob")
+    assert_clean_error(r, "not a directory")
+
+
 def test_ssh_failures_are_clean_errors(sshd: Sshd, tmp_path: Path):
     # A Host alias without a port: ssh goes to port 22 and fails (refused, or unknown host key).
     r = sftp_cli(sshd, "verify", "-s", f"sftp://pydesync-noport{tmp_path}")

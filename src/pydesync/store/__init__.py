@@ -43,7 +43,7 @@ def open_store(location: str, options: StoreOptions | None = None, create: bool 
     if scheme == "sftp":
         from .sftp import SftpStore
 
-        return SftpStore(location, options)
+        return SftpStore(location, options, create=create)
     if scheme in ("s3+http", "s3+https"):
         from .s3 import S3Store
 

@@ -249,7 +249,7 @@ class SftpConnection:
 class SftpBase:
     """A base URL on an sftp server and a pool of connections to it."""
 
-    def __init__(self, location: str, options: StoreOptions):
+    def __init__(self, location: str, options: StoreOptions, create: bool = False):
         url = urlsplit(location)
         if url.scheme.lower() != "sftp":
             raise UsageError(f"not an sftp location: {location}")
@@ -270,15 +270,44 @@ class SftpBase:
         self._idle: list[SftpConnection] = []
         self._all: set[SftpConnection] = set()
         self._closed = False
-        with self.connection() as conn:  # the base path must exist
-            try:
-                conn.stat(self.path)
+        try:
+            with self.connection() as conn:  # the base path must exist, or be made if asked
+                self._check_base(conn, create)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_base(self, conn: SftpConnection, create: bool) -> None:
+        """The base path exists as a directory; with `create`, a missing one is made if its parent
+        exists (local stores' rule: a typo in a path creates nothing at the root)."""
+        try:
+            st = conn.stat(self.path)
+        except FileNotFoundError:
+            if not create:
+                raise StoreError(f"store {self.location} does not exist (no such path {self.path})") from None
+            self._create_base(conn)
+            return
+        if not stat.S_ISDIR(st.st_mode or 0):
+            raise StoreError(f"store {self.location} is not a directory")
+
+    def _create_base(self, conn: SftpConnection) -> None:
+        folder = self.path.rstrip("/") or "/"
+        parent = folder.rpartition("/")[0] or "/"
+        try:
+            conn.stat(parent)
+        except FileNotFoundError:
+            raise StoreError(f"cannot create store {self.location}: {parent} does not exist") from None
+        try:
+            conn.call(f"create {folder}", lambda s: s.mkdir(folder))
+        except FileNotFoundError:
+            raise StoreError(f"cannot create store {self.location}: {parent} does not exist") from None
+        except StoreError:
+            try:  # made meanwhile by another writer (fine), or a file is in the way
+                st = conn.stat(folder)
             except FileNotFoundError:
-                self.close()
-                raise StoreError(f"store {location} does not exist (no such path {self.path})") from None
-            except StoreError:
-                self.close()
-                raise
+                raise StoreError(f"cannot create store {self.location}: the server refused") from None
+            if not stat.S_ISDIR(st.st_mode or 0):
+                raise StoreError(f"store {self.location} is not a directory") from None
 
     def _connect(self) -> SftpConnection:
         return SftpConnection(self._argv, f"sftp store {self.location}", self._timeout)
@@ -325,12 +354,12 @@ class SftpStore(Store):
 
     remote = True
 
-    def __init__(self, location: str, options: StoreOptions | None = None):
+    def __init__(self, location: str, options: StoreOptions | None = None, create: bool = False):
         self.location = location
         self.options = options or StoreOptions()
         self.converters = converters_for(self.options)
         self._suffix = self.converters.extension
-        self._base = SftpBase(location, self.options)
+        self._base = SftpBase(location, self.options, create)
         self.path = self._base.path
 
     def chunk_path(self, chunk_id: ChunkId) -> str:
