@@ -226,3 +226,76 @@ def test_asking_a_store_twice_for_a_chunk_gets_it_twice(casync_data: Path, fake_
         assert list(store.fetch_many([chunk.id])) == [(chunk.id, first)]
     finally:
         store.close()
+
+
+# ---- our `push`: what casync's make sends, and what a hostile client might -------------------------
+
+def run_push(tmp_path: Path, client: list[tuple[int, bytes]]) -> subprocess.CompletedProcess[bytes]:
+    """`pydesync push - - INDEX STORE` fed a client's whole side of the conversation at once."""
+    stream = b"".join(P.encode(kind, body) for kind, body in client)
+    return subprocess.run([sys.executable, "-m", "pydesync", "push", "-", "-", str(tmp_path / "x.caibx"),
+                           str(tmp_path / "store")], input=stream, capture_output=True, timeout=HANG_GUARD)
+
+
+def recorded_push(casync_data: Path) -> list[tuple[int, bytes]]:
+    """casync's make pushing blob-min (HELLO 0xe00, INDEX, INDEX_EOF, two CHUNKs)."""
+    return messages((casync_data / "protocol" / "push-index+store.c2s.bin").read_bytes())
+
+
+def test_push_takes_what_casync_make_sends(casync_data: Path, tmp_path: Path):
+    r = run_push(tmp_path, recorded_push(casync_data))
+    assert r.returncode == 0, r.stderr
+    got = messages(r.stdout)
+    assert got[0] == (P.HELLO, struct.pack("<Q", P.WRITABLE_STORE | P.WRITABLE_INDEX))
+    requested = b"".join(body[8:] for kind, body in got if kind == P.REQUEST)
+    assert sorted(requested[i:i + 6].hex() for i in range(0, len(requested), 32)) == \
+        ["2a0786b30b9e", "6c59d08cfafa"]
+    assert got[-1][0] == P.GOODBYE
+    assert (tmp_path / "x.caibx").read_bytes() == (casync_data / "blob-min.caibx").read_bytes()
+    assert sorted(p.name[:12] for p in (tmp_path / "store").rglob("*.cacnk")) == ["2a0786b30b9e", "6c59d08cfafa"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def _corrupt_chunk(client: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    kind, body = client[3]
+    return [*client[:3], (kind, struct.pack("<Q", 0) + body[8:40] + b"not the chunk"), *client[4:]]
+
+
+@pytest.mark.parametrize(("mode", "message"), [
+    ("bad-chunk", "does not match"),
+    ("bad-compression", "invalid chunk"),
+    ("hang-up", "hung up before the push was complete"),
+    ("unasked", "was not asked for"),
+    ("missing", "lacks chunk"),
+    ("bad-index", "invalid index"),
+    ("pull", "wants a service we do not offer"),
+])
+def test_hostile_push_client(casync_data: Path, tmp_path: Path, mode: str, message: str):
+    """Every way a client can break a push is one error line on our side, an ABORT to the client,
+    and no index: a chunk that does not hash to its id (or does not decompress) is never stored."""
+    client = recorded_push(casync_data)
+    hello, index, eof, chunk1, chunk2 = client
+    if mode == "bad-chunk":
+        client = _corrupt_chunk(client)
+    elif mode == "bad-compression":
+        client = [hello, index, eof, (P.CHUNK, struct.pack("<Q", 1) + chunk1[1][8:40] + b"\x28\xb5\x2f\xfdjunk"),
+                  chunk2]
+    elif mode == "hang-up":
+        client = [hello, index, eof, chunk1]
+    elif mode == "unasked":
+        client = [hello, index, eof, (P.CHUNK, chunk1[1][:8] + b"\x01" * 32 + chunk1[1][40:]), chunk1, chunk2]
+    elif mode == "missing":
+        client = [hello, index, eof, (P.MISSING, chunk1[1][8:40]), chunk2]
+    elif mode == "bad-index":
+        client = [hello, (P.INDEX, index[1][:100] + b"\0" * 40), eof]
+    elif mode == "pull":
+        client = [(P.HELLO, struct.pack("<Q", P.PULL_CHUNKS))]
+    r = run_push(tmp_path, client)
+    assert r.returncode != 0
+    lines = r.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: push: ") and message in lines[0], lines
+    assert messages(r.stdout)[-1][0] == P.ABORT
+    assert not (tmp_path / "x.caibx").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    if mode in ("bad-chunk", "bad-compression"):
+        assert not [p for p in (tmp_path / "store").rglob("*") if p.name.startswith(chunk1[1][8:14].hex())]

@@ -303,3 +303,49 @@ def test_tree_with_repeated_chunks_our_client_casync_pull(casync: str, sshd: Ssh
     ok_casync(casync, "make", tmp_path / "direct.catar", src)  # the archive the index was cut from
     assert (tmp_path / "x.catar").read_bytes() == (tmp_path / "direct.catar").read_bytes()
     assert_clean_after(sshd, store, before)
+
+
+# ---- push: casync's make writing to our remote ------------------------------------------------------
+
+def push_servers(store: Path) -> list[int]:
+    marker = str(store).encode()
+    return processes(lambda argv, _: b"push" in argv and any(marker in a for a in argv))
+
+
+def test_casync_pushes_a_blob_into_our_remote_and_reads_it_back(casync: str, sshd: Sshd, tmp_path: Path):
+    """`casync make --store=host:STORE host:INDEX` with our `push` on the far side: the index is
+    the one casync makes locally, every chunk lands verified, and casync extracts it back through
+    our pull. A second push finds every chunk there and asks for none."""
+    data = make_blob(tmp_path / "blob", seed=5)
+    store, index = remote_store(tmp_path), tmp_path / "remote" / "x.caibx"
+    before = logins(sshd)
+    env = remote_env(sshd, REMOTE_PYDESYNC)
+    ok_casync(casync, "make", f"--store=127.0.0.1:{store}", f"127.0.0.1:{index}", tmp_path / "blob", env=env)
+    ok_casync(casync, "make", f"--store={tmp_path / 'local.castr'}", tmp_path / "local.caibx",
+              tmp_path / "blob")
+    assert index.read_bytes() == (tmp_path / "local.caibx").read_bytes()
+    assert sorted(p.name for p in store.rglob("*.cacnk")) == \
+        sorted(p.name for p in (tmp_path / "local.castr").rglob("*.cacnk"))
+    ok_casync(casync, "extract", f"--store=127.0.0.1:{store}", f"127.0.0.1:{index}", tmp_path / "out",
+              env=env)
+    assert (tmp_path / "out").read_bytes() == data
+    ok_casync(casync, "make", f"--store=127.0.0.1:{store}", f"127.0.0.1:{index}", tmp_path / "blob", env=env)
+    assert_clean_after(sshd, store, before)
+    assert not push_servers(store)
+    assert not [p for p in (tmp_path / "remote").iterdir() if p.name.startswith(".")]
+
+
+def test_casync_pushes_a_tree_and_an_archive_into_our_remote(casync: str, sshd: Sshd, tmp_path: Path):
+    """A .caidx with its store, and a .catar, pushed by casync to our remote: untar of either gives
+    the tree back (the tree repeats chunks: each is asked for once)."""
+    src = tmp_path / "src"
+    make_tree(src, repeated=True)
+    store, remote = remote_store(tmp_path), tmp_path / "remote"
+    env = remote_env(sshd, REMOTE_PYDESYNC)
+    ok_casync(casync, "make", f"--store=127.0.0.1:{store}", f"127.0.0.1:{remote / 'x.caidx'}", src, env=env)
+    ok_casync(casync, "make", f"127.0.0.1:{remote / 'x.catar'}", src, env=env)
+    ok_cli("untar", "-i", "-s", store, remote / "x.caidx", tmp_path / "out1")
+    ok_cli("untar", remote / "x.catar", tmp_path / "out2")
+    assert snapshot(tmp_path / "out1") == snapshot(src) == snapshot(tmp_path / "out2")
+    ok_casync(casync, "make", tmp_path / "direct.catar", src)
+    assert (remote / "x.catar").read_bytes() == (tmp_path / "direct.catar").read_bytes()

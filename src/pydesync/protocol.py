@@ -14,6 +14,7 @@ stalls ends the command with an error instead of hanging it.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
 import queue
@@ -23,9 +24,13 @@ import threading
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from .codec import compress, decompress
+from .codec import CodecError, compress, decompress
 from .digest import ChunkId
-from .errors import ChunkMissing, PydesyncError
+from .errors import ChunkInvalid, ChunkMissing, PydesyncError
+from .fsutil import atomic_write
+from .index import MAX_INDEX_BYTES, parse_index
+from .parallel import ordered_map
+from .store.base import verify_chunk
 
 HELLO = 0x3C71D0948CA5FBEE
 INDEX = 0xB32A91DD2B3E27F8
@@ -262,6 +267,168 @@ class PullServer:
                 return (data if converters.compressed else compress(data)), True
         data = self.store.get(chunk_id)  # type: ignore[union-attr]  # decrypts and verifies
         return compress(data), True
+
+
+# ---- server (`push`) -------------------------------------------------------------------------------
+class PushServer:
+    """Receive what one client pushes: casync's `make` with a remote index (its chunks requested as
+    the index lists them) or a remote archive, or our own client's chunks.
+
+    Nothing is trusted: the index must parse, the archive must decode, every chunk must hash to
+    its id (with the index's digest) before it is stored. The index and the archive are written
+    under temporary names and renamed into place only once every chunk they need is stored;
+    then the server says GOODBYE. A client that hangs up early leaves no index and no archive
+    (the chunks it sent stay: they are valid, and prune removes what nothing references).
+    """
+
+    def __init__(self, channel: Channel, store: object | None, lookup: list[object] | None = None,
+                 index: str | None = None, archive: str | None = None, workers: int = 2):
+        self.channel = channel
+        self.store = store
+        self.lookup = lookup if lookup is not None else ([store] if store is not None else [])
+        self.index_path = index
+        self.archive_path = archive
+        self.workers = max(1, workers)
+        self._wants = 0
+        self._index_file: BinaryIO | None = None
+        self._index_bytes: bytearray | None = None
+        self._archive_file: BinaryIO | None = None
+        self._digest: str | None = None
+        self._outstanding: set[bytes] = set()
+        self._index_done = self._archive_done = self._client_done = False
+
+    def offer(self) -> int:
+        return ((WRITABLE_STORE if self.store is not None else 0) | (WRITABLE_INDEX if self.index_path else 0)
+                | (WRITABLE_ARCHIVE if self.archive_path else 0))
+
+    def serve(self) -> None:
+        self.channel.send(HELLO, struct.pack("<Q", self.offer()))
+        self._wants = read_hello(self.channel)
+        check_hello(self.offer(), self._wants, "client")
+        if not self._wants & (PUSH_CHUNKS | PUSH_INDEX | PUSH_ARCHIVE):
+            raise ProtocolError("the client pushes nothing")
+        with contextlib.ExitStack() as files:
+            if self._wants & PUSH_INDEX:
+                assert self.index_path is not None
+                self._index_file = files.enter_context(atomic_write(self.index_path))
+                self._index_bytes = bytearray()
+            if self._wants & PUSH_ARCHIVE:
+                assert self.archive_path is not None
+                self._archive_file = files.enter_context(atomic_write(self.archive_path))
+            for _ in ordered_map(self._store_chunk, self._incoming_chunks(), self.workers):
+                pass
+            if self._archive_file is not None:
+                self._check_archive(self._archive_file)
+        self.channel.send(GOODBYE)  # (the index and the archive are in place: the client may go)
+
+    # ---- messages ----------------------------------------------------------------------------
+    def _incoming_chunks(self) -> Iterator[tuple[ChunkId, bytes, bool]]:
+        """The CHUNKs to verify and store, handling every other message on the way, until the
+        push is complete."""
+        if self._complete():
+            return
+        for kind, body in self.channel.messages():
+            if kind == CHUNK:
+                yield self._chunk_message(body)
+            elif kind == MISSING and len(body) == 32:
+                raise ProtocolError(f"the client lacks chunk {body.hex()}, which its index lists")
+            elif kind == INDEX and self._index_bytes is not None and not self._index_done and body:
+                self._index_piece(body)
+            elif kind == INDEX_EOF and self._index_bytes is not None and not self._index_done:
+                self._index_end()
+            elif kind == ARCHIVE and self._archive_file is not None and not self._archive_done and body:
+                self._archive_file.write(body)
+            elif kind == ARCHIVE_EOF and self._archive_file is not None and not self._archive_done:
+                self._archive_done = True
+            elif kind == GOODBYE:
+                self._client_done = True
+            else:
+                raise ProtocolError(f"client sent an unexpected {NAMES.get(kind, hex(kind))} message")
+            if self._complete():
+                return
+        raise ProtocolError("the client hung up before the push was complete")
+
+    def _complete(self) -> bool:
+        if self._wants & PUSH_INDEX and not self._index_done:
+            return False
+        if self._wants & PUSH_ARCHIVE and not self._archive_done:
+            return False
+        if self._outstanding:
+            return False
+        if self._wants & PUSH_CHUNKS and not self._wants & PUSH_INDEX_CHUNKS:
+            return self._client_done  # chunks come unasked: the client says when it is done
+        return True
+
+    def _index_piece(self, body: bytes) -> None:
+        assert self._index_bytes is not None and self._index_file is not None
+        if len(self._index_bytes) + len(body) > MAX_INDEX_BYTES:
+            raise ProtocolError(f"the client's index is larger than {MAX_INDEX_BYTES} bytes")
+        self._index_bytes += body
+        self._index_file.write(body)
+
+    def _index_end(self) -> None:
+        """The whole index: check it, and ask for the chunks it lists that no store here has."""
+        assert self._index_bytes is not None
+        index = parse_index(bytes(self._index_bytes), "pushed index")
+        self._index_bytes = bytearray()
+        self._index_done = True
+        self._digest = index.digest
+        if not self._wants & PUSH_INDEX_CHUNKS:
+            return
+        missing = [bytes(cid) for cid in index.unique_ids() if not self._have(cid)]
+        self._outstanding = set(missing)
+        if missing:
+            threading.Thread(target=self._request, args=(missing,), daemon=True).start()
+
+    def _have(self, chunk_id: ChunkId) -> bool:
+        return any(store.has(chunk_id) for store in self.lookup)  # type: ignore[attr-defined]
+
+    def _request(self, ids: list[bytes]) -> None:
+        """Send the REQUESTs (a thread: the client's CHUNKs are read meanwhile, so neither side
+        blocks on a full pipe). A failure here shows as the client's end."""
+        with contextlib.suppress(OSError, ValueError):
+            for i in range(0, len(ids), STREAM_BATCH):
+                self.channel.send(REQUEST, struct.pack("<Q", 0) + b"".join(ids[i:i + STREAM_BATCH]))
+
+    def _chunk_message(self, body: bytes) -> tuple[ChunkId, bytes, bool]:
+        if len(body) < 41:
+            raise ProtocolError("client sent a malformed CHUNK message")
+        flags, = struct.unpack_from("<Q", body)
+        if flags & ~CHUNK_COMPRESSED:
+            raise ProtocolError(f"invalid CHUNK flags {flags:#x}")
+        key = body[8:40]
+        if self._wants & PUSH_INDEX_CHUNKS:
+            if key not in self._outstanding:
+                raise ProtocolError(f"client sent chunk {key.hex()}, which was not asked for")
+            self._outstanding.discard(key)
+        return ChunkId(key), body[40:], bool(flags & CHUNK_COMPRESSED)
+
+    # ---- storing -----------------------------------------------------------------------------
+    def _store_chunk(self, item: tuple[ChunkId, bytes, bool]) -> None:
+        """Verify one chunk and store it (a worker thread): compressed bytes go in as they came
+        when the store keeps them compressed, as casync's push does."""
+        chunk_id, wire, compressed = item
+        try:
+            data = decode_payload(wire, compressed)
+        except CodecError as e:
+            raise ChunkInvalid(chunk_id, f"invalid chunk {chunk_id} from the client: {e}", "client") from None
+        verify_chunk(chunk_id, data, self._digest, "client")
+        put_stored = getattr(self.store, "put_stored", None)
+        converters = getattr(self.store, "converters", None)
+        if compressed and put_stored is not None and converters is not None and converters.compressed \
+                and not converters.encrypted:
+            put_stored(chunk_id, wire)
+        else:
+            self.store.put(chunk_id, data)  # type: ignore[union-attr]
+
+    def _check_archive(self, f: BinaryIO) -> None:
+        """Decode the received archive in full before it takes its name."""
+        from .catar.decoder import ArchiveDecoder
+
+        f.flush()
+        with open(f"/proc/self/fd/{f.fileno()}", "rb") as reader:
+            for _ in ArchiveDecoder(reader, "pushed archive"):
+                pass
 
 
 # ---- client session -----------------------------------------------------------------------------

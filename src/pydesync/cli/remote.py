@@ -1,4 +1,5 @@
-"""The remote side of casync's protocol: `pull` serves stores (and an index or archive) on stdin/stdout."""
+"""The remote side of casync's protocol on stdin/stdout: `pull` serves stores (and an index or
+archive), `push` receives them (casync's make with a remote index, store or archive)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import os
 import sys
 
 from ..errors import PydesyncError, UsageError
-from ..protocol import Channel, ProtocolError, PullServer
-from ..store import open_chain
+from ..parallel import workers_for
+from ..protocol import Channel, ProtocolError, PullServer, PushServer
+from ..store import Store, open_chain, open_store
 from .common import Context
 
 
@@ -24,6 +26,17 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument("index")
     p.add_argument("stores", nargs="+", metavar="STORE")
     p.set_defaults(func=run_pull)
+    p = sub.add_parser("push", parents=[parent], help="receive into a store over stdin/stdout (casync protocol)",
+                       description="casync's remote verb: `push BASE ARCHIVE INDEX WSTORE [RSTORE...]` "
+                                   "with '-' for unused slots, e.g. `push - - /srv/x.caibx /srv/x.castr`. "
+                                   "Lets casync's make (CASYNC_REMOTE_PATH=pydesync) and ours write "
+                                   "to this machine over ssh: every chunk is verified, the index and the "
+                                   "archive are renamed into place once complete.")
+    p.add_argument("base")
+    p.add_argument("archive")
+    p.add_argument("index")
+    p.add_argument("stores", nargs="+", metavar="STORE")
+    p.set_defaults(func=run_push)
 
 
 def run_pull(ctx: Context) -> int:
@@ -36,18 +49,50 @@ def run_pull(ctx: Context) -> int:
     if not stores and not archive and not index:
         raise UsageError("pull: nothing to serve")
     store = open_chain(stores, options_for=ctx.store_options) if stores else None
-    for fd in (0, 1):  # casync hands the remote command O_NONBLOCK pipes
-        os.set_blocking(fd, True)
-    channel = Channel(sys.stdin.buffer, sys.stdout.buffer, "client")
     try:
-        PullServer(channel, store, index, archive).serve()
-    except (BrokenPipeError, ConnectionResetError):
-        return 0  # the client hung up: a normal end of a pull
-    except (ProtocolError, PydesyncError, OSError) as e:
-        with contextlib.suppress(OSError):
-            channel.send_abort(5, str(e))
-        raise PydesyncError(f"pull: {e}") from None
+        return _serve(PullServer(_stdio_channel(), store, index, archive), "pull")
     finally:
         if store is not None:
             store.close()
+
+
+def _stdio_channel() -> Channel:
+    for fd in (0, 1):  # casync hands the remote command O_NONBLOCK pipes
+        os.set_blocking(fd, True)
+    return Channel(sys.stdin.buffer, sys.stdout.buffer, "client")
+
+
+def _serve(server: PullServer | PushServer, verb: str) -> int:
+    """Run one session; a failure is an ABORT to the client and one line here."""
+    try:
+        server.serve()
+    except (BrokenPipeError, ConnectionResetError):
+        if verb == "pull":
+            return 0  # the client hung up: a normal end of a pull
+        raise PydesyncError(f"{verb}: the client hung up before the push was complete") from None
+    except (ProtocolError, PydesyncError, OSError) as e:
+        with contextlib.suppress(OSError):
+            server.channel.send_abort(5, str(e))
+        raise PydesyncError(f"{verb}: {e}") from None
     return 0
+
+def run_push(ctx: Context) -> int:
+    a = ctx.args
+    if a.base != "-":
+        raise UsageError("push: the base must be '-'")
+    wstore = None if a.stores[0] == "-" else a.stores[0]
+    rstores = [s for s in a.stores[1:] if s != "-"]
+    archive = None if a.archive == "-" else a.archive
+    index = None if a.index == "-" else a.index
+    if not wstore and not archive and not index:
+        raise UsageError("push: nothing to receive")
+    opened: list[Store] = []
+    try:
+        if wstore:
+            opened.append(open_store(wstore, ctx.store_options(wstore), create=True))
+        opened += [open_store(loc, ctx.store_options(loc)) for loc in rstores]
+        return _serve(PushServer(_stdio_channel(), opened[0] if wstore else None, opened, index, archive,
+                                 workers=workers_for(ctx.concurrency, False)), "push")
+    finally:
+        for store in opened:
+            store.close()
