@@ -252,7 +252,8 @@ def test_push_takes_what_casync_make_sends(casync_data: Path, tmp_path: Path):
         ["2a0786b30b9e", "6c59d08cfafa"]
     assert got[-1][0] == P.GOODBYE
     assert (tmp_path / "x.caibx").read_bytes() == (casync_data / "blob-min.caibx").read_bytes()
-    assert sorted(p.name[:12] for p in (tmp_path / "store").rglob("*.cacnk")) == ["2a0786b30b9e", "6c59d08cfafa"]
+    stored = sorted(p.name[:12] for p in (tmp_path / "store").rglob("*.cacnk"))
+    assert stored == ["2a0786b30b9e", "6c59d08cfafa"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -278,8 +279,8 @@ def test_hostile_push_client(casync_data: Path, tmp_path: Path, mode: str, messa
     if mode == "bad-chunk":
         client = _corrupt_chunk(client)
     elif mode == "bad-compression":
-        client = [hello, index, eof, (P.CHUNK, struct.pack("<Q", 1) + chunk1[1][8:40] + b"\x28\xb5\x2f\xfdjunk"),
-                  chunk2]
+        junk = struct.pack("<Q", 1) + chunk1[1][8:40] + b"\x28\xb5\x2f\xfdjunk"  # zstd's magic, then junk
+        client = [hello, index, eof, (P.CHUNK, junk), chunk2]
     elif mode == "hang-up":
         client = [hello, index, eof, chunk1]
     elif mode == "unasked":

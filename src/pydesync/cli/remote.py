@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import os
 import sys
+from collections.abc import Callable
 
 from ..errors import PydesyncError, UsageError
 from ..parallel import workers_for
@@ -16,27 +17,26 @@ from .common import Context
 
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("pull", parents=[parent], help="serve a store over stdin/stdout (casync protocol)",
-                       description="casync's remote verb: `pull BASE ARCHIVE INDEX WSTORE [RSTORE...]` "
-                                   "with '-' for unused slots, e.g. `pull - - - /srv/x.castr`. Lets "
-                                   "casync and desync clients read from this machine over ssh "
-                                   "(CASYNC_REMOTE_PATH=pydesync).")
+    _verb(sub, parent, "pull", run_pull, "serve a store over stdin/stdout (casync protocol)",
+          "e.g. `pull - - - /srv/x.castr`. Lets casync and desync clients read from this machine over "
+          "ssh (CASYNC_REMOTE_PATH=pydesync).")
+    _verb(sub, parent, "push", run_push, "receive into a store over stdin/stdout (casync protocol)",
+          "e.g. `push - - /srv/x.caibx /srv/x.castr`. Lets casync's make (CASYNC_REMOTE_PATH=pydesync) "
+          "and ours write to this machine over ssh: every chunk is verified, the index and the archive "
+          "are renamed into place once complete.")
+
+
+def _verb(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser, name: str,
+          func: Callable[[Context], int], summary: str, example: str) -> None:
+    """One of casync's remote verbs: `NAME BASE ARCHIVE INDEX WSTORE [RSTORE...]`."""
+    p = sub.add_parser(name, parents=[parent], help=summary,
+                       description=f"casync's remote verb: `{name} BASE ARCHIVE INDEX WSTORE [RSTORE...]` "
+                                   f"with '-' for unused slots, {example}")
     p.add_argument("base")
     p.add_argument("archive")
     p.add_argument("index")
     p.add_argument("stores", nargs="+", metavar="STORE")
-    p.set_defaults(func=run_pull)
-    p = sub.add_parser("push", parents=[parent], help="receive into a store over stdin/stdout (casync protocol)",
-                       description="casync's remote verb: `push BASE ARCHIVE INDEX WSTORE [RSTORE...]` "
-                                   "with '-' for unused slots, e.g. `push - - /srv/x.caibx /srv/x.castr`. "
-                                   "Lets casync's make (CASYNC_REMOTE_PATH=pydesync) and ours write "
-                                   "to this machine over ssh: every chunk is verified, the index and the "
-                                   "archive are renamed into place once complete.")
-    p.add_argument("base")
-    p.add_argument("archive")
-    p.add_argument("index")
-    p.add_argument("stores", nargs="+", metavar="STORE")
-    p.set_defaults(func=run_push)
+    p.set_defaults(func=func)
 
 
 def run_pull(ctx: Context) -> int:
