@@ -184,3 +184,36 @@ def test_an_archive_casync_cannot_read_is_a_warning(casync: str, tmp_path: Path,
         assert "casync cannot read" in r.stderr
     else:
         assert r.stderr == ""
+
+
+def test_deep_targets_with_a_file_per_level(tmp_path: Path):
+    """200 levels with a file each: into a new target with 128 descriptors allowed (each finished
+    directory holds one until its files are written: that queue is bounded too); and into 200
+    existing levels reached through a symlink, from an archive cut short: every level is as it
+    was, the ones whose descriptors were closed for depth included."""
+    src = tmp_path / "src"
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    for name in ("src", "target"):
+        os.mkdir(name, dir_fd=fd)
+    os.close(fd)
+    for root, with_files in ((src, True), (tmp_path / "target", False)):
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        for _ in range(200):
+            if with_files:
+                os.close(os.open("a", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+            os.mkdir("d", dir_fd=fd)
+            deeper = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = deeper
+        os.close(fd)
+    (tmp_path / "link").symlink_to("target")
+    assert run_cli("tar", tmp_path / "a.catar", src).returncode == 0
+    status, stderr, _ = run_bounded("untar", tmp_path / "a.catar", tmp_path / "new")
+    assert status == 0, stderr[-300:]
+    remove_deep(tmp_path / "new")
+    data = (tmp_path / "a.catar").read_bytes()
+    (tmp_path / "cut.catar").write_bytes(data[:len(data) * 6 // 10])
+    r = run_cli("untar", tmp_path / "cut.catar", tmp_path / "link")
+    assert r.returncode == 1 and "truncated" in r.stderr, r.stderr[-300:]
+    left = [p for p in (tmp_path / "target").rglob("*") if p.name != "d"]
+    assert left == []

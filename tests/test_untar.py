@@ -967,3 +967,51 @@ def test_a_broken_archive_changes_no_existing_directory_before_its_end(cli, wdir
     r = cli("untar", wdir / "good.catar", target)
     assert r.returncode == 0, r.stderr
     assert contents(target) == contents(wdir / "src")
+
+
+def test_a_failure_after_a_directory_ended_keeps_its_metadata_and_restores_the_rest(cli, wdir):
+    """The root's goodbye table is bad: ro/ (existing, read-only, ended before the failure) has its
+    new file and the archive's mode and time; the root itself keeps its entries and its old time."""
+    src, target = wdir / "src", wdir / "target"
+    (src / "ro").mkdir(parents=True)
+    (src / "ro" / "n").write_bytes(b"new")
+    (src / "new").write_bytes(b"new at the root")
+    os.chmod(src / "ro", 0o555)
+    os.utime(src / "ro", (1_262_304_000, 1_262_304_000))  # 2010
+    assert cli("tar", wdir / "a.catar", src).returncode == 0
+    (target / "ro").mkdir(parents=True)
+    (target / "ro" / "old").write_bytes(b"old")
+    os.chmod(target / "ro", 0o555)
+    for path in (target / "ro", target):
+        os.utime(path, (946_684_800, 946_684_800))  # 2000
+    data = bytearray((wdir / "a.catar").read_bytes())
+    root_goodbye = len(data) - struct.unpack_from("<Q", data, len(data) - 16)[0]
+    data[root_goodbye + 16] ^= 0x55
+    (wdir / "bad.catar").write_bytes(bytes(data))
+    assert_clean_error(cli("untar", wdir / "bad.catar", target), "GOODBYE")
+    assert sorted(os.listdir(target)) == ["ro"] and os.stat(target).st_mtime == 946_684_800
+    assert sorted(os.listdir(target / "ro")) == ["n", "old"]
+    st = os.stat(target / "ro")
+    assert stat.S_IMODE(st.st_mode) == 0o555 and st.st_mtime == 1_262_304_000
+    os.chmod(target / "ro", 0o755)
+
+
+def test_messages_stay_one_line_and_new_parents_go(cli, wdir):
+    """A file name with a newline cannot forge a second error line; a new target whose parents
+    were made for it leaves none of them after a failure; an mtime no filesystem holds is an
+    archive error, not a traceback."""
+    src = wdir / "src"
+    src.mkdir()
+    (src / "a\nError: forged").write_bytes(b"x")
+    assert cli("tar", wdir / "a.catar", src).returncode == 0
+    (wdir / "t").mkdir()
+    (wdir / "t" / "a\nError: forged").write_bytes(b"old")
+    assert_clean_error(cli("untar", "--overwrite=false", wdir / "a.catar", wdir / "t"), "a\\x0aError: forged")
+    data = (wdir / "a.catar").read_bytes()
+    (wdir / "cut.catar").write_bytes(data[:-30])
+    assert_clean_error(cli("untar", wdir / "cut.catar", wdir / "p" / "q" / "new"), "truncated")
+    assert not (wdir / "p").exists()
+    bad = bytearray(data)
+    struct.pack_into("<Q", bad, 16 + 40, 2**63 + 5)  # the root ENTRY's mtime
+    (wdir / "bad.catar").write_bytes(bytes(bad))
+    assert_clean_error(cli("untar", wdir / "bad.catar", wdir / "new"), "out of range")

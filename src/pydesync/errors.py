@@ -8,11 +8,20 @@ SHOWN_PATH_HEAD = 200
 SHOWN_PATH_TAIL = 600
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
+
+
+def one_line(text: str) -> str:
+    """A message as one line: control characters (a newline in a file name from an archive could
+    forge a second line) shown as escapes."""
+    return text.translate(_CONTROL)
+
+
 def shown_path(path: str | bytes | os.PathLike) -> str:
     """A path as an error message shows it: decoded, and cut in the middle when very long (a tree
     100,000 levels deep has paths of 200 kB; one line must stay readable), keeping its start and
     the end that names the entry."""
-    text = os.fsdecode(path)
+    text = one_line(os.fsdecode(path))
     if len(text) <= SHOWN_PATH_HEAD + SHOWN_PATH_TAIL + 50:
         return text
     cut = len(text) - SHOWN_PATH_HEAD - SHOWN_PATH_TAIL

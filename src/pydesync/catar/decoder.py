@@ -287,6 +287,8 @@ class ArchiveDecoder:
             raise self.error(f"bad mode {mode:o}", start)
         if uid >= 2**32 - 1 or gid >= 2**32 - 1:
             raise self.error("uid/gid out of range", start)
+        if mtime >= 2**63:  # no filesystem time holds it (timespec is signed)
+            raise self.error(f"mtime {mtime} out of range", start)
         node = Node(_child_path(parent, name), name, start, flags, mode, eflags, uid, gid, mtime,
                     _decoder=self, parent=parent)
         stage = 0

@@ -87,6 +87,7 @@ TIME_FLAGS = F.WITH_NSEC_TIME | F.WITH_USEC_TIME | F.WITH_SEC_TIME | F.WITH_2SEC
 PLAIN_LIMIT = 8 << 20  # files up to this size may take the one-call native path
 ID_FLAGS = F.WITH_16BIT_UIDS | F.WITH_32BIT_UIDS | F.WITH_USER_NAMES
 DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+ROOT_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC  # the target itself may be a symlink
 WRITE_BLOCK = 1 << 20
 # xattr namespaces an archive can carry (others are left alone on existing nodes)
 STORED_XATTR_PREFIXES = ("user.", "trusted.")
@@ -153,6 +154,7 @@ class _Dir:
     identity: tuple[int, int] | None = None  # (st_dev, st_ino), to check a reopened descriptor
     disk_name: bytes | None = None  # its name in its parent while it is being filled
     pending: list[_Pending] = field(default_factory=list)  # existing directories: what waits for the end
+    times: tuple[int, int] | None = None  # an existing directory's (atime, mtime), put back after a failure
     late_attributes: bool = True  # False: a new directory whose chattr flags wait for its rename
     restore_mode: int | None = None  # mode to put back on a merged directory we had to make writable
     _default_acl: bool | None = None
@@ -269,6 +271,27 @@ class _Target:
             raise
 
 
+def _remove_quietly(dir_fd: int, name: bytes, is_dir: bool) -> None:
+    """Remove a temporary entry after a failure (gone already is fine)."""
+    with contextlib.suppress(OSError):
+        if is_dir:
+            remove_tree(name, dir_fd=dir_fd)
+        else:
+            os.unlink(name, dir_fd=dir_fd)
+
+
+def _missing_ancestors(path: bytes) -> list[bytes]:
+    """`path` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while path and not os.path.lexists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
 def _identity(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
@@ -361,6 +384,7 @@ class TreeExtractor:
         self._magic: dict[int, int] = {}
         self._writer: BatchWriter[_Dir | _Release, Node] = BatchWriter(self._finish_directory, self._umask)
         self._staging: bytes | None = None  # a new target is built here, a sibling, and renamed at the end
+        self._made_parents: list[bytes] = []  # directories made to hold a new target, deepest first
 
     # ---- driving -----------------------------------------------------------------------------
     def extract(self, items: Iterable[Node | DirectoryEnd]) -> list[str]:
@@ -377,7 +401,8 @@ class TreeExtractor:
         return self.warnings
 
     def _extract(self, items: Iterable[Node | DirectoryEnd]) -> None:
-        writer = self._writer = BatchWriter(self._finish_directory, self._umask, max_deferred())
+        writer = BatchWriter(self._finish_directory, self._umask, max_deferred(OPEN_DIRECTORIES))
+        self._writer = writer
         try:
             for item in items:
                 if isinstance(item, DirectoryEnd):
@@ -393,6 +418,10 @@ class TreeExtractor:
             # the writer thread may still use these descriptors: stop it first
             left = writer.abandon()
             self._undo_pending()
+            for item in left:  # existing directories whose end came: their own metadata, as promised
+                if isinstance(item, _Dir) and not item.created and item.fd is not None:
+                    with contextlib.suppress(Exception):
+                        self._finish_directory(item)
             for frame in left + self._stack[::-1]:
                 if frame.fd is not None:
                     os.close(frame.fd)
@@ -422,19 +451,19 @@ class TreeExtractor:
 
     @staticmethod
     def _remove_pending(frame: _Dir, fd: int) -> None:
+        """An unfinished directory as it was: no temporary entries, its mode and times back."""
         for entry in frame.pending:
-            with contextlib.suppress(OSError):
-                if entry.is_dir:
-                    remove_tree(entry.temp, dir_fd=fd)
-                else:
-                    os.unlink(entry.temp, dir_fd=fd)
+            _remove_quietly(fd, entry.temp, entry.is_dir)
         if frame.restore_mode is not None:
             with contextlib.suppress(OSError):
                 os.fchmod(fd, frame.restore_mode)
+        if frame.times is not None:
+            with contextlib.suppress(OSError):
+                os.utime(fd, ns=frame.times)
 
     def _reopen_by_name(self, frame: _Dir, depth: int, parent_fd: int | None) -> int | None:
-        if depth == 0:
-            fd = os.open(self._staging or self.target, DIR_OPEN)
+        if depth == 0:  # (opened as _open_root opens it: a target given as a symlink is followed)
+            fd = os.open(self._staging or self.target, ROOT_OPEN)
         elif parent_fd is None or frame.disk_name is None:
             return None
         else:
@@ -464,8 +493,9 @@ class TreeExtractor:
             return
         with contextlib.suppress(OSError):
             remove_tree(staging)
-        with contextlib.suppress(OSError):
-            os.rmdir(self.target.rstrip(b"/"))
+        for folder in [self.target.rstrip(b"/"), *self._made_parents]:  # (parents: if still empty)
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
 
     def _display(self, node: Node) -> _Where:
         return _Where(self.target, node)
@@ -489,6 +519,7 @@ class TreeExtractor:
         try:
             parent = os.path.dirname(self.target.rstrip(b"/"))
             if parent:
+                self._made_parents = _missing_ancestors(parent)
                 os.makedirs(parent, exist_ok=True)
             os.mkdir(self.target, 0o700)  # holds the name until the tree built beside it replaces it
             created = True
@@ -509,23 +540,27 @@ class TreeExtractor:
                 raise ExtractError(f"cannot create {os.fsdecode(staging)}: {_strerror(e)}") from None
             self._staging = root = staging
         try:
-            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = os.open(root, ROOT_OPEN)
         except OSError as e:
             what = "is not a directory" if e.errno == errno.ENOTDIR else _strerror(e)
             raise ExtractError(f"cannot extract into {display}: {what}") from None
         frame = _Dir(node, fd, display, created)
         self._stack.append(frame)
         if not created:
-            frame.restore_mode = self._make_writable(fd)
-        self._early_attributes(_Target(node, display, None, None, fd))
+            self._make_writable(frame)
+        else:
+            self._early_attributes(_Target(node, display, None, None, fd))
 
-    def _make_writable(self, fd: int) -> int | None:
-        """Let us add entries to an existing directory; returns the mode to put back, if changed."""
-        st = os.fstat(fd)
+    def _make_writable(self, frame: _Dir) -> None:
+        """Let us add entries to an existing directory: note its times and the mode to put back
+        (after a failure, or at its end), and add the write bits we need."""
+        assert frame.fd is not None
+        st = os.fstat(frame.fd)
+        frame.times = (st.st_atime_ns, st.st_mtime_ns)
         if self._root or st.st_mode & 0o300 == 0o300 or st.st_uid != os.geteuid():
-            return None
-        os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
-        return stat.S_IMODE(st.st_mode)
+            return
+        os.fchmod(frame.fd, stat.S_IMODE(st.st_mode) | 0o700)
+        frame.restore_mode = stat.S_IMODE(st.st_mode)
 
     def _check_name(self, node: Node) -> None:
         name = node.name
@@ -552,7 +587,7 @@ class TreeExtractor:
             self._bound_descriptors()
         else:
             self._make_leaf(parent.fd, node, display, parent.has_default_acl(), parent.passes_on_flags(),
-                            private=parent.created, pending=None if parent.created else parent.pending)
+                            pending=None if parent.created else parent.pending)
 
     # ---- the common case in one native call ----------------------------------------------------
     def _plain(self, node: Node, parent: _Dir) -> bool:
@@ -637,10 +672,13 @@ class TreeExtractor:
             self._problem(display, f"already exists and is {what} (--overwrite=false keeps it)")
             return _Dir(node, None, display)
         temp = self._temp_prefix + b"%d" % next(self._temp_counter)
+        entry = _Pending(temp, node, display, True, parent.passes_on_flags())
+        parent.pending.append(entry)  # (from now on: a failure removes it, made or half made)
         frame = self._make_directory(parent.fd, node, display, temp)
-        if frame.fd is not None:
-            frame.late_attributes = False
-            parent.pending.append(_Pending(temp, node, display, True, parent.passes_on_flags()))
+        if frame.fd is None:  # could not be made (best_effort): nothing of it stays
+            parent.pending.remove(entry)
+            _remove_quietly(parent.fd, temp, True)
+        frame.late_attributes = False
         return frame
 
     def _make_directory(self, dir_fd: int, node: Node, display: _Where, temp: bytes | None = None) -> _Dir:
@@ -671,9 +709,10 @@ class TreeExtractor:
                 return _Dir(node, None, display)
             raise ExtractError(f"cannot open directory {display}: {_strerror(e)}") from None
         frame = _Dir(node, fd, display, created, disk_name=name)
+        if not created:  # (its chattr flags wait for its end with the rest of its metadata)
+            self._make_writable(frame)
+            return frame
         try:
-            if not created:
-                frame.restore_mode = self._make_writable(fd)
             self._early_attributes(_Target(node, display, dir_fd, name, fd, created=created))
         except BaseException:
             os.close(fd)
@@ -711,20 +750,73 @@ class TreeExtractor:
 
     def _install_pending(self, frame: _Dir) -> None:
         """An existing directory's end, its goodbye table checked: what was made under temporary
-        names in it takes the real names now (new directories once their contents are written)."""
-        assert frame.fd is not None
+        names in it takes the real names now (new directories once their contents are written),
+        all or nothing: what they replace is moved aside first, and back if one rename fails."""
+        fd = frame.fd
+        assert fd is not None
         if any(entry.is_dir for entry in frame.pending):
             self._writer.flush()
-        pending, frame.pending = frame.pending, []
-        for i, entry in enumerate(pending):
+        done: list[tuple[_Pending, bytes | None]] = []  # installed, with what each moved aside
+        try:
+            for entry in frame.pending:
+                installed, aside = self._install_entry(fd, entry)
+                if installed:
+                    done.append((entry, aside))
+        except BaseException:
+            for entry, aside in reversed(done):
+                with contextlib.suppress(OSError):
+                    os.rename(entry.node.name, entry.temp, src_dir_fd=fd, dst_dir_fd=fd)
+                    if aside is not None:
+                        os.rename(aside, entry.node.name, src_dir_fd=fd, dst_dir_fd=fd)
+            raise
+        frame.pending = []
+        for entry, aside in done:
+            if aside is not None:
+                self._remove_replaced(fd, entry, aside)
+        for entry, _ in done:
+            if self._needs_late_attributes(entry):
+                self._late_attributes_by_name(fd, entry)
+
+    def _install_entry(self, fd: int, entry: _Pending) -> tuple[bool, bytes | None]:
+        """Rename one entry into place, moving what is there aside first; (installed, aside)."""
+        name = entry.node.name
+        try:
+            os.lstat(name, dir_fd=fd)
+            present = True
+        except FileNotFoundError:
+            present = False
+        aside = None
+        try:
+            if present:
+                if not self.options.overwrite:
+                    raise FileExistsError(errno.EEXIST, "exists")
+                aside = self._temp_prefix + b"%d" % next(self._temp_counter)
+                os.rename(name, aside, src_dir_fd=fd, dst_dir_fd=fd)
             try:
-                installed = self._install(frame.fd, entry.temp, entry.node.name, entry.display,
-                                          is_dir=entry.is_dir)
+                _rename_noreplace(fd, entry.temp, name)
             except BaseException:
-                frame.pending = pending[i:]  # (a failed rename leaves its temporary name)
+                if aside is not None:
+                    os.rename(aside, name, src_dir_fd=fd, dst_dir_fd=fd)
                 raise
-            if installed and self._needs_late_attributes(entry):
-                self._late_attributes_by_name(frame.fd, entry)
+        except FileExistsError:
+            self._problem(entry.display, "already exists (--overwrite=false keeps it)")
+        except OSError as e:
+            self._problem(entry.display, "cannot move the new file into place", e)
+        else:
+            return True, aside
+        _remove_quietly(fd, entry.temp, entry.is_dir)  # (best_effort: skipped)
+        return False, None
+
+    def _remove_replaced(self, fd: int, entry: _Pending, aside: bytes) -> None:
+        """Remove what an entry replaced (moved aside under a temporary name)."""
+        try:
+            if stat.S_ISDIR(os.lstat(aside, dir_fd=fd).st_mode):
+                remove_tree(aside, dir_fd=fd)
+            else:
+                os.unlink(aside, dir_fd=fd)
+        except OSError as e:
+            self._problem(entry.display, f"replaced, but what was there cannot be removed (it is left as "
+                                         f"{os.fsdecode(aside)})", e)
 
     def _finish_directory(self, frame: _Dir | _Release) -> None:
         """A directory's own metadata, once everything inside it exists; closes its descriptor."""
@@ -737,25 +829,28 @@ class TreeExtractor:
         try:
             target = _Target(node, frame.display, None, None, frame.fd, created=frame.created,
                              restore_mode=frame.restore_mode, fresh=frame.created)
+            if not frame.created:
+                self._early_attributes(target)
             self._metadata(target)
             if frame.late_attributes:  # (a directory made immutable could not be renamed)
                 self._late_attributes(target)
         finally:
-            os.close(frame.fd)
+            fd, frame.fd = frame.fd, None
+            if fd is not None:
+                os.close(fd)
 
     # ---- everything but directories -----------------------------------------------------------
     def _make_leaf(self, dir_fd: int, node: Node, display: _Where, may_inherit_acl: bool = True,
-                   may_inherit_flags: bool = True, private: bool = False,
-                   pending: list[_Pending] | None = None) -> None:
+                   may_inherit_flags: bool = True, pending: list[_Pending] | None = None) -> None:
         """Create a non-directory node under a temporary name, then move it into place.
 
-        `private`: the directory was created by this extraction (mode 0700, names
-        unique in the archive), so nothing can be in the way of the final name.
-        `pending`: the directory existed; the node waits there, whole, for the directory's end.
+        Without `pending` the directory was created by this extraction (mode 0700, names
+        unique in the archive), so nothing can be in the way of the final name. With it,
+        the directory existed: the node waits there, whole, for the directory's end.
         """
         name = node.name
         existing: os.stat_result | None = None
-        if not private:
+        if pending is not None:
             try:
                 existing = os.lstat(name, dir_fd=dir_fd)
             except FileNotFoundError:
@@ -777,7 +872,7 @@ class TreeExtractor:
                 pending.append(_Pending(temp, node, display, False, may_inherit_flags))
                 discard = False
                 return
-            installed = self._install(dir_fd, temp, name, display, private)
+            installed = self._install(dir_fd, temp, name, display)
             discard = False
             if installed:
                 target.name = name
@@ -825,36 +920,15 @@ class TreeExtractor:
                 raise ExtractError(f"cannot write {target.display}: {_strerror(e)}") from None
         return True
 
-    def _install(self, dir_fd: int, temp: bytes, name: bytes, display: _Where, private: bool = False,
-                 is_dir: bool = False) -> bool:
-        """Rename the finished node (a new directory: `is_dir`) into place; False if something is in
-        the way (best_effort)."""
+    def _install(self, dir_fd: int, temp: bytes, name: bytes, display: _Where) -> bool:
+        """Rename a finished node into place in a directory of ours (nothing can be in the way);
+        False if that failed (best_effort)."""
         try:
-            if private:
-                os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-                return True
-            if not self.options.overwrite:
-                _rename_noreplace(dir_fd, temp, name)
-                return True
-            try:
-                old = os.lstat(name, dir_fd=dir_fd)
-            except FileNotFoundError:
-                old = None
-            if old is not None and stat.S_ISDIR(old.st_mode):
-                remove_tree(name, dir_fd=dir_fd)  # fd-based: never follows symlinks inside
-            elif old is not None and is_dir:
-                os.unlink(name, dir_fd=dir_fd)  # (a directory cannot be renamed over a file)
-            os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             return True
-        except FileExistsError:
-            self._problem(display, "already exists (--overwrite=false keeps it)")
         except OSError as e:
             self._problem(display, "cannot move the new file into place", e)
-        with contextlib.suppress(OSError):
-            if is_dir:
-                remove_tree(temp, dir_fd=dir_fd)
-            else:
-                os.unlink(temp, dir_fd=dir_fd)
+        _remove_quietly(dir_fd, temp, False)
         return False
 
     @staticmethod

@@ -29,13 +29,15 @@ BATCH_BYTES = 1 << 20
 MAX_DEFERRED = 512  # finished directories hold a descriptor open until their batch lands
 
 
-def max_deferred() -> int:
-    """How many finished directories may wait for their batch, each holding a descriptor: at most a
-    quarter of what the process may open (a deep tree finishes thousands in a row)."""
+def max_deferred(open_directories: int = 64) -> int:
+    """How many finished directories may wait for their batch, each holding a descriptor. Twice
+    that may be held (a queue, and the batch in flight), beside `open_directories` and a few of
+    the process's own: all within the descriptors the process may open (a deep tree finishes
+    thousands of directories in a row)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return MAX_DEFERRED
-    return max(8, min(MAX_DEFERRED, soft // 4))
+    return max(4, min(MAX_DEFERRED, (soft - open_directories - 24) // 2))
 
 
 class WriteFailed(Exception):

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Sequence
 from typing import NoReturn
 
-from ..errors import PydesyncError
+from ..errors import PydesyncError, one_line
 from . import archive, blob, inspect, meta, mount, remote, server, store, sync, treeinfo
 from .common import Context, add_global_flags, parse_bool
 
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ctx = Context.from_args(args)
         return args.func(ctx)
     except PydesyncError as e:
-        sys.stderr.write(f"Error: {e}\n")
+        sys.stderr.write(f"Error: {one_line(str(e))}\n")
         return 1
     except KeyboardInterrupt as e:
         sys.stderr.write("Error: interrupted\n")
@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
     except OSError as e:
         name = f"{e.filename}: " if e.filename else ""
-        sys.stderr.write(f"Error: {name}{e.strerror or e}\n")
+        sys.stderr.write(f"Error: {one_line(f'{name}{e.strerror or e}')}\n")
         return 1
     except MemoryError:  # e.g. a huge index under `ulimit -v`; temporary outputs went while unwinding
         pass  # leaving the handler drops the traceback, and with it what filled the memory

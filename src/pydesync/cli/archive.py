@@ -16,7 +16,7 @@ from ..catar.fromtar import TarInputEncoder
 from ..catar.totar import write_tar
 from ..chunker import ChunkSizes
 from ..digest import SHA512_256, check_digest
-from ..errors import PydesyncError, UsageError
+from ..errors import PydesyncError, UsageError, one_line
 from ..extract import BlobReader
 from ..fsutil import atomic_write
 from ..streams import IterReader
@@ -119,7 +119,7 @@ def run_tar(ctx: Context) -> int:
 
 
 def print_warning(message: str) -> None:
-    sys.stderr.write(f"Warning: {message}\n")
+    sys.stderr.write(f"Warning: {one_line(message)}\n")
     sys.stderr.flush()
 
 
