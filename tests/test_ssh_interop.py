@@ -349,3 +349,61 @@ def test_casync_pushes_a_tree_and_an_archive_into_our_remote(casync: str, sshd: 
     assert snapshot(tmp_path / "out1") == snapshot(src) == snapshot(tmp_path / "out2")
     ok_casync(casync, "make", tmp_path / "direct.catar", src)
     assert (remote / "x.catar").read_bytes() == (tmp_path / "direct.catar").read_bytes()
+
+
+# ---- push: our client writing to casync's remote and ours -------------------------------------------
+
+@pytest.mark.parametrize("remote", ["casync", "pydesync"])
+def test_our_make_pushes_an_index_and_its_chunks(casync: str, sshd: Sshd, tmp_path: Path, remote: str):
+    """`make -s ssh://H/STORE ssh://H/INDEX`: the index goes with its chunks in one push (the
+    remote asks for those it lacks), as casync's make does; casync extracts the result. A tree
+    (`tar -i`) likewise. The index is also read back from its ssh:// location."""
+    data = make_blob(tmp_path / "blob", seed=7)
+    store, index = remote_store(tmp_path), tmp_path / "remote" / "x.caibx"
+    env = remote_env(sshd, "casync" if remote == "casync" else REMOTE_PYDESYNC)
+    before = logins(sshd)
+    ok_cli("make", "-s", f"ssh://127.0.0.1{store}", f"ssh://127.0.0.1{index}", tmp_path / "blob", env=env)
+    ok_cli("make", tmp_path / "local.caibx", tmp_path / "blob")
+    assert index.read_bytes() == (tmp_path / "local.caibx").read_bytes()
+    ok_casync(casync, "extract", f"--store={store}", index, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == data
+    ok_cli("extract", "-s", f"ssh://127.0.0.1{store}", f"ssh://127.0.0.1{index}", tmp_path / "out2", env=env)
+    assert (tmp_path / "out2").read_bytes() == data
+    src = tmp_path / "src"
+    make_tree(src, repeated=True)
+    ok_cli("tar", "-i", "-s", f"ssh://127.0.0.1{store}", f"ssh://127.0.0.1{tmp_path / 'remote' / 't.caidx'}",
+           src, env=env)
+    ok_casync(casync, "extract", f"--store={store}", tmp_path / "remote" / "t.caidx", tmp_path / "tree")
+    assert snapshot(tmp_path / "tree") == snapshot(src)
+    assert_clean_after(sshd, store, before)
+    assert not push_servers(store)
+    assert not [p for p in (tmp_path / "remote").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("remote", ["casync", "pydesync"])
+def test_indexes_and_stores_alone_over_ssh(casync: str, sshd: Sshd, tmp_path: Path, remote: str):
+    """An index alone, written to and read from an ssh:// location; chunks alone into an ssh://
+    store with a local index: our remote takes them, casync's takes chunks only with an index,
+    which is one clear error (and no local index is written)."""
+    data = make_blob(tmp_path / "blob", seed=8)
+    env = remote_env(sshd, "casync" if remote == "casync" else REMOTE_PYDESYNC)
+    location = f"ssh://127.0.0.1{tmp_path / 'remote' / 'y.caibx'}"
+    (tmp_path / "remote").mkdir()
+    ok_cli("make", "-s", tmp_path / "local.castr", location, tmp_path / "blob", env=env)
+    ok_cli("make", tmp_path / "plain.caibx", tmp_path / "blob")
+    assert (tmp_path / "remote" / "y.caibx").read_bytes() == (tmp_path / "plain.caibx").read_bytes()
+    ok_cli("extract", "-s", tmp_path / "local.castr", location, tmp_path / "out", env=env)
+    assert (tmp_path / "out").read_bytes() == data
+    missing = run_cli("extract", "-s", tmp_path / "local.castr", location.replace("y.caibx", "none.caibx"),
+                      tmp_path / "out2", env=env, timeout=TIMEOUT)
+    assert_clean_error(missing, "index")
+    store = tmp_path / "remote" / "alone.castr"
+    r = run_cli("make", "-s", f"ssh://127.0.0.1{store}", tmp_path / "z.caibx", tmp_path / "blob", env=env,
+                timeout=TIMEOUT)
+    if remote == "casync":
+        assert_clean_error(r, "takes chunks only with an index")
+        assert not (tmp_path / "z.caibx").exists()
+    else:
+        assert r.returncode == 0, r.stderr
+        ok_cli("extract", "-s", store, tmp_path / "z.caibx", tmp_path / "out3")
+        assert (tmp_path / "out3").read_bytes() == data

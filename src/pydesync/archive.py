@@ -57,7 +57,7 @@ def tar_to_index(source: str | TreeEncoder, index_path: str, store: Store, flags
     the archive's) to a path, `-` or an index store URL (written with `index_options`)."""
     reader: BinaryIO = IterReader(_encoder(source, flags, warn))  # type: ignore[assignment]
     index, stats = chunk_stream(reader, sizes, digest, store, concurrency, flags=flags, progress=progress)
-    write_index_at(index, index_path, index_options)
+    write_index_at(index, index_path, index_options, store)
     return index, stats
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from .errors import IndexFormatError
 from .index import MAX_INDEX_BYTES, Index, check_index_digest, parse_index, read_index, write_index
 from .store import location_scheme
-from .store.base import StoreOptions
+from .store.base import Store, StoreOptions
 
 
 def split_location(location: str) -> tuple[str, str]:
@@ -37,9 +37,11 @@ def fetch_index_bytes(location: str, options: StoreOptions | None = None) -> byt
         if data is None:
             raise IndexFormatError(f"index {location} does not exist")
         return data
-    if scheme in ("sftp", "s3+http", "s3+https", "gs"):
+    if scheme in ("sftp", "s3+http", "s3+https", "gs", "ssh"):
         if scheme == "sftp":
             from .store.sftp import read_index_bytes
+        elif scheme == "ssh":
+            from .store.ssh import read_index_bytes  # type: ignore[assignment]
         else:
             from .store.s3 import read_index_bytes
 
@@ -63,8 +65,11 @@ def store_index_bytes(location: str, data: bytes, options: StoreOptions | None =
         finally:
             client.close()
         return
-    if scheme == "sftp":
-        from .store.sftp import write_index_bytes
+    if scheme in ("sftp", "ssh"):
+        if scheme == "sftp":
+            from .store.sftp import write_index_bytes
+        else:
+            from .store.ssh import write_index_bytes  # type: ignore[assignment]
 
         write_index_bytes(location, data, options)
         return
@@ -93,8 +98,13 @@ def read_index_at(location: str, digest: str | None = None, options: StoreOption
     return index if digest is None else check_index_digest(index, digest, location)
 
 
-def write_index_at(index: Index, location: str, options: StoreOptions | None = None) -> None:
-    """Write an index to a path (atomically), to `-` (stdout) or into an index store (with `options`)."""
+def write_index_at(index: Index, location: str, options: StoreOptions | None = None,
+                   store: Store | None = None) -> None:
+    """Write an index to a path (atomically), to `-` (stdout) or into an index store (with `options`),
+    once `store` (where its chunks went) has delivered what it holds back, which may include
+    writing the index itself (casync's remote takes an index and its chunks together)."""
+    if store is not None and store.flush(index, location):
+        return
     if is_remote(location):
         store_index_bytes(location, index.to_bytes(), options)
     else:

@@ -114,7 +114,7 @@ class ChunkSink:
             if chunk_id in self.seen:
                 return
             self.seen.add(chunk_id)
-        if not self.store.has(chunk_id):
+        if self.store.buffers_writes or not self.store.has(chunk_id):
             self.store.put(chunk_id, data)
             with self.lock:
                 self.stored += 1
@@ -291,5 +291,7 @@ def make(index_path: str | None, source: str | os.PathLike[str], store: Store | 
     with open_input(source) as reader:
         index, stats = chunk_stream(reader, sizes, digest, store, concurrency, progress=progress)
     if index_path is not None:
-        write_index_at(index, index_path, index_options)
+        write_index_at(index, index_path, index_options, store)
+    elif store is not None:
+        store.flush()
     return index, stats

@@ -21,7 +21,7 @@ import queue
 import select
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 
 from .codec import CodecError, compress, decompress
@@ -211,7 +211,11 @@ class PullServer:
             raise self._error
 
     def _send_file(self, path: str, kind: int, eof: int) -> None:
-        with open(path, "rb") as f:
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed below; only opening gets its own message
+        except OSError as e:
+            raise PydesyncError(f"cannot read {path}: {e.strerror}") from None
+        with f:
             while piece := f.read(PIECE):
                 self.channel.send(kind, piece)
         self.channel.send(eof)
@@ -310,11 +314,11 @@ class PushServer:
         with contextlib.ExitStack() as files:
             if self._wants & PUSH_INDEX:
                 assert self.index_path is not None
-                self._index_file = files.enter_context(atomic_write(self.index_path))
+                self._index_file = _enter_output(files, self.index_path)
                 self._index_bytes = bytearray()
             if self._wants & PUSH_ARCHIVE:
                 assert self.archive_path is not None
-                self._archive_file = files.enter_context(atomic_write(self.archive_path))
+                self._archive_file = _enter_output(files, self.archive_path)
             for _ in ordered_map(self._store_chunk, self._incoming_chunks(), self.workers):
                 pass
             if self._archive_file is not None:
@@ -429,6 +433,15 @@ class PushServer:
         with open(f"/proc/self/fd/{f.fileno()}", "rb") as reader:
             for _ in ArchiveDecoder(reader, "pushed archive"):
                 pass
+
+
+def _enter_output(files: contextlib.ExitStack, path: str) -> BinaryIO:
+    """A file written under a temporary name beside `path`, renamed over it when `files` closes
+    without an error."""
+    try:
+        return files.enter_context(atomic_write(path))
+    except OSError as e:
+        raise PydesyncError(f"cannot write {path}: {e.strerror}") from None
 
 
 # ---- client session -----------------------------------------------------------------------------
@@ -591,6 +604,122 @@ class PullSession:
 
     def goodbye(self) -> None:
         self.channel.send(GOODBYE)
+
+
+class PushClient:
+    """Our side of a push, as casync's make does it: HELLO with what we push, then an index whose
+    chunks the remote asks for (those it lacks), or chunks unasked followed by GOODBYE. The remote's
+    GOODBYE says everything is stored and in place."""
+
+    def __init__(self, channel: Channel, wants: int):
+        self.channel = channel
+        channel.send(HELLO, struct.pack("<Q", wants))
+        self.offered = read_hello(channel)
+        check_hello(wants, self.offered, channel.peer)
+
+    def push_index(self, data: bytes, chunk_for: Callable[[bytes], tuple[bytes, bool] | None]) -> int:
+        """Send the index, then answer the remote's REQUESTs with `chunk_for(id)` ((bytes,
+        compressed), or None: MISSING) until its GOODBYE; returns how many chunks were sent."""
+        for i in range(0, len(data), PIECE):
+            self.channel.send(INDEX, data[i:i + PIECE])
+        self.channel.send(INDEX_EOF)
+        sent = 0
+        for kind, body in self.channel.messages():
+            if kind == GOODBYE:
+                return sent
+            if kind != REQUEST or len(body) < 40 or (len(body) - 8) % 32:
+                raise ProtocolError(f"{self.channel.peer}: unexpected {NAMES.get(kind, hex(kind))}")
+            for off in range(8, len(body), 32):
+                key = body[off:off + 32]
+                answer = chunk_for(key)
+                if answer is None:
+                    self.channel.send(MISSING, key)
+                    continue
+                self._send_chunk(key, *answer)
+                sent += 1
+        raise ProtocolError(f"{self.channel.peer} closed the connection before the push was complete")
+
+    def push_index_alone(self, data: bytes) -> bool:
+        """Send an index (no chunks) and GOODBYE, which makes casync's remote install it and exit
+        (it says nothing more; ours answers GOODBYE). True if the remote said GOODBYE; False if it
+        just ended (the caller checks how the remote command exited)."""
+        for i in range(0, len(data), PIECE):
+            self.channel.send(INDEX, data[i:i + PIECE])
+        self.channel.send(INDEX_EOF)
+        with contextlib.suppress(OSError, ValueError):
+            self.channel.send(GOODBYE)
+        for kind, _ in self.channel.messages():
+            if kind == GOODBYE:
+                return True
+            raise ProtocolError(f"{self.channel.peer}: unexpected {NAMES.get(kind, hex(kind))}")
+        return False
+
+    def push_chunks(self, chunks: Iterable[tuple[bytes, bytes, bool]]) -> None:
+        """Send (id, bytes, compressed) unasked, then GOODBYE, and wait for the remote's. A remote
+        that ends first (casync's, which takes chunks only with an index) is an error."""
+        ended: list[BaseException | None] = []
+        said_goodbye = threading.Event()
+        watcher = threading.Thread(target=self._watch_end, args=(said_goodbye, ended), daemon=True)
+        watcher.start()
+        with contextlib.suppress(OSError, ValueError):  # (a remote gone shows in what the watcher saw)
+            for key, stored, compressed in chunks:
+                if ended:
+                    break
+                self._send_chunk(key, stored, compressed)
+            if not ended:
+                said_goodbye.set()
+                self.channel.send(GOODBYE)
+        watcher.join()
+        if ended[0] is not None:
+            raise ended[0]
+
+    def _watch_end(self, said_goodbye: threading.Event, ended: list[BaseException | None]) -> None:
+        """Wait for the remote's one message, its GOODBYE (a thread: the remote says nothing while
+        chunks come, however long that takes)."""
+        error: BaseException | None
+        peer = self.channel.peer
+        try:
+            while True:
+                try:
+                    message = self.channel.receive()
+                    break
+                except PeerQuiet:
+                    if said_goodbye.is_set():
+                        raise
+            if message is None:
+                error = ProtocolError(f"{peer} closed the connection before the push was complete")
+            elif message[0] != GOODBYE:
+                error = ProtocolError(f"{peer}: unexpected {NAMES.get(message[0], hex(message[0]))}")
+            elif not said_goodbye.is_set():
+                error = ProtocolError(f"{peer} ended the push before taking the chunks (casync's remote "
+                                      f"takes chunks only with an index: give the index as an ssh:// "
+                                      f"location on the same host too)")
+            else:
+                error = None
+        except BaseException as e:
+            error = e
+        ended.append(error)
+
+    def _send_chunk(self, key: bytes, stored: bytes, compressed: bool) -> None:
+        self.channel.send(CHUNK, struct.pack("<Q", CHUNK_COMPRESSED if compressed else 0) + key + stored)
+
+
+def read_index_stream(channel: Channel) -> bytes:
+    """Pull just the index a remote serves (`pull - - INDEX -`): its bytes, at most MAX_INDEX_BYTES."""
+    channel.send(HELLO, struct.pack("<Q", PULL_INDEX))
+    check_hello(PULL_INDEX, read_hello(channel), channel.peer)
+    data = bytearray()
+    for kind, body in channel.messages():
+        if kind == INDEX_EOF:
+            return bytes(data)
+        if kind != INDEX:
+            raise ProtocolError(f"{channel.peer}: unexpected {NAMES.get(kind, hex(kind))}")
+        if len(data) + len(body) > MAX_INDEX_BYTES:
+            raise ProtocolError(f"{channel.peer}: index larger than {MAX_INDEX_BYTES} bytes")
+        data += body
+    if not data:
+        raise ProtocolError(f"{channel.peer} closed the connection without sending the index")
+    raise ProtocolError(f"{channel.peer} closed the connection in the middle of the index")
 
 
 def decode_payload(data: bytes, compressed: bool) -> bytes:

@@ -93,13 +93,14 @@ def copy_chunks(ids: Iterable[ChunkId], source: Store, target: Store,
 
     def copy(chunk_id: ChunkId) -> None:
         nonlocal copied
-        if not target.has(chunk_id):
+        if target.buffers_writes or not target.has(chunk_id):
             target.put(chunk_id, source.get(chunk_id))
             copied += 1
         if progress:
             progress(1)
 
     for_each(copy, list(dict.fromkeys(ids)), workers_for(concurrency, source.remote or target.remote))
+    target.flush()
     return copied
 
 
@@ -118,7 +119,7 @@ def chop(index: Index, blob: str, store: Store, ignore: set[ChunkId] | None = No
         def cut(chunk_id: ChunkId) -> None:
             nonlocal stored
             chunk = wanted[chunk_id]
-            if store.has(chunk_id):
+            if not store.buffers_writes and store.has(chunk_id):
                 return
             data = os.pread(fd, chunk.size, chunk.start)
             if len(data) != chunk.size or digest_of(data, index.digest) != chunk_id:
@@ -128,6 +129,7 @@ def chop(index: Index, blob: str, store: Store, ignore: set[ChunkId] | None = No
             stored += 1
 
         for_each(cut, list(wanted), workers_for(concurrency, store.remote))
+    store.flush()
     return stored
 
 

@@ -123,7 +123,7 @@ def run_make(ctx: Context) -> int:
                 Progress("Chunking ", input_size(reader), unit="bytes") as bar:
             index, stats = chunk_stream(reader, sizes, digest, store, ctx.concurrency,
                                         progress=bar.callback())
-    ctx.write_index(index, a.index)
+            ctx.write_index(index, a.index, store)
     if a.print_stats:
         print(json.dumps({"ChunksAccepted": stats.chunks, "ChunksProduced": stats.chunks}, indent=2),
               file=sys.stderr)  # as desync prints it (indented), on stderr: stdout may hold the index

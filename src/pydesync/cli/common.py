@@ -175,9 +175,10 @@ class Context:
         return read_index_at(location, self.requested_digest if check_digest else None,
                              self.index_options(location))
 
-    def write_index(self, index: Index, location: str) -> None:
-        """Write an index to a path, `-` or an index store URL, with that store's options."""
-        write_index_at(index, location, self.index_options(location))
+    def write_index(self, index: Index, location: str, store: Store | None = None) -> None:
+        """Write an index to a path, `-` or an index store URL, with that store's options, once
+        `store` (where its chunks went) has delivered them."""
+        write_index_at(index, location, self.index_options(location), store)
 
     def source(self, required: bool = True, cache: bool = True) -> Store | None:
         """The `-s` stores as a chain, behind the `-c` cache if given (and `cache`)."""

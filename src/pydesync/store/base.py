@@ -8,12 +8,15 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..codec import CodecError
 from ..digest import SHA512_256, ChunkId, digest_of, other_digest
 from ..errors import ChunkInvalid, StoreError
 from .converters import COMPRESSED, Converters
+
+if TYPE_CHECKING:
+    from ..index import Index
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,16 @@ class Store(ABC):
 
     @property
     def writable(self) -> bool:
+        return False
+
+    #: Whether put() only queues chunks for flush(), the far side deciding then what it lacks:
+    #: writers then skip has(), which would cost a round trip per chunk.
+    buffers_writes: bool = False
+
+    def flush(self, index: Index | None = None, index_location: str | None = None) -> bool:
+        """Deliver the chunks put so far (stores that hold writes back; the default holds none).
+        Called by writers before they write the index; True if the store wrote the index at
+        `index_location` itself, with the chunks (casync's remote takes the two together)."""
         return False
 
     def close(self) -> None:  # noqa: B027 - optional hook
