@@ -137,7 +137,7 @@ def chunk_servers(ours: list[str], stores: dict[str, Path]) -> Iterator[dict[str
 
 
 def http_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path, stores: dict[str, Path],
-              indexes: dict[str, Path], out: Path, _work: Path) -> tuple[dict[str, object], list[str]]:
+              indexes: dict[str, Path], out: Path, _work: Path) -> tuple[list[dict[str, object]], list[str]]:
     """extract through our chunk-server: casync (its helper fetches one chunk at a time) from a server
     over the casync-made store, pydesync (-n parallel requests) from one over the pydesync store.
     Both servers are pydesync chunk-server processes on 127.0.0.1, on the same machine as the client,
@@ -152,7 +152,7 @@ def http_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path
                         str(indexes["pydesync"]), str(out)])
     same = filecmp.cmp(out, blob, shallow=False)  # the last run was pydesync's
     out.unlink(missing_ok=True)
-    return row, [f"extract over HTTP: output identical to the input: {same} "
+    return [row], [f"extract over HTTP: output identical to the input: {same} "
                  f"(one chunk-server per tool on 127.0.0.1, pydesync -n {args.concurrency})"]
 
 
@@ -160,7 +160,7 @@ FAKE_SSH = Path(__file__).resolve().parent.parent / "scripts" / "fake-ssh"
 
 
 def ssh_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path, stores: dict[str, Path],
-             indexes: dict[str, Path], out: Path, _work: Path) -> tuple[dict[str, object], list[str]]:
+             indexes: dict[str, Path], out: Path, _work: Path) -> tuple[list[dict[str, object]], list[str]]:
     """extract over casync's protocol: casync's client against `casync pull`, pydesync's client against
     `pydesync pull`, through a stand-in ssh that runs the remote command locally (so the transport is
     two pipes and no cipher: what remains is each tool's protocol handling)."""
@@ -180,8 +180,10 @@ def ssh_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path,
                     str(indexes["pydesync"]), str(out)])
     same = filecmp.cmp(out, blob, shallow=False)
     out.unlink(missing_ok=True)
-    return row, [f"extract over ssh: output identical to the input: {same} (stand-in ssh: local pipes, "
-                 f"each client against its own tool's `pull`)"]
+    push, push_note = push_case("push over ssh", args, casync, ours, blob, _work, "localhost",
+                                [f"CASYNC_SSH_PATH={fake}"])
+    return [row, push], [f"extract over ssh: output identical to the input: {same} (stand-in ssh: local "
+                         f"pipes, each client against its own tool's `pull`)", push_note]
 
 
 def changed_copy(blob: Path, path: Path, seed: int) -> Path:
@@ -200,7 +202,7 @@ def changed_copy(blob: Path, path: Path, seed: int) -> Path:
 
 
 def seed_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path, stores: dict[str, Path],
-              indexes: dict[str, Path], out: Path, work: Path) -> tuple[dict[str, object], list[str]]:
+              indexes: dict[str, Path], out: Path, work: Path) -> tuple[list[dict[str, object]], list[str]]:
     """An A/B update: v2 (the input with 5% of it rewritten in 64 KiB pieces) from an HTTP chunk-server,
     with v1 (the input) as seed: `casync extract --seed=v1` (casync chunks the seed itself) against
     `pydesync extract --seed v1.caibx:v1` (the seed's index is known)."""
@@ -226,8 +228,8 @@ def seed_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path
         out.unlink(missing_ok=True)
     finally:
         v2.unlink(missing_ok=True)
-    return row, [f"extract v2 with v1 as seed over HTTP: output identical to v2: {same} (5% of v1 rewritten "
-                 "in 64 KiB pieces; one chunk-server per tool on 127.0.0.1)"]
+    return [row], [f"extract v2 with v1 as seed over HTTP: output identical to v2: {same} (5% of v1 "
+                   "rewritten in 64 KiB pieces; one chunk-server per tool on 127.0.0.1)"]
 
 
 def sync_note(ours: list[str], blob: Path, work: Path) -> list[str]:
@@ -299,7 +301,7 @@ def mount_note(ours: list[str], index: Path, store: Path, blob: Path, out: Path,
 
 
 def sshd_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path, stores: dict[str, Path],
-              indexes: dict[str, Path], out: Path, work: Path) -> tuple[dict[str, object], list[str]]:
+              indexes: dict[str, Path], out: Path, work: Path) -> tuple[list[dict[str, object]], list[str]]:
     """extract over a real sshd on 127.0.0.1 (tests/sshd_util.py: keys made for the run): casync's
     client against `casync pull`, pydesync's against `pydesync pull`, both paying ssh's cipher."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -322,10 +324,35 @@ def sshd_case(args: argparse.Namespace, casync: str, ours: list[str], blob: Path
         cipher = subprocess.run([wrapper, "-G", "127.0.0.1"], capture_output=True, text=True).stdout
         ciphers = next((line.split(" ", 1)[1] for line in cipher.splitlines() if line.startswith("ciphers ")),
                        "?")
+        push, push_note = push_case("push over sshd", args, casync, ours, blob, work, "127.0.0.1",
+                                    [f"CASYNC_SSH_PATH={wrapper}"])
     same = filecmp.cmp(out, blob, shallow=False)
     out.unlink(missing_ok=True)
-    return row, [f"extract over sshd: output identical to the input: {same} (real sshd on 127.0.0.1, "
-                 f"client ciphers {ciphers.split(',')[0]} first; each client against its own tool's `pull`)"]
+    return [row, push], [f"extract over sshd: output identical to the input: {same} (real sshd on 127.0.0.1, "
+                         f"client ciphers {ciphers.split(',')[0]} first; each client against its own tool's "
+                         f"`pull`)", push_note]
+
+
+def push_case(name: str, args: argparse.Namespace, casync: str, ours: list[str], blob: Path, work: Path,
+              host: str, env: list[str]) -> tuple[dict[str, object], str]:
+    """make into a remote index and store (an empty store each run): casync's make against `casync
+    push`, pydesync's against `pydesync push`, through the given ssh."""
+    remote = work / f"{name.replace(' ', '-')}"
+    remote.mkdir()
+    where = {tool: (remote / f"{tool}.castr", remote / f"{tool}.caibx") for tool in ("casync", "pydesync")}
+
+    def empty(tool: str) -> None:
+        shutil.rmtree(where[tool][0], ignore_errors=True)
+        where[tool][1].unlink(missing_ok=True)
+
+    (cs, ci), (ps, pi) = where["casync"], where["pydesync"]
+    row = run_case(name, args.repeat, empty,
+                   ["env", *env, casync, "make", f"--store={host}:{cs}", f"{host}:{ci}", str(blob)],
+                   ["env", *env, f"CASYNC_REMOTE_PATH={' '.join(ours)}", *ours, "make", "-n",
+                    str(args.concurrency), "-s", f"ssh://{host}{ps}", f"ssh://{host}{pi}", str(blob)])
+    same = ci.read_bytes() == pi.read_bytes()
+    return row, (f"{name}: indexes identical: {same} (each make against its own tool's `push`, into an "
+                 f"empty remote store)")
 
 
 def tree_cases(args: argparse.Namespace, casync: str, ours: list[str],
@@ -425,8 +452,8 @@ def main() -> int:
         for wanted, case in ((args.http, http_case), (args.ssh, ssh_case), (args.seed, seed_case),
                              (args.sshd, sshd_case)):
             if wanted:
-                row, case_notes = case(args, casync, ours, blob, stores, indexes, out, work)
-                rows.append(row)
+                case_rows, case_notes = case(args, casync, ours, blob, stores, indexes, out, work)
+                rows += case_rows
                 notes += case_notes
         if args.mount:
             notes += mount_note(ours, pi, ps, blob, out, work)

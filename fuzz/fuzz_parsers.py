@@ -10,6 +10,7 @@ Targets, each fed bytes that a hostile peer controls:
 - `index`: .caibx/.caidx parsing;
 - `catar`: the archive decoder, payloads read;
 - `protocol`: casync's pull server (`pydesync pull`) fed a client's stream;
+- `push`: casync's push server (`pydesync push`) fed a client's stream (index, chunks, archive);
 - `session`: our casync pull client (the ssh store) fed a server's stream, chunks decoded and checked;
 - `remotesync`: SyncInfo JSON and binary, the receiver's data stream, the sender's wishlist;
 - `chunk`: chunk decoding (zstd with and without a content size, xz, gzip), whose output must
@@ -103,6 +104,34 @@ def protocol_seeds() -> list[bytes]:
 
     request = encode(REQUEST, struct.pack("<Q", 0) + bytes(32) * 3)
     return [*found, encode(HELLO, struct.pack("<Q", PULL_CHUNKS)) + request + encode(GOODBYE)]
+
+
+def push_seeds() -> list[bytes]:
+    folder = SHARED / "protocol"
+    found = [p.read_bytes() for p in sorted(folder.glob("push-*.c2s.bin"))] if folder.is_dir() else []
+    from pydesync.chunker import DEFAULT_SIZES
+    from pydesync.digest import digest_of
+    from pydesync.index import Index, blob_flags
+    from pydesync.protocol import (
+        CHUNK,
+        GOODBYE,
+        HELLO,
+        INDEX,
+        INDEX_EOF,
+        PUSH_CHUNKS,
+        PUSH_INDEX,
+        PUSH_INDEX_CHUNKS,
+        encode,
+    )
+
+    data = b"pushed chunk"
+    chunk_id = digest_of(data)
+    index = Index(flags=blob_flags(), sizes=DEFAULT_SIZES)
+    index.append(chunk_id, len(data))
+    hello = encode(HELLO, struct.pack("<Q", PUSH_INDEX | PUSH_CHUNKS | PUSH_INDEX_CHUNKS))
+    chunk = encode(CHUNK, struct.pack("<Q", 0) + bytes(chunk_id) + data)
+    return [*found, hello + encode(INDEX, index.to_bytes()) + encode(INDEX_EOF) + chunk,
+            encode(HELLO, struct.pack("<Q", PUSH_CHUNKS)) + chunk + encode(GOODBYE)]
 
 
 def remotesync_seeds() -> list[bytes]:
@@ -217,6 +246,16 @@ def run_protocol(data: bytes) -> None:
     with tempfile.TemporaryDirectory() as d:
         store = LocalStore(d, create=True)
         PullServer(Channel(io.BytesIO(data), io.BytesIO(), "fuzz"), store).serve()
+
+
+def run_push(data: bytes) -> None:
+    from pydesync.protocol import Channel, PushServer
+    from pydesync.store.local import LocalStore
+
+    with tempfile.TemporaryDirectory() as d:
+        store = LocalStore(os.path.join(d, "store"), create=True)
+        PushServer(Channel(io.BytesIO(data), io.BytesIO(), "fuzz"), store, [store],
+                   os.path.join(d, "x.caibx"), os.path.join(d, "x.catar")).serve()
 
 
 def run_remotesync(data: bytes) -> None:
@@ -378,6 +417,7 @@ TARGETS: dict[str, Target] = {
     "index": Target(index_seeds, run_index),
     "catar": Target(catar_seeds, run_catar),
     "protocol": Target(protocol_seeds, run_protocol),
+    "push": Target(push_seeds, run_push),
     "session": Target(session_seeds, run_session),
     "remotesync": Target(remotesync_seeds, run_remotesync),
     "chunk": Target(chunk_seeds, run_chunk),
