@@ -24,8 +24,12 @@ FAKE_SSH = Path(__file__).resolve().parent.parent / "scripts" / "fake-ssh"
 
 
 @pytest.fixture
-def fake_ssh() -> Path:
-    return FAKE_SSH
+def fake_ssh(tmp_path: Path) -> Path:
+    """The stand-in ssh, copied under this test's own path: looking for leftovers of a test then
+    never finds another test's (the suite runs tests side by side)."""
+    copy = tmp_path / "fake-ssh"
+    shutil.copy2(FAKE_SSH, copy)
+    return copy
 
 
 def remote_env(fake_ssh: Path, remote: str | None = None) -> dict[str, str]:
@@ -270,6 +274,8 @@ def _corrupt_chunk(client: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
     ("missing", "lacks chunk"),
     ("bad-index", "invalid index"),
     ("pull", "wants a service we do not offer"),
+    ("index-without-chunks", "names 2 chunks that no store here has"),
+    ("chunk-first", "a chunk before its index"),
 ])
 def test_hostile_push_client(casync_data: Path, tmp_path: Path, mode: str, message: str):
     """Every way a client can break a push is one error line on our side, an ABORT to the client,
@@ -291,6 +297,10 @@ def test_hostile_push_client(casync_data: Path, tmp_path: Path, mode: str, messa
         client = [hello, (P.INDEX, index[1][:100] + b"\0" * 40), eof]
     elif mode == "pull":
         client = [(P.HELLO, struct.pack("<Q", P.PULL_CHUNKS))]
+    elif mode == "index-without-chunks":  # pushes an index and no chunks, and asks for no REQUESTs
+        client = [(P.HELLO, struct.pack("<Q", P.PUSH_INDEX | P.PUSH_CHUNKS)), index, eof, (P.GOODBYE, b"")]
+    elif mode == "chunk-first":
+        client = [hello, chunk1, index, eof, chunk2]
     r = run_push(tmp_path, client)
     assert r.returncode != 0
     lines = r.stderr.decode().strip().splitlines()
@@ -300,3 +310,43 @@ def test_hostile_push_client(casync_data: Path, tmp_path: Path, mode: str, messa
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     if mode in ("bad-chunk", "bad-compression"):
         assert not [p for p in (tmp_path / "store").rglob("*") if p.name.startswith(chunk1[1][8:14].hex())]
+
+
+PUSH_REMOTE = '''
+import select, struct, sys
+inp, out = sys.stdin.buffer, sys.stdout.buffer
+out.write(struct.pack("<QQQ", 24, {hello}, {writable}))
+out.flush()
+if sys.argv[-1].strip("/").endswith("abort"):
+    out.write(struct.pack("<QQQ", 16 + 8 + 10, {abort}, 28) + b"disk full\\0")
+    out.flush()
+hangup = select.poll()                             # reads nothing, says nothing more, and
+hangup.register(0, 0)                              # goes when the client has closed its end
+hangup.poll()
+'''
+
+
+@pytest.mark.parametrize(("mode", "message"), [
+    ("silent", "stopped reading what we send for 2 s"),
+    ("abort", "aborted: disk full"),
+])
+def test_a_remote_that_stops_reading_a_push(casync_data: Path, fake_ssh: Path, tmp_path: Path, cli, mode: str,
+                                            message: str):
+    """Our make pushing chunks to a remote that reads none of them (silent, or after an ABORT
+    saying why): one clear error within the store's timeout (2 s here), the remote's reason first,
+    no index, and no spool left."""
+    script = tmp_path / "remote.py"
+    script.write_text(PUSH_REMOTE.format(hello=P.HELLO, writable=P.WRITABLE_STORE, abort=P.ABORT))
+    config = tmp_path / ".config" / "pydesync" / "config.json"
+    config.parent.mkdir(parents=True)
+    config.write_text('{"store-options": {"ssh://localhost/*": {"timeout": 2000000000}}}')
+    (tmp_path / "spool").mkdir()
+    env = {**remote_env(fake_ssh, f"{sys.executable} {script}"), "HOME": str(tmp_path),
+           "TMPDIR": str(tmp_path / "spool")}
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom(3 << 20))
+    r = cli("make", "-s", f"ssh://localhost/{mode}", tmp_path / "x.caibx", blob, env=env)
+    assert_clean_error(r, message)
+    assert not (tmp_path / "x.caibx").exists()
+    assert os.listdir(tmp_path / "spool") == []
+    assert no_leftovers(str(script))

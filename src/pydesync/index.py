@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import struct
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -111,45 +111,68 @@ class Index:
 
 def parse_index(data: bytes, name: str = "index") -> Index:
     """Parse and validate index bytes; every defect raises IndexFormatError naming `name`."""
+    flags, sizes, chunks = stream_index(io.BytesIO(data), len(data), name)
+    return Index(flags=flags, sizes=sizes, chunks=list(chunks))
+
+
+def stream_index(f: BinaryIO, size: int, name: str = "index") -> tuple[int, ChunkSizes, Iterator[IndexChunk]]:
+    """The flags and chunk sizes of the `size`-byte index in the seekable `f` (checked now, with
+    its tail), and its chunks as they are read, each checked (IndexFormatError at the first
+    defect): memory stays flat whatever the index's size."""
 
     def bad(why: str) -> IndexFormatError:
         return IndexFormatError(f"{name}: invalid index: {why}")
 
-    if len(data) < HEADER_SIZE + 16 + ITEM_SIZE:
-        raise bad(f"file too short ({len(data)} bytes)")
-    size, kind, flags, cmin, cavg, cmax = struct.unpack_from("<6Q", data, 0)
-    if size != HEADER_SIZE or kind != CA_FORMAT_INDEX:
+    if size < HEADER_SIZE + 16 + ITEM_SIZE:
+        raise bad(f"file too short ({size} bytes)")
+    head = f.read(HEADER_SIZE + 16)
+    if len(head) != HEADER_SIZE + 16:
+        raise bad("truncated header")
+    hsize, kind, flags, cmin, cavg, cmax = struct.unpack_from("<6Q", head, 0)
+    if hsize != HEADER_SIZE or kind != CA_FORMAT_INDEX:
         raise bad("bad magic (not a .caibx/.caidx file)")
     if flags & ~KNOWN_FLAGS:
         raise bad(f"unknown feature flags {flags:#x}")
     if not (1 <= cmin <= cavg <= cmax <= CHUNK_SIZE_LIMIT):
         raise bad(f"bad chunk sizes {cmin}:{cavg}:{cmax}")
-    tsize, tkind = struct.unpack_from("<2Q", data, HEADER_SIZE)
+    tsize, tkind = struct.unpack_from("<2Q", head, HEADER_SIZE)
     if tsize != TABLE_SIZE_UNKNOWN or tkind != CA_FORMAT_TABLE:
         raise bad("bad table header")
-    body = len(data) - HEADER_SIZE - 16
+    body = size - HEADER_SIZE - 16
     if body % ITEM_SIZE:
         raise bad("truncated or trailing garbage (size is not a whole number of table items)")
     count = body // ITEM_SIZE - 1
-    tail = struct.unpack_from("<5Q", data, len(data) - ITEM_SIZE)
-    if tail[0] or tail[1] or tail[2] != HEADER_SIZE or tail[4] != CA_FORMAT_TABLE_TAIL_MARKER:
+    f.seek(size - ITEM_SIZE)  # the tail first: a truncated index is named as such
+    zero, one, hsize, tsize, marker = struct.unpack("<5Q", f.read(ITEM_SIZE))
+    if zero or one or hsize != HEADER_SIZE or marker != CA_FORMAT_TABLE_TAIL_MARKER:
         raise bad("missing or bad table tail (truncated?)")
-    if tail[3] != 16 + ITEM_SIZE * count + ITEM_SIZE:
+    if tsize != 16 + ITEM_SIZE * count + ITEM_SIZE:
         raise bad("table tail size does not match the table")
-    chunks: list[IndexChunk] = []
+    f.seek(HEADER_SIZE + 16)
+    return flags, ChunkSizes(cmin, cavg, cmax), _index_items(f, count, cmax, bad)
+
+
+_ITEM = struct.Struct("<Q32s")
+_ITEMS_PER_READ = 4096
+
+
+def _index_items(f: BinaryIO, count: int, cmax: int,
+                 bad: Callable[[str], IndexFormatError]) -> Iterator[IndexChunk]:
     prev = 0
-    item = struct.Struct("<Q32s")
-    pos = HEADER_SIZE + 16
-    for i in range(count):
-        end, raw = item.unpack_from(data, pos)
-        pos += ITEM_SIZE
-        if end <= prev:
-            raise bad(f"chunk {i} offset {end} not after {prev}")
-        if end - prev > cmax:
-            raise bad(f"chunk {i} at offset {prev} is {end - prev} bytes, over the maximum {cmax}")
-        chunks.append(IndexChunk(prev, end - prev, ChunkId(raw)))
-        prev = end
-    return Index(flags=flags, sizes=ChunkSizes(cmin, cavg, cmax), chunks=chunks)
+    i = 0
+    while i < count:
+        want = min(_ITEMS_PER_READ, count - i)
+        block = f.read(want * ITEM_SIZE)
+        if len(block) != want * ITEM_SIZE:
+            raise bad("truncated table")
+        for end, raw in _ITEM.iter_unpack(block):
+            if end <= prev:
+                raise bad(f"chunk {i} offset {end} not after {prev}")
+            if end - prev > cmax:
+                raise bad(f"chunk {i} at offset {prev} is {end - prev} bytes, over the maximum {cmax}")
+            yield IndexChunk(prev, end - prev, ChunkId(raw))
+            prev = end
+            i += 1
 
 
 def looks_like_index(path: str) -> bool:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import itertools
 import math
+import os
 import queue
 import select
 import struct
@@ -25,10 +27,10 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 
 from .codec import CodecError, compress, decompress
-from .digest import ChunkId
+from .digest import ChunkId, digest_from_flags
 from .errors import ChunkInvalid, ChunkMissing, PydesyncError
 from .fsutil import atomic_write
-from .index import MAX_INDEX_BYTES, parse_index
+from .index import MAX_INDEX_BYTES, IndexChunk, stream_index
 from .parallel import ordered_map
 from .store.base import verify_chunk
 
@@ -60,6 +62,8 @@ CHUNK_COMPRESSED = 0x1
 MAX_MESSAGE = 16 * 1024 * 1024
 PIECE = 64 * 1024  # index/archive bytes per message, as casync sends them
 STREAM_BATCH = 1024  # ids per REQUEST when prefetching
+STUCK_SENDER_WAIT = 5.0  # seconds a finished push server waits for its REQUEST sender
+REQUEST_WINDOW = 16384  # index chunks a push server asks about at once (memory flat whatever the index)
 
 
 class ProtocolError(PydesyncError):
@@ -77,9 +81,10 @@ class PeerQuiet(ProtocolError):
 class Channel:
     """Messages over a pair of byte streams (pipes of ssh or of our own stdin/stdout).
 
-    With `timeout` (seconds; the reader must be an unbuffered pipe), a read that waits longer
-    raises PeerQuiet between messages and ProtocolError inside one (a late body is a cut message,
-    not an idle peer)."""
+    With `timeout` (seconds; the reader and writer must be unbuffered pipes), a read that waits
+    longer raises PeerQuiet between messages and ProtocolError inside one (a late body is a cut
+    message, not an idle peer), and a peer that takes no byte we send for that long is a
+    ProtocolError (it stopped reading: waiting on it would hang the command)."""
 
     def __init__(self, reader: BinaryIO, writer: BinaryIO, peer: str = "peer", timeout: float | None = None):
         self.reader = reader
@@ -134,11 +139,35 @@ class Channel:
 
     def send(self, kind: int, body: bytes = b"") -> None:
         with self._send_lock:
-            self.writer.write(encode(kind, body))
-            self.writer.flush()
+            if self.timeout is None:
+                view = memoryview(encode(kind, body))
+                while view:  # (a raw pipe may take part of it)
+                    view = view[self.writer.write(view) or 0:]
+                self.writer.flush()
+            else:
+                self._write_bounded(encode(kind, body))
+
+    def _write_bounded(self, data: bytes) -> None:
+        """Write all of `data`, failing if the peer takes nothing for `timeout` seconds."""
+        fd = self.writer.fileno()
+        if os.get_blocking(fd):
+            os.set_blocking(fd, False)  # (our end of the pipe only)
+        view = memoryview(data)
+        while view:
+            _, ready, _ = select.select([], [fd], [], self.timeout)
+            if not ready:
+                raise ProtocolError(f"{self.peer}: stopped reading what we send for {self.timeout:g} s")
+            try:
+                view = view[os.write(fd, view):]
+            except BlockingIOError:
+                continue
 
     def send_abort(self, errno_: int, reason: str) -> None:
+        """Tell the peer why we stop, unless another send is stuck on a peer that reads nothing."""
         text = "".join(c if " " <= c <= "~" else "?" for c in reason)[:4000]
+        if not self._send_lock.acquire(timeout=STUCK_SENDER_WAIT):
+            return
+        self._send_lock.release()
         self.send(ABORT, struct.pack("<Q", errno_) + text.encode() + b"\0")
 
 
@@ -283,6 +312,10 @@ class PushServer:
     under temporary names and renamed into place only once every chunk they need is stored;
     then the server says GOODBYE. A client that hangs up early leaves no index and no archive
     (the chunks it sent stay: they are valid, and prune removes what nothing references).
+
+    Memory stays flat whatever the index: it goes to its temporary file as it comes, and is
+    then read back a window of REQUEST_WINDOW chunks at a time, each checked; the next window's
+    missing chunks are asked for once the last window's have all come.
     """
 
     def __init__(self, channel: Channel, store: object | None, lookup: list[object] | None = None,
@@ -295,10 +328,14 @@ class PushServer:
         self.workers = max(1, workers)
         self._wants = 0
         self._index_file: BinaryIO | None = None
-        self._index_bytes: bytearray | None = None
+        self._index_size = 0
+        self._index_items: Iterator[IndexChunk] | None = None  # what is left to ask for
         self._archive_file: BinaryIO | None = None
         self._digest: str | None = None
         self._outstanding: set[bytes] = set()
+        self._requests: queue.Queue[list[bytes] | None] = queue.Queue()
+        self._stopping = threading.Event()
+        self._files: contextlib.ExitStack | None = None  # what the session holds open
         self._index_done = self._archive_done = self._client_done = False
 
     def offer(self) -> int:
@@ -315,12 +352,18 @@ class PushServer:
             if self._wants & PUSH_INDEX:
                 assert self.index_path is not None
                 self._index_file = _enter_output(files, self.index_path)
-                self._index_bytes = bytearray()
             if self._wants & PUSH_ARCHIVE:
                 assert self.archive_path is not None
                 self._archive_file = _enter_output(files, self.archive_path)
+            sender = threading.Thread(target=self._send_requests, daemon=True)
+            sender.start()
+            files.callback(self._stop_requests, sender)
+            self._files = files
             for _ in ordered_map(self._store_chunk, self._incoming_chunks(), self.workers):
                 pass
+            if self._index_file is not None and self.store is not None \
+                    and not self._wants & PUSH_INDEX_CHUNKS:
+                self._check_index_covered(files)
             if self._archive_file is not None:
                 self._check_archive(self._archive_file)
         self.channel.send(GOODBYE)  # (the index and the archive are in place: the client may go)
@@ -333,12 +376,14 @@ class PushServer:
             return
         for kind, body in self.channel.messages():
             if kind == CHUNK:
+                if self._wants & PUSH_INDEX and not self._index_done:
+                    raise ProtocolError("client sent a chunk before its index")
                 yield self._chunk_message(body)
             elif kind == MISSING and len(body) == 32:
                 raise ProtocolError(f"the client lacks chunk {body.hex()}, which its index lists")
-            elif kind == INDEX and self._index_bytes is not None and not self._index_done and body:
+            elif kind == INDEX and self._index_file is not None and not self._index_done and body:
                 self._index_piece(body)
-            elif kind == INDEX_EOF and self._index_bytes is not None and not self._index_done:
+            elif kind == INDEX_EOF and self._index_file is not None and not self._index_done:
                 self._index_end()
             elif kind == ARCHIVE and self._archive_file is not None and not self._archive_done and body:
                 self._archive_file.write(body)
@@ -357,42 +402,76 @@ class PushServer:
             return False
         if self._wants & PUSH_ARCHIVE and not self._archive_done:
             return False
-        if self._outstanding:
+        if self._outstanding or self._index_items is not None:
             return False
         if self._wants & PUSH_CHUNKS and not self._wants & PUSH_INDEX_CHUNKS:
             return self._client_done  # chunks come unasked: the client says when it is done
         return True
 
     def _index_piece(self, body: bytes) -> None:
-        assert self._index_bytes is not None and self._index_file is not None
-        if len(self._index_bytes) + len(body) > MAX_INDEX_BYTES:
+        assert self._index_file is not None
+        self._index_size += len(body)
+        if self._index_size > MAX_INDEX_BYTES:
             raise ProtocolError(f"the client's index is larger than {MAX_INDEX_BYTES} bytes")
-        self._index_bytes += body
         self._index_file.write(body)
 
     def _index_end(self) -> None:
-        """The whole index: check it, and ask for the chunks it lists that no store here has."""
-        assert self._index_bytes is not None
-        index = parse_index(bytes(self._index_bytes), "pushed index")
-        self._index_bytes = bytearray()
+        """The whole index is in its file: check its head and tail now, its chunks as they are
+        asked for (or all now, if the client pushes none)."""
+        assert self._index_file is not None and self._files is not None
         self._index_done = True
-        self._digest = index.digest
+        reader = self._files.enter_context(files_reader(self._index_file))
+        flags, _, items = stream_index(reader, self._index_size, "pushed index")
+        self._digest = digest_from_flags(flags)
         if not self._wants & PUSH_INDEX_CHUNKS:
+            for _ in items:  # checked in full before it takes its name
+                pass
             return
-        missing = [bytes(cid) for cid in index.unique_ids() if not self._have(cid)]
-        self._outstanding = set(missing)
+        self._index_items = items
+        self._ask_next_window()
+
+    def _ask_next_window(self) -> None:
+        """Ask for the missing chunks of the next window of the index (the windows after it, for
+        as long as one lacks nothing)."""
+        while self._index_items is not None and not self._outstanding:
+            window = list(itertools.islice(self._index_items, REQUEST_WINDOW))
+            if len(window) < REQUEST_WINDOW:
+                self._index_items = None  # (the last window: the index was checked to its end)
+            wanted = list(dict.fromkeys(bytes(c.id) for c in window if not self._have(c.id)))
+            self._outstanding = set(wanted)
+            if wanted:
+                self._requests.put(wanted)
+
+    def _check_index_covered(self, files: contextlib.ExitStack) -> None:
+        """A client that pushes an index but answers no REQUESTs: the index is installed only if
+        the stores here hold every chunk it names."""
+        assert self._index_file is not None
+        reader = files.enter_context(files_reader(self._index_file))
+        _, _, items = stream_index(reader, self._index_size, "pushed index")
+        missing = sum(1 for chunk in items if not self._have(chunk.id))
         if missing:
-            threading.Thread(target=self._request, args=(missing,), daemon=True).start()
+            raise ProtocolError(f"the pushed index names {missing} chunks that no store here has, and the "
+                                f"client does not send the chunks of its index")
 
     def _have(self, chunk_id: ChunkId) -> bool:
         return any(store.has(chunk_id) for store in self.lookup)  # type: ignore[attr-defined]
 
-    def _request(self, ids: list[bytes]) -> None:
+    def _send_requests(self) -> None:
         """Send the REQUESTs (a thread: the client's CHUNKs are read meanwhile, so neither side
         blocks on a full pipe). A failure here shows as the client's end."""
         with contextlib.suppress(OSError, ValueError):
-            for i in range(0, len(ids), STREAM_BATCH):
-                self.channel.send(REQUEST, struct.pack("<Q", 0) + b"".join(ids[i:i + STREAM_BATCH]))
+            while (ids := self._requests.get()) is not None:
+                for i in range(0, len(ids), STREAM_BATCH):
+                    if self._stopping.is_set():
+                        return
+                    self.channel.send(REQUEST, struct.pack("<Q", 0) + b"".join(ids[i:i + STREAM_BATCH]))
+
+    def _stop_requests(self, sender: threading.Thread) -> None:
+        """End the sender before anything else is sent (GOODBYE, or the caller's ABORT). A sender
+        stuck on a client that reads nothing is left behind (nothing more can reach that client)."""
+        self._stopping.set()
+        self._requests.put(None)
+        sender.join(STUCK_SENDER_WAIT)
 
     def _chunk_message(self, body: bytes) -> tuple[ChunkId, bytes, bool]:
         if len(body) < 41:
@@ -405,6 +484,8 @@ class PushServer:
             if key not in self._outstanding:
                 raise ProtocolError(f"client sent chunk {key.hex()}, which was not asked for")
             self._outstanding.discard(key)
+            if not self._outstanding:
+                self._ask_next_window()
         return ChunkId(key), body[40:], bool(flags & CHUNK_COMPRESSED)
 
     # ---- storing -----------------------------------------------------------------------------
@@ -429,10 +510,15 @@ class PushServer:
         """Decode the received archive in full before it takes its name."""
         from .catar.decoder import ArchiveDecoder
 
-        f.flush()
-        with open(f"/proc/self/fd/{f.fileno()}", "rb") as reader:
+        with files_reader(f) as reader:
             for _ in ArchiveDecoder(reader, "pushed archive"):
                 pass
+
+
+def files_reader(f: BinaryIO) -> BinaryIO:
+    """A second, independent reader of a file being written (its data flushed first)."""
+    f.flush()
+    return open(f"/proc/self/fd/{f.fileno()}", "rb")
 
 
 def _enter_output(files: contextlib.ExitStack, path: str) -> BinaryIO:
@@ -661,7 +747,7 @@ class PushClient:
         said_goodbye = threading.Event()
         watcher = threading.Thread(target=self._watch_end, args=(said_goodbye, ended), daemon=True)
         watcher.start()
-        with contextlib.suppress(OSError, ValueError):  # (a remote gone shows in what the watcher saw)
+        try:
             for key, stored, compressed in chunks:
                 if ended:
                     break
@@ -669,6 +755,14 @@ class PushClient:
             if not ended:
                 said_goodbye.set()
                 self.channel.send(GOODBYE)
+        except (OSError, ValueError, ProtocolError) as e:
+            # a remote that stopped taking what we send may have said why: its words first
+            watcher.join(self.channel.timeout or STUCK_SENDER_WAIT)
+            if ended and ended[0] is not None:
+                raise ended[0] from None
+            if isinstance(e, ProtocolError):
+                raise
+            raise ProtocolError(f"{self.channel.peer}: {e}") from None
         watcher.join()
         if ended[0] is not None:
             raise ended[0]

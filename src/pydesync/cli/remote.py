@@ -59,7 +59,9 @@ def run_pull(ctx: Context) -> int:
 def _stdio_channel() -> Channel:
     for fd in (0, 1):  # casync hands the remote command O_NONBLOCK pipes
         os.set_blocking(fd, True)
-    return Channel(sys.stdin.buffer, sys.stdout.buffer, "client")
+    # raw stdout: a send stuck on a client that reads nothing then holds no buffer lock that
+    # the interpreter's exit would wait for
+    return Channel(sys.stdin.buffer, os.fdopen(1, "wb", buffering=0, closefd=False), "client")
 
 
 def _serve(server: PullServer | PushServer, verb: str) -> int:
