@@ -143,7 +143,8 @@ class _Session(_Remote):
 
 
 class SshStore(Store):
-    """Read-only chunk store on the far side of an ssh connection."""
+    """A chunk store on the far side of an ssh connection: read through pull sessions, written by
+    pushes of what was spooled (see the module docstring)."""
 
     remote = True
 
