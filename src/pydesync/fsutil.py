@@ -96,6 +96,12 @@ class TreeMoved(OSError):
     """A directory a walk had to reopen through `..` is no longer the one it left."""
 
 
+def identity(fd: int) -> tuple[int, int]:
+    """(st_dev, st_ino) of an open file: what a reopened directory is checked against."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
 def reopen_parent(child_fd: int, identity: tuple[int, int]) -> int:
     """The directory above `child_fd`, reopened through `..` after a deep walk closed it, checked to
     be the one it was ((st_dev, st_ino)): a tree renamed meanwhile is an error, never a wrong write."""

@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import PydesyncError, shown_path
-from ..fsutil import OPEN_DIRECTORIES, TreeMoved, remove_tree, reopen_parent
+from ..fsutil import OPEN_DIRECTORIES, TreeMoved, identity, remove_tree, reopen_parent
 from . import format as F
 from .decoder import AclEntry, ArchiveDecoder, DirectoryEnd, Node, Readable
 from .filewriter import BatchWriter, WriteFailed, max_deferred
@@ -292,11 +292,6 @@ def _missing_ancestors(path: bytes) -> list[bytes]:
     return missing
 
 
-def _identity(fd: int) -> tuple[int, int]:
-    st = os.fstat(fd)
-    return st.st_dev, st.st_ino
-
-
 def current_umask() -> int:
     """The process umask, read without changing it where /proc allows."""
     try:
@@ -468,7 +463,7 @@ class TreeExtractor:
             return None
         else:
             fd = os.open(frame.disk_name, DIR_OPEN, dir_fd=parent_fd)
-        if _identity(fd) != frame.identity:
+        if identity(fd) != frame.identity:
             os.close(fd)
             return None
         return fd
@@ -640,7 +635,7 @@ class TreeExtractor:
         if len(stack) > OPEN_DIRECTORIES:
             far = stack[-OPEN_DIRECTORIES - 1]
             if far.fd is not None:
-                far.identity = _identity(far.fd)
+                far.identity = identity(far.fd)
                 self._writer.defer(_Release(far.fd))
                 far.fd, far.released = None, True
 

@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
 from ..codec import CodecError
@@ -51,6 +52,7 @@ from .base import Store, StoreOptions, close_at_exit, verify_chunk
 from .local import LocalStore
 
 MAX_SESSIONS = 2
+T = TypeVar("T")
 
 
 
@@ -298,12 +300,8 @@ class SshStore(Store):
 
     def _push(self, index_path: str | None, wants: int, conversation: Callable[[PushClient], object]) -> None:
         argv = remote_argv(self.destination, self.port, "push", index=index_path, store=self.path)
-        session = _Remote(argv, f"ssh {self.destination}", self.options.timeout)
-        try:
-            conversation(PushClient(session.channel, wants))
-        except (ProtocolError, OSError) as e:
-            raise session.failed(e) from None
-        session.end()
+        _converse(argv, self.destination, self.options.timeout,
+                  lambda session: conversation(PushClient(session.channel, wants)))
 
     def _spooled_chunk(self, key: bytes) -> tuple[bytes, bool] | None:
         """A chunk the remote asked for, as stored in the spool (compressed), or None."""
@@ -342,30 +340,36 @@ class SshStore(Store):
             shutil.rmtree(spool.path, ignore_errors=True)
 
 
+def _converse(argv: list[str], destination: str, timeout: float | None,
+              conversation: Callable[[_Remote], T]) -> tuple[_Remote, T]:
+    """Run one remote verb through `conversation(session)`, then end it; a protocol or pipe error
+    is a StoreError with the remote's own words. Returns the ended session and the result."""
+    session = _Remote(argv, f"ssh {destination}", timeout)
+    try:
+        result = conversation(session)
+    except (ProtocolError, OSError) as e:
+        raise session.failed(e) from None
+    session.end()
+    return session, result
+
+
 # ---- index locations ------------------------------------------------------------------------------
 def read_index_bytes(location: str, options: StoreOptions | None = None) -> bytes:
     """The index at an ssh:// location, as the remote's pull sends it (`pull - - INDEX -`)."""
     destination, port, path = parse_location(location)
-    session = _Remote(remote_argv(destination, port, "pull", index=path), f"ssh {destination}",
-                      (options or StoreOptions()).timeout)
-    try:
-        data = read_index_stream(session.channel)
-    except (ProtocolError, OSError) as e:
-        raise session.failed(e) from None
-    session.end()
+    timeout = (options or StoreOptions()).timeout
+    _, data = _converse(remote_argv(destination, port, "pull", index=path), destination, timeout,
+                        lambda session: read_index_stream(session.channel))
     return data
 
 
 def write_index_bytes(location: str, data: bytes, options: StoreOptions | None = None) -> None:
     """Write an index to an ssh:// location (`push - - INDEX -`), renamed into place there."""
     destination, port, path = parse_location(location)
-    session = _Remote(remote_argv(destination, port, "push", index=path), f"ssh {destination}",
-                      (options or StoreOptions()).timeout)
-    try:
-        confirmed = PushClient(session.channel, PUSH_INDEX).push_index_alone(data)
-    except (ProtocolError, OSError) as e:
-        raise session.failed(e) from None
-    session.end()
+    timeout = (options or StoreOptions()).timeout
+    argv = remote_argv(destination, port, "push", index=path)
+    session, confirmed = _converse(argv, destination, timeout,
+                                   lambda remote: PushClient(remote.channel, PUSH_INDEX).push_index_alone(data))
     if not confirmed and session.proc.returncode != 0:
         raise StoreError(f"{session.peer}: the remote failed to write {location} (exit status "
                          f"{session.proc.returncode}){session.stderr_text()}")
