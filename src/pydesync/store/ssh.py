@@ -368,8 +368,11 @@ def write_index_bytes(location: str, data: bytes, options: StoreOptions | None =
     destination, port, path = parse_location(location)
     timeout = (options or StoreOptions()).timeout
     argv = remote_argv(destination, port, "push", index=path)
-    session, confirmed = _converse(argv, destination, timeout,
-                                   lambda remote: PushClient(remote.channel, PUSH_INDEX).push_index_alone(data))
+
+    def push(remote: _Remote) -> bool:
+        return PushClient(remote.channel, PUSH_INDEX).push_index_alone(data)
+
+    session, confirmed = _converse(argv, destination, timeout, push)
     if not confirmed and session.proc.returncode != 0:
         raise StoreError(f"{session.peer}: the remote failed to write {location} (exit status "
                          f"{session.proc.returncode}){session.stderr_text()}")
