@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oracle import oracle_cuts
 
-from pydesync.chunker import ChunkSizes
+from pydesync.chunker import ChunkSizes, InputShrank
 from pydesync.digest import digest_of
 from pydesync.make import chunk_file, chunk_stream
 from pydesync.store import LocalStore
@@ -105,3 +105,26 @@ def test_empty_file(tmp_path: Path):
     path.write_bytes(b"")
     index, _ = parallel(path, SIZES, 4)
     assert len(index) == 0
+
+
+class _Truncating(LocalStore):
+    """A store whose first write cuts the input file short: the file changing under make."""
+
+    def __init__(self, path: Path, victim: Path, keep: int):
+        super().__init__(path, create=True)
+        self.victim, self.keep = victim, keep
+
+    def put(self, chunk_id, data) -> None:
+        if self.victim.stat().st_size > self.keep:
+            os.truncate(self.victim, self.keep)
+        super().put(chunk_id, data)
+
+
+def test_an_input_cut_short_while_chunked_is_one_clear_error(tmp_path: Path):
+    """The file is read through maps of one window at a time; one that shrinks under make fails
+    the next window's mapping with InputShrank (not a SIGBUS later, not a short index)."""
+    path = tmp_path / "input"
+    path.write_bytes(random.Random(3).randbytes(24 << 20))
+    store = _Truncating(tmp_path / "store", path, keep=6 << 20)  # the first 4 MiB window stays whole
+    with pytest.raises(InputShrank, match="changed size while it was being read"):
+        parallel(path, ChunkSizes(16 * 1024, 64 * 1024, 256 * 1024), 1, store=store)

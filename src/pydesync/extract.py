@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from .chunkio import Placement
 from .digest import ChunkId, digest_of
 from .errors import ChunkInvalid, ChunkMissing, PydesyncError, UsageError
 from .fsutil import temp_name_for
@@ -267,9 +268,17 @@ def _fetch(index: Index, wanted: list[int], target: _Target, store: Store, stats
         stats.add("chunks_in_place", len(todo) - len(need))
         if not need:
             return functools.partial(_report, progress, len(todo))
-        fetch = store.begin_get(chunk_id, digest)
+        placement = Placement(target.fd, need[0].size, [c.start for c in need])
+        fetch = store.begin_place(chunk_id, digest, placement)
 
-        return lambda: place(fetch(), need, len(todo))
+        def finish() -> None:
+            data = fetch()
+            if data is None:  # written where it goes by the store's native path
+                stats.add("chunks_from_store", len(need))
+                _report(progress, len(todo))
+            else:
+                place(data, need, len(todo))
+        return finish
 
     if store.remote and target.blank and getattr(store, "streams", False):
         for chunk_id, data in store.fetch_many(list(positions), digest):  # type: ignore[attr-defined]

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from . import _chunker
-from .chunker import DEFAULT_SIZES, ChunkSizes, iter_chunks
+from .chunker import DEFAULT_SIZES, ChunkSizes, InputShrank, iter_blocks, iter_chunks, iter_mapped_blocks
+from .chunkio import chunk_ids
 from .digest import SHA512_256, ChunkId, check_digest, digest_of
 from .errors import PydesyncError
 from .index import Index, blob_flags
@@ -99,6 +100,12 @@ class ChunkSink:
         self.produced = 0
         self.lock = threading.Lock()
 
+    def identify_block(self, block: memoryview, cuts: list[int]) -> list[ChunkId]:
+        """The ids of a block's chunks block[0:cuts[0]], block[cuts[0]:cuts[1]], ... in one call."""
+        if self.progress is not None:
+            self.progress(cuts[-1])
+        return chunk_ids(block, 0, cuts, self.digest, self.max, self.null_id)
+
     def identify(self, data: bytes | memoryview) -> ChunkId:
         if self.progress is not None:
             self.progress(len(data))
@@ -159,22 +166,49 @@ def _chunk_from(fd: int, start: int, size: int, sizes: ChunkSizes, sink: ChunkSi
     stores them if it uses them, so speculative chunks do not litter the store.
     """
     part = _Part(start)
-    chunks = iter_chunks(_PositionalReader(fd, start), sizes, block_size=PART_BLOCK, limit=size - start,
-                         reuse=True)  # each chunk is finished before the next is read
-    for offset, data in chunks:
-        chunk_start = start + offset
-        end = chunk_start + len(data)
-        chunk_id = sink.identify(data)
-        if end <= hold_until:
-            part.held[chunk_start] = bytes(data)
-        else:
-            sink.keep(chunk_id, data)
-        part.chunks.append((chunk_start, len(data), chunk_id))
-        if end >= size or stop(end):
+    for offset, block, cuts in _blocks(fd, start, size, sizes):
+        block_start = start + offset
+        wanted = _cuts_until(cuts, block_start, size, stop)
+        prev = 0
+        for cut, chunk_id in zip(wanted, sink.identify_block(block, wanted), strict=True):
+            data = block[prev:cut]
+            chunk_start = block_start + prev
+            if block_start + cut <= hold_until:
+                part.held[chunk_start] = bytes(data)
+            else:
+                sink.keep(chunk_id, data)
+            part.chunks.append((chunk_start, cut - prev, chunk_id))
+            prev = cut
+        if len(wanted) < len(cuts) or block_start + cuts[-1] >= size:
             break
     with sink.lock:
         sink.produced += len(part.chunks)
     return part
+
+
+def _blocks(fd: int, start: int, size: int, sizes: ChunkSizes) -> Iterator[tuple[int, memoryview, list[int]]]:
+    """The file's blocks from `start` through maps of it, or by reads where it cannot be mapped."""
+    mapped = iter_mapped_blocks(fd, start, size, sizes, PART_BLOCK)
+    try:
+        first = next(mapped, None)
+    except InputShrank:
+        raise
+    except OSError:  # not mappable (some FUSE and special files): read it
+        yield from iter_blocks(_PositionalReader(fd, start), sizes, block_size=PART_BLOCK, limit=size - start,
+                               reuse=True)  # each block is finished before the next is read
+        return
+    if first is not None:
+        yield first
+        yield from mapped
+
+
+def _cuts_until(cuts: list[int], block_start: int, size: int, stop: Callable[[int], bool]) -> list[int]:
+    """The cuts up to the first that ends the part (at the end of the file, or where `stop` says)."""
+    for i, cut in enumerate(cuts):
+        end = block_start + cut
+        if end >= size or stop(end):
+            return cuts[: i + 1]
+    return cuts
 
 
 def _join(parts: list[_Part], fd: int, size: int, sizes: ChunkSizes,

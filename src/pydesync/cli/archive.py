@@ -6,22 +6,19 @@ import argparse
 import contextlib
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from ..archive import tar_to_file, tar_to_index
-from ..catar import format as F
-from ..catar.decoder import ArchiveDecoder, Readable
-from ..catar.encoder import TreeEncoder
-from ..catar.extractor import ExtractOptions, TreeExtractor
-from ..catar.fromtar import TarInputEncoder
-from ..catar.totar import write_tar
 from ..chunker import ChunkSizes
 from ..digest import SHA512_256, check_digest
 from ..errors import PydesyncError, UsageError, one_line
-from ..extract import BlobReader
 from ..fsutil import atomic_write
-from ..streams import IterReader
 from .common import CommaList, Context, add_bool, add_store_options, add_stores, check_index_output
 from .progress import CountingReader, Progress
+
+if TYPE_CHECKING:
+    from ..catar.decoder import Readable
+    from ..catar.encoder import TreeEncoder
+    from ..catar.extractor import ExtractOptions
 
 TIME_FEATURES = ("nsec-time", "usec-time", "sec-time", "2sec-time")
 
@@ -82,6 +79,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
 
 
 def feature_flags(ctx: Context) -> int:
+    from ..catar import format as F
     a = ctx.args
     without = list(a.without) + (list(TIME_FEATURES) if a.no_time else [])
     return F.archive_flags(with_=a.with_, without=without, digest_sha512_256=ctx.digest == SHA512_256,
@@ -90,6 +88,8 @@ def feature_flags(ctx: Context) -> int:
 
 
 def run_tar(ctx: Context) -> int:
+    from ..archive import tar_to_file, tar_to_index
+    from ..catar.fromtar import TarInputEncoder
     a = ctx.args
     if a.tar_add_root and a.input_format != "tar":
         raise UsageError("--tar-add-root only applies to --input-format=tar")
@@ -125,11 +125,16 @@ def print_warning(message: str) -> None:
 
 def extract_tree(stream: Readable, name: str, target: str, options: ExtractOptions) -> list[str]:
     """Decode a catar stream into TARGET, printing each warning (best effort) as it happens."""
+    from ..catar.decoder import ArchiveDecoder
+    from ..catar.extractor import TreeExtractor
     extractor = TreeExtractor(target, options, warn=print_warning)
     return extractor.extract(ArchiveDecoder(stream, name))
 
 
 def run_untar(ctx: Context) -> int:
+    from ..catar.extractor import ExtractOptions
+    from ..extract import BlobReader
+    from ..streams import IterReader
     a = ctx.args
     options = ExtractOptions(overwrite=a.overwrite, best_effort=a.best_effort,
                              same_owner=not a.no_same_owner, same_permissions=not a.no_same_permissions)
@@ -162,6 +167,10 @@ def run_untar(ctx: Context) -> int:
 def _untar_to_tar(ctx: Context) -> int:
     """untar --output-format=gnu-tar: the archive (or the index's) as a tar stream in TARGET
     (`-`: stdout), written under a temporary name and renamed."""
+    from ..catar.decoder import ArchiveDecoder
+    from ..catar.totar import write_tar
+    from ..extract import BlobReader
+    from ..streams import IterReader
     a = ctx.args
     with contextlib.ExitStack() as stack:
         if a.index:

@@ -17,13 +17,10 @@ from ..extract import BlobReader, ExtractStats, extract, null_chunk_id, stream_b
 from ..fsutil import atomic_write
 from ..index import Index
 from ..make import chunk_stream, input_size, open_input
-from ..remotesync import sync_prefetch
 from ..seed import INVALID_FAIL, INVALID_REGENERATE, INVALID_SKIP, Seed
 from ..store import Store, StoreRouter
 from ..store.converters import COMPRESSED
 from ..store.local import LocalStore
-from ..storeops import chop, verify_index
-from ..streams import IterReader
 from .common import Context, add_ignore, add_seeds, add_store_options, add_stores, check_index_output
 from .ignore import ignored_ids
 from .progress import Progress
@@ -151,6 +148,7 @@ def _sync_first(ctx: Context, index: Index, seeds: list[Seed], cleanup: contextl
     """extract --sync: the chunks no seed, null chunk or -c cache covers, in one wishlist transfer,
     into the cache (or a temporary store beside the output, removed afterwards). Returns the
     temporary store to read first, if one was used."""
+    from ..remotesync import sync_prefetch
     a = ctx.args
     null = null_chunk_id(index.sizes.max, index.digest)
     held = {bytes(k) for s in seeds for k in s.positions}
@@ -222,6 +220,7 @@ def _extract_tree(ctx: Context, index, store) -> int:  # type: ignore[no-untyped
     """An archive index: unpack the tree into the output directory, as `casync extract` does
     (existing entries are replaced, like a blob's output file is)."""
     from ..catar.extractor import ExtractOptions
+    from ..streams import IterReader
     from .archive import extract_tree
 
     a = ctx.args
@@ -271,6 +270,7 @@ def run_chunk(ctx: Context) -> int:
 
 
 def run_chop(ctx: Context) -> int:
+    from ..storeops import chop
     a = ctx.args
     if not a.store:
         raise UsageError("no target store provided")
@@ -282,6 +282,7 @@ def run_chop(ctx: Context) -> int:
 
 
 def run_verify_index(ctx: Context) -> int:
+    from ..storeops import verify_index
     a = ctx.args
     verify_index(ctx.read_index(a.index), a.file, concurrency=ctx.concurrency)
     return 0

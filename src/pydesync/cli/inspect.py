@@ -10,7 +10,6 @@ import sys
 from ..config import OWN_CONFIG
 from ..errors import UsageError
 from ..fsutil import atomic_write
-from ..info import index_info, inspect_chunks
 from .common import CommaList, Context, add_bool, add_store_options, add_stores
 
 
@@ -78,6 +77,7 @@ def seed_index_location(spec: str) -> str:
 
 
 def run_info(ctx: Context) -> int:
+    from ..info import index_info
     a = ctx.args
     index = ctx.read_index(a.index)
     seeds = [ctx.read_index(seed_index_location(s)) for s in a.seed]
@@ -100,6 +100,7 @@ def run_info(ctx: Context) -> int:
 
 
 def run_inspect_chunks(ctx: Context) -> int:
+    from ..info import inspect_chunks
     a = ctx.args
     index = ctx.read_index(a.index)
     store = None

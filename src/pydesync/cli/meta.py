@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from importlib import metadata
 
 from ..errors import UsageError
 from .common import Context
@@ -15,6 +14,7 @@ SHELLS = ("bash", "zsh", "fish")
 
 
 def version() -> str:
+    from importlib import metadata
     try:
         return metadata.version("pydesync")
     except metadata.PackageNotFoundError:  # running from a source tree

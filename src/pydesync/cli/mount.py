@@ -7,13 +7,16 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
 from ..index import Index
-from ..mount import ChunkReader, SeekableStream, load_fuse, make_operations, mount, scan_tree
 from ..store.base import Store
 from .blob import seeds_from_flags as _seeds
 from .common import Context, add_seeds, add_store_options, add_stores
+
+if TYPE_CHECKING:
+    from ..mount import ChunkReader
 
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
@@ -39,6 +42,7 @@ def _warn(message: str) -> None:
 
 
 def run_mount_index(ctx: Context) -> int:
+    from ..mount import SeekableStream, load_fuse, make_operations, mount, scan_tree
     a = ctx.args
     fuse = load_fuse()  # a missing FUSE is one clear line, before anything is opened
     if not os.path.isdir(a.mountpoint):
@@ -72,6 +76,7 @@ def run_mount_index(ctx: Context) -> int:
 @contextlib.contextmanager
 def _reader(ctx: Context, index: Index, store: Store) -> Iterator[ChunkReader]:
     """The chunk reader, with seeds, the copy-on-read file and its state as the flags ask."""
+    from ..mount import ChunkReader
     a = ctx.args
     if (a.cor_state_save or a.cor_state_init) and not a.cor_file:
         raise UsageError("--cor-state-save and --cor-state-init need --cor-file")

@@ -8,12 +8,15 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..errors import PydesyncError, UsageError
 from ..parallel import workers_for
-from ..protocol import Channel, ProtocolError, PullServer, PushServer
 from ..store import Store, open_chain, open_store
 from .common import Context
+
+if TYPE_CHECKING:
+    from ..protocol import Channel, PullServer, PushServer
 
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
@@ -40,6 +43,7 @@ def _verb(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser, name
 
 
 def run_pull(ctx: Context) -> int:
+    from ..protocol import PullServer
     a = ctx.args
     if a.base != "-":
         raise UsageError("pull: the base must be '-'")
@@ -57,6 +61,7 @@ def run_pull(ctx: Context) -> int:
 
 
 def _stdio_channel() -> Channel:
+    from ..protocol import Channel
     for fd in (0, 1):  # casync hands the remote command O_NONBLOCK pipes
         os.set_blocking(fd, True)
     # raw stdout: a send stuck on a client that reads nothing then holds no buffer lock that
@@ -66,6 +71,7 @@ def _stdio_channel() -> Channel:
 
 def _serve(server: PullServer | PushServer, verb: str) -> int:
     """Run one session; a failure is an ABORT to the client and one line here."""
+    from ..protocol import ProtocolError
     try:
         server.serve()
     except (BrokenPipeError, ConnectionResetError):
@@ -79,6 +85,7 @@ def _serve(server: PullServer | PushServer, verb: str) -> int:
     return 0
 
 def run_push(ctx: Context) -> int:
+    from ..protocol import PushServer
     a = ctx.args
     if a.base != "-":
         raise UsageError("push: the base must be '-'")

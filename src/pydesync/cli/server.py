@@ -10,17 +10,17 @@ import resource
 import signal
 import sys
 import threading
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from ..errors import PydesyncError, UsageError
-from ..server import ChunkServer, IndexServer, ServerOptions
-from ..server.common import make_server, parse_listen
-from ..server.http11 import Http11Server, Limits
-from ..server.metrics import Metrics
-from ..server.swap import SwapStore, swapping_handler
 from ..store import Store, open_chain
-from ..store.converters import wire_converters
 from .common import CommaList, Context, add_bool, add_store_options, add_stores
+
+if TYPE_CHECKING:
+    from ..server import ServerOptions
+    from ..server.http11 import Http11Server, Limits
+    from ..server.metrics import Metrics
+    from ..server.swap import SwapStore
 
 
 def add_server_flags(p: argparse.ArgumentParser) -> None:
@@ -104,6 +104,7 @@ def _log_stream(target: str | None) -> TextIO | None:
 
 
 def server_options(ctx: Context, default_listen: str = ":http") -> ServerOptions:
+    from ..server import ServerOptions
     a = ctx.args
     return ServerOptions(listen=a.listen or [default_listen], cert=getattr(a, "cert", None),
                          key=getattr(a, "key", None), mutual_tls=getattr(a, "mutual_tls", False),
@@ -116,6 +117,7 @@ def server_options(ctx: Context, default_listen: str = ":http") -> ServerOptions
 def service_limits(a: argparse.Namespace) -> Limits:
     """The server's limits from the flags; the connection cap below the descriptor limit (raised
     to its hard maximum first, as Go programs do), so running out of descriptors stays rare."""
+    from ..server.http11 import Limits
     for name in ("max_connections", "max_uploads"):
         value = getattr(a, name)
         if value is not None and value < 1:
@@ -138,6 +140,7 @@ def raise_descriptor_limit() -> int:
 
 def server_metrics(a: argparse.Namespace, name: str) -> Metrics:
     """The metrics of this server (counting nothing without --metrics-listen)."""
+    from ..server.metrics import Metrics
     return Metrics(name if a.metrics_listen else None)
 
 
@@ -146,6 +149,7 @@ def serve_until_stopped(server: Http11Server, name: str, what: str, metrics: Met
     """Say where it serves, serve until SIGTERM or SIGINT, then stop: no new connections, requests
     in flight finish (a second signal stops at once). A failure of the server itself is an error.
     The metrics, if asked for, are served from here on."""
+    from ..server.common import parse_listen
     if metrics_listen:
         host, port = parse_listen(metrics_listen)
         host, port = metrics.serve(host or "0.0.0.0", port)
@@ -230,6 +234,10 @@ def reload_on_sighup(ctx: Context, swap: SwapStore, metrics: Metrics) -> None:
 
 
 def run_chunk_server(ctx: Context) -> int:
+    from ..server import ChunkServer
+    from ..server.common import make_server
+    from ..server.swap import SwapStore, swapping_handler
+    from ..store.converters import wire_converters
     a = ctx.args
     options = server_options(ctx)
     # The format clients exchange, checked before any upstream store is opened.
@@ -261,6 +269,7 @@ def run_chunk_server(ctx: Context) -> int:
 
 
 def run_index_server(ctx: Context) -> int:
+    from ..server import IndexServer
     a = ctx.args
     if len(a.store) != 1:
         raise UsageError("index-server needs exactly one index store (-s)")

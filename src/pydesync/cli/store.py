@@ -7,9 +7,6 @@ import sys
 
 from ..errors import UsageError
 from ..store.local import LocalStore
-from ..store.s3 import S3Store, upgrade_flat_layout
-from ..store.sftp import SftpStore
-from ..storeops import copy_chunks, prune, referenced_ids, verify_store
 from .common import Context, add_bool, add_concurrency, add_ignore, add_store_options, add_stores
 from .ignore import ignored_ids
 from .progress import Progress
@@ -51,6 +48,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
 
 
 def run_cache(ctx: Context) -> int:
+    from ..storeops import copy_chunks
     a = ctx.args
     if not a.cache:
         raise UsageError("no target cache store provided")
@@ -83,6 +81,7 @@ def _confirm(count: int, location: str) -> bool:
 
 
 def run_prune(ctx: Context) -> int:
+    from ..storeops import prune, referenced_ids
     a = ctx.args
     if len(a.store) != 1:
         raise UsageError("prune needs exactly one store (-s)")
@@ -97,6 +96,7 @@ def run_prune(ctx: Context) -> int:
 
 
 def run_upgrade_s3(ctx: Context) -> int:
+    from ..store.s3 import S3Store, upgrade_flat_layout
     a = ctx.args
     if len(a.store) != 1:
         raise UsageError("upgrade-s3 needs exactly one store (-s)")
@@ -110,6 +110,9 @@ def run_upgrade_s3(ctx: Context) -> int:
 
 
 def run_verify(ctx: Context) -> int:
+    from ..store.s3 import S3Store
+    from ..store.sftp import SftpStore
+    from ..storeops import verify_store
     a = ctx.args
     if len(a.store) != 1:
         raise UsageError("verify needs exactly one local store (-s)")

@@ -8,8 +8,6 @@ import os
 import random
 
 from ..errors import UsageError
-from ..remotesync import ServedFile, sync_get
-from ..server.sync import sync_server
 from .common import Context
 from .server import add_service_flags, serve_until_stopped, server_metrics, server_options
 
@@ -39,6 +37,8 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
 
 
 def run_sync_serve(ctx: Context) -> int:
+    from ..remotesync import ServedFile
+    from ..server.sync import sync_server
     a = ctx.args
     if a.perm_size < 1:
         raise UsageError("--perm-size must be at least 1")
@@ -56,6 +56,7 @@ def run_sync_serve(ctx: Context) -> int:
 
 
 def run_sync_get(ctx: Context) -> int:
+    from ..remotesync import sync_get
     a = ctx.args
     stats = sync_get(a.url, a.output, a.seed)
     if a.print_stats:

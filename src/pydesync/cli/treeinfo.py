@@ -7,16 +7,17 @@ import os
 import stat
 import sys
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
-from ..catar.decoder import DirectoryEnd, Node
 from ..digest import check_digest
 from ..errors import PydesyncError, UsageError
 from ..index import CA_FORMAT_INDEX
-from ..mtree import catar_items, index_items, mtree_lines, stream_items, tree_items
 from ..store import Store
-from ..treedigest import blob_digest, caibx_digest, caidx_digest, catar_digest, directory_digest, file_pieces
 from .archive import add_feature_flags, feature_flags
 from .common import Context, add_bool, add_store_options, add_stores
+
+if TYPE_CHECKING:
+    from ..catar.decoder import DirectoryEnd, Node
 
 WHATS = ("archive", "archive-index", "blob", "blob-index", "directory")
 SUFFIXES = {".catar": "archive", ".caidx": "archive-index", ".caibx": "blob-index"}
@@ -79,6 +80,7 @@ def _is_index(path: str) -> bool:
 
 
 def run_mtree(ctx: Context) -> int:
+    from ..mtree import catar_items, index_items, mtree_lines, stream_items, tree_items
     a = ctx.args
     digest = check_digest(ctx.digest)
     if a.index and not a.store:
@@ -145,6 +147,14 @@ def _index_store(ctx: Context) -> Store:
 
 
 def run_digest(ctx: Context) -> int:
+    from ..treedigest import (
+        blob_digest,
+        caibx_digest,
+        caidx_digest,
+        catar_digest,
+        directory_digest,
+        file_pieces,
+    )
     a = ctx.args
     a.one_file_system = a.exclude_submounts
     digest = check_digest(ctx.digest)

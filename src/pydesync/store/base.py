@@ -16,6 +16,7 @@ from ..errors import ChunkInvalid, StoreError
 from .converters import COMPRESSED, Converters
 
 if TYPE_CHECKING:
+    from ..chunkio import Placement
     from ..index import Index
 
 
@@ -125,6 +126,16 @@ class Store(ABC):
         Network stores send the request now so that several are in flight from one thread while
         it decodes another chunk; the default simply defers to get()."""
         return functools.partial(self.get, chunk_id, digest)
+
+    def begin_place(self, chunk_id: ChunkId, digest: str | None,
+                    placement: Placement) -> Callable[[], bytes | None]:
+        """Start fetching a chunk that goes to `placement`; the call returned either writes it
+        there, verified, and returns None, or returns its verified data for the caller to write.
+
+        Stores whose stored bytes the native path reads (local files, HTTP bodies; zstd or
+        plain, not encrypted) decode, verify and write a chunk in one call without the GIL;
+        the default fetches as begin_get does."""
+        return self.begin_get(chunk_id, digest)
 
     @abstractmethod
     def has(self, chunk_id: ChunkId) -> bool:

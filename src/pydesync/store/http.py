@@ -21,6 +21,7 @@ from urllib.parse import quote, urlsplit
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
 
+from ..chunkio import Placement, place_stored
 from ..codec import MAX_ENCODED_CHUNK
 from ..digest import ChunkId
 from ..errors import ChunkMissing, StoreError, UsageError
@@ -233,19 +234,40 @@ class HttpStore(Store):
     def begin_get(self, chunk_id: ChunkId, digest: str | None = None) -> Callable[[], bytes]:
         """Send the GET now; the call returned reads, decodes and verifies the answer, with the
         same retries as get() (the request sent counts as the first attempt)."""
-        fast = self.client.fast
-        if fast is None:
-            return super().begin_get(chunk_id, digest)
-        name = self._name(chunk_id)
-        try:
-            started = fast.begin("GET", self.client.path_of(name))
-        except (OSError, ssl.SSLError):
-            return super().begin_get(chunk_id, digest)
+        fetch = self._begin_body(chunk_id)
+        return lambda: self._decoded(chunk_id, fetch(), digest)
 
-        def finish() -> bytes:
+    def _begin_body(self, chunk_id: ChunkId) -> Callable[[], bytes | bytearray]:
+        """Send the GET now (pipelined, where the connection allows); the call returned reads the
+        body, with get()'s retries and ChunkMissing for a 404."""
+        name = self._name(chunk_id)
+        started = None
+        if self.client.fast is not None:
+            try:
+                started = self.client.fast.begin("GET", self.client.path_of(name))
+            except (OSError, ssl.SSLError):
+                started = None  # the request below connects afresh
+
+        def finish() -> bytes | bytearray:
             body = self.client.request("GET", name, started=started)
             if body is None:
                 raise ChunkMissing(chunk_id, [self.location])
+            return body
+        return finish
+
+    def begin_place(self, chunk_id: ChunkId, digest: str | None,
+                    placement: Placement) -> Callable[[], bytes | None]:
+        """begin_get's request, then the body decoded, verified and written in one native call
+        (the ordinary decoding, with its errors, for whatever that call does not handle)."""
+        fetch = self._begin_body(chunk_id)
+        if self.converters.encrypted:
+            return lambda: self._decoded(chunk_id, fetch(), digest)
+
+        def finish() -> bytes | None:
+            body = fetch()
+            if place_stored(body, self.converters.compressed, chunk_id, digest, not self.options.skip_verify,
+                            placement):
+                return None
             return self._decoded(chunk_id, body, digest)
         return finish
 

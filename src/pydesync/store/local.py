@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import os
 import re
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+from ..chunkio import Placement, place_file
 from ..codec import MAX_ENCODED_CHUNK
 from ..digest import ChunkId
 from ..errors import ChunkMissing, StoreError
@@ -121,6 +123,24 @@ class LocalStore(Store):
                 continue
             return self.checked(chunk_id, stored, converters, path, digest)
         raise ChunkMissing(chunk_id, [self.location], self._other_format(chunk_id))
+
+    def begin_place(self, chunk_id: ChunkId, digest: str | None,
+                    placement: Placement) -> Callable[[], bytes | None]:
+        return functools.partial(self._place, chunk_id, digest, placement)
+
+    def _place(self, chunk_id: ChunkId, digest: str | None, placement: Placement) -> bytes | None:
+        """The chunk file read, decoded, verified and written in one native call; anything that
+        call does not handle (another format, a damaged file) goes through get() and its errors."""
+        if not self.converters.encrypted:
+            for converters in self._formats:
+                done = place_file(self._path(chunk_id, converters.extension), MAX_ENCODED_CHUNK,
+                                  converters.compressed, chunk_id, digest, not self.options.skip_verify,
+                                  placement)
+                if done:
+                    return None
+                if done is not None:  # there, but for the ordinary path
+                    break
+        return self.get(chunk_id, digest)
 
     def _other_format(self, chunk_id: ChunkId) -> str:
         """What the store holds under this id in a format it was not opened for (a chunk stored

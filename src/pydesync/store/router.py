@@ -10,6 +10,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
+from ..chunkio import Placement
 from ..digest import ChunkId
 from ..errors import ChunkInvalid, ChunkMissing, PydesyncError
 from .base import Store
@@ -45,6 +46,12 @@ class StoreRouter(Store):
         if len(self.stores) == 1:  # the common `-s URL`: keep the store's own pipelining
             return self.stores[0].begin_get(chunk_id, digest)
         return super().begin_get(chunk_id, digest)
+
+    def begin_place(self, chunk_id: ChunkId, digest: str | None,
+                    placement: Placement) -> Callable[[], bytes | None]:
+        if len(self.stores) == 1:
+            return self.stores[0].begin_place(chunk_id, digest, placement)
+        return super().begin_place(chunk_id, digest, placement)
 
     def has(self, chunk_id: ChunkId) -> bool:
         return any(store.has(chunk_id) for store in self.stores)
