@@ -122,6 +122,21 @@ def test_many_concurrent_readers(blob_store: Path, tmp_path: Path):
     assert failures == []
 
 
+def test_a_second_read_is_served_by_the_page_cache(blob_store: Path, tmp_path: Path):
+    """The content never changes, so the kernel keeps what was read across opens (kernel_cache):
+    with the store gone, the whole file still reads back. (The mount's own chunk cache holds 64
+    chunks, fewer than this blob's, so its first chunks could only come from the kernel.)"""
+    store = tmp_path / "store"
+    shutil.copytree(blob_store / "store", store)
+    expected = (blob_store / "image").read_bytes()
+    assert len(read_index(str(blob_store / "image.caibx")).chunks) > 64
+    with mounted("-s", store, blob_store / "image.caibx", mountpoint=tmp_path / "m", wait_for="image"):
+        target = tmp_path / "m" / "image"
+        assert target.read_bytes() == expected
+        shutil.rmtree(store)
+        assert target.read_bytes() == expected
+
+
 def test_missing_chunk_is_eio_for_its_range_only(blob_store: Path, tmp_path: Path):
     store = tmp_path / "store"
     shutil.copytree(blob_store / "store", store)

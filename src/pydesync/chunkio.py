@@ -25,6 +25,10 @@ _KIND = {SHA512_256: 0, SHA256: 1}
 NO_VERIFY = -1
 
 
+class WriteFailed(OSError):
+    """The output could not be written (a full disk): the caller names its file."""
+
+
 def native() -> bool:
     """Whether the native per-chunk calls are there (tests and the bench report it)."""
     return _chunkio is not None
@@ -64,11 +68,14 @@ def place_stored(stored: bytes | bytearray, compressed: bool, chunk_id: ChunkId,
                  verify: bool, placement: Placement) -> bool:
     """Decode `stored` (zstd if compressed), check its size and id, write it at its places: True
     when done; False when the caller must decode it the ordinary way (another compression, or
-    something wrong that deserves its own error). A failed write raises OSError."""
+    something wrong that deserves its own error). A failed write raises WriteFailed."""
     if _chunkio is None:
         return False
-    status = _chunkio.write_stored(stored, compressed, _kind(digest, verify), chunk_id, placement.size,
-                                   placement.fd, placement.offsets)
+    try:
+        status = _chunkio.write_stored(stored, compressed, _kind(digest, verify), chunk_id, placement.size,
+                                       placement.fd, placement.offsets)
+    except OSError as e:
+        raise WriteFailed(e.errno, e.strerror) from None
     return status == _chunkio.WRITTEN
 
 
@@ -79,8 +86,11 @@ def place_file(path: str, limit: int, compressed: bool, chunk_id: ChunkId, diges
     way (or without the extension)."""
     if _chunkio is None:
         return False
-    status = _chunkio.write_file(os.fsencode(path), limit, compressed, _kind(digest, verify), chunk_id,
-                                 placement.size, placement.fd, placement.offsets)
+    try:
+        status = _chunkio.write_file(os.fsencode(path), limit, compressed, _kind(digest, verify), chunk_id,
+                                     placement.size, placement.fd, placement.offsets)
+    except OSError as e:
+        raise WriteFailed(e.errno, e.strerror) from None
     if status == _chunkio.ABSENT:
         return None
     return status == _chunkio.WRITTEN

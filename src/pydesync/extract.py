@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from .chunkio import Placement
+from .chunkio import Placement, WriteFailed
 from .digest import ChunkId, digest_of
 from .errors import ChunkInvalid, ChunkMissing, PydesyncError, UsageError
 from .fsutil import temp_name_for
@@ -49,6 +49,8 @@ from .seed import (
 from .store.base import Store
 
 log = logging.getLogger(__name__)
+
+PREALLOCATE_PIECE = 16 << 20  # what the preallocating thread allocates at a time (tmpfs: ~5 ms)
 
 
 @dataclass
@@ -110,6 +112,9 @@ class _Target:
         except FileNotFoundError:
             mode = 0o644
         self.in_place = in_place or self.block_device
+        self._allocator: threading.Thread | None = None
+        self._allocation_error: BaseException | None = None
+        self._stop_allocating = False
         self.path = output if self.in_place else temp_name_for(output)
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if self.in_place else os.O_EXCL)
         try:
@@ -130,23 +135,46 @@ class _Target:
             raise
 
     def preallocate(self, chunks: list[IndexChunk], null_id: ChunkId) -> None:
-        """Allocate the ranges that will hold data, leaving null chunks as holes.
+        """Allocate the ranges that will hold data, leaving null chunks as holes, in a thread of
+        its own while the chunks are fetched.
 
-        Writing into allocated space is much cheaper than allocating page by
-        page on the way (notably on tmpfs), and a full disk fails here, early,
-        rather than halfway through.
-        """
+        Writing into allocated space is much cheaper than allocating page by page on the way
+        (notably on tmpfs, where allocating is zeroing memory: a third of a second per GiB,
+        which done first was a sixth of a local extract). It runs in pieces, so writes are
+        never held up by more than one piece; a full disk stops the extract at finish()."""
         if not self.blank or self.block_device:
             return
+        ranges = []
         run_start = run_end = 0
         for chunk in chunks:
             if chunk.id == null_id:
                 continue
             if chunk.start != run_end:
-                self._allocate(run_start, run_end - run_start)
+                ranges.append((run_start, run_end - run_start))
                 run_start = chunk.start
             run_end = chunk.end
-        self._allocate(run_start, run_end - run_start)
+        ranges.append((run_start, run_end - run_start))
+        self._allocator = threading.Thread(target=self._allocate_all, args=(ranges,), daemon=True,
+                                           name="pydesync-preallocate")
+        self._allocator.start()
+
+    def _allocate_all(self, ranges: list[tuple[int, int]]) -> None:
+        try:
+            for offset, length in ranges:
+                for at in range(offset, offset + length, PREALLOCATE_PIECE):
+                    if self._stop_allocating:
+                        return
+                    self._allocate(at, min(PREALLOCATE_PIECE, offset + length - at))
+        except BaseException as e:
+            self._allocation_error = e
+
+    def finish_allocating(self) -> None:
+        """Wait for the preallocation; raise what it failed with (a full disk)."""
+        if self._allocator is not None:
+            self._allocator.join()
+            self._allocator = None
+        if self._allocation_error is not None:
+            raise self._allocation_error
 
     def _allocate(self, offset: int, length: int) -> None:
         if length <= 0:
@@ -155,14 +183,21 @@ class _Target:
             os.posix_fallocate(self.fd, offset, length)
         except OSError as e:
             if e.errno == errno.ENOSPC:
-                raise PydesyncError(f"cannot write {self.output}: {e.strerror}") from None
+                raise self.write_error(e) from None
             # EOPNOTSUPP/EINVAL: the filesystem cannot preallocate; plain writes still work
 
     def write(self, data: bytes, offset: int) -> None:
         view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
+        try:
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as e:
+            raise self.write_error(e) from None
+
+    def write_error(self, e: OSError) -> PydesyncError:
+        """A write into the output that failed, named after the output (not its temporary name)."""
+        return PydesyncError(f"cannot write {self.output}: {e.strerror}")
 
     def holds(self, chunk: IndexChunk, digest: str) -> bool:
         """Whether the target already has this chunk's bytes at its offset (in-place updates)."""
@@ -172,12 +207,16 @@ class _Target:
         return len(existing) == chunk.size and digest_of(existing, digest) == chunk.id
 
     def commit(self) -> None:
+        self.finish_allocating()
         fd, self.fd = self.fd, -1
         os.close(fd)
         if not self.in_place:
             os.replace(self.path, self.output)
 
     def abort(self) -> None:
+        self._stop_allocating = True
+        with contextlib.suppress(BaseException):
+            self.finish_allocating()  # (before the descriptor it uses is closed)
         if self.fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
@@ -272,7 +311,10 @@ def _fetch(index: Index, wanted: list[int], target: _Target, store: Store, stats
         fetch = store.begin_place(chunk_id, digest, placement)
 
         def finish() -> None:
-            data = fetch()
+            try:
+                data = fetch()
+            except WriteFailed as e:
+                raise target.write_error(e) from None
             if data is None:  # written where it goes by the store's native path
                 stats.add("chunks_from_store", len(need))
                 _report(progress, len(todo))

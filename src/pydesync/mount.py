@@ -275,12 +275,9 @@ def make_operations(fuse: Any, *, blob: tuple[str, ChunkReader] | None = None,
             self.mounted = time.time_ns()
 
         def init_with_config(self, conn: Any, config: Any) -> None:
-            """Larger kernel read-ahead and reads (fewer round trips for a sequential reader); the
-            data never changes, so the page cache may keep it."""
+            """Larger kernel read-ahead and reads (fewer round trips for a sequential reader)."""
             if conn is not None:
                 conn.max_readahead = 4 << 20
-            if config is not None:
-                config.kernel_cache = 1
 
         def _entry(self, path: str) -> Entry:
             assert tree is not None
@@ -364,11 +361,13 @@ def make_operations(fuse: Any, *, blob: tuple[str, ChunkReader] | None = None,
 def mount(operations: Any, fuse: Any, mountpoint: str, name: str) -> None:
     """Serve until unmounted (SIGINT and SIGTERM unmount: libfuse's own handlers). Call from the
     main thread."""
+    # kernel_cache: the content never changes, so the page cache keeps what was read across opens
+    # and a second read is served by the kernel (set in the config at init, it was not honoured).
     # libfuse installs its own SIGINT/SIGTERM/SIGHUP handlers (which end the loop and unmount) only
     # over default ones; Python's would merely set a flag the C loop never looks at.
     saved = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        fuse.FUSE(operations, mountpoint, foreground=True, ro=True, nothreads=False,
+        fuse.FUSE(operations, mountpoint, foreground=True, ro=True, nothreads=False, kernel_cache=True,
                   fsname=f"pydesync:{name}", default_permissions=True)
     except RuntimeError as e:
         raise PydesyncError(f"cannot mount on {mountpoint}: {e} (is /dev/fuse usable here?)") from None
