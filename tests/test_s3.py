@@ -23,6 +23,8 @@ import pytest
 from conftest import S3Server, assert_clean_error, run_cli
 from procutil import HANG_GUARD
 
+from pydesync.digest import ChunkId
+from pydesync.errors import ChunkMissing
 from pydesync.index import read_index
 
 KEY = re.compile(r"^([0-9a-f]{4})/(\1[0-9a-f]{60})\.cacnk$")
@@ -371,5 +373,38 @@ def test_an_object_larger_than_allowed_is_refused_before_reading(s3_server: S3Se
         assert store.objects.read("big", limit=5000) == bytes(5000)
         with pytest.raises(StoreError, match="object of 5000 bytes, longer than 4999 bytes"):
             store.objects.read("big", limit=4999)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("which", ["s3_server", "s3_auth_server"])
+def test_chunk_requests_go_direct_and_signed(which: str, request: pytest.FixtureRequest, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch):
+    """GET, HEAD and PUT of chunks skip botocore's request machinery (signed by its SigV4 signer,
+    sent over urllib3): the authenticating server accepts every one, none is handed back to boto3,
+    and missing chunks are told apart from errors."""
+    from pydesync.extract import extract
+    from pydesync.make import chunk_stream
+    from pydesync.store.s3 import S3Store
+
+    server: S3Server = request.getfixturevalue(which)
+    for name in [k for k in os.environ if k.startswith(("AWS_", "S3_"))]:
+        monkeypatch.delenv(name)
+    for name, value in server.env.items():
+        monkeypatch.setenv(name, value)
+    bucket = server.bucket()
+    data = blob(tmp_path / "blob", 11, 1_200_000)
+    store = S3Store(f"s3+{server.endpoint}/{bucket}/direct")
+    try:
+        with open(tmp_path / "blob", "rb") as f:
+            index, stats = chunk_stream(f, store=store)
+        assert stats.chunks_stored == len(set(c.id for c in index)) > 3
+        assert all(store.has(c.id) for c in index)
+        assert not store.has(ChunkId(bytes(32)))
+        with pytest.raises(ChunkMissing):
+            store.get(ChunkId(bytes(32)))
+        extract(index, str(tmp_path / "out"), store)
+        assert (tmp_path / "out").read_bytes() == data
+        assert store.objects.direct is not None and store.objects.direct.fallbacks == 0
     finally:
         store.close()

@@ -74,7 +74,7 @@ def _seconds(timeout: float | None) -> float | None:
     return None if timeout in (None, float("inf")) else timeout
 
 
-def _proxy_for(base: str) -> str | None:
+def proxy_for(base: str) -> str | None:
     parts = urllib3.util.parse_url(base)
     proxy = urllib.request.getproxies().get(parts.scheme or "http")
     return proxy if proxy and not urllib.request.proxy_bypass(parts.host or "") else None
@@ -103,7 +103,7 @@ class HttpClient:
             self.headers["Authorization"] = options.http_auth
         if options.http_cookie:
             self.headers["Cookie"] = options.http_cookie
-        proxy = _proxy_for(self.base)
+        proxy = proxy_for(self.base)
         self.pool: urllib3.PoolManager = make_pool(options) if proxy is None else urllib3.ProxyManager(
             proxy, retries=False, timeout=_urllib3_timeout(options))
         self.fast: FastHttp | None = None
