@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
+import threading
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oracle import oracle_cuts
+from procutil import HANG_GUARD
 
 from pydesync.chunker import ChunkSizes, InputShrank
 from pydesync.digest import digest_of
@@ -128,3 +131,41 @@ def test_an_input_cut_short_while_chunked_is_one_clear_error(tmp_path: Path):
     store = _Truncating(tmp_path / "store", path, keep=6 << 20)  # the first 4 MiB window stays whole
     with pytest.raises(InputShrank, match="changed size while it was being read"):
         parallel(path, ChunkSizes(16 * 1024, 64 * 1024, 256 * 1024), 1, store=store)
+
+
+class _Rendezvous(LocalStore):
+    """A store on a network (remote): the first has() calls wait until `width` of them are waiting
+    at once (`met`); later ones go straight through."""
+
+    remote = True
+
+    def __init__(self, path: Path, width: int):
+        super().__init__(path, create=True)
+        self.barrier = threading.Barrier(width, timeout=HANG_GUARD)
+        self.met = False
+
+    def has(self, chunk_id) -> bool:
+        if not self.met:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                self.barrier.wait()
+                self.met = True
+        return super().has(chunk_id)
+
+
+def test_a_network_store_gets_requests_in_parallel(tmp_path: Path):
+    """make of a file into a network store keeps -n requests going, not one per chunking thread:
+    four has() calls meet at once (with two they would wait for the hang guard and fail)."""
+    path = tmp_path / "input"
+    data = random.Random(4).randbytes(2 << 20)
+    path.write_bytes(data)
+    store = _Rendezvous(tmp_path / "store", 4)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        index, stats = chunk_file(fd, len(data), ChunkSizes(16 * 1024, 64 * 1024, 256 * 1024), store=store,
+                                  parts=1, concurrency=8)
+    finally:
+        os.close(fd)
+    assert store.met
+    assert stats.chunks_stored == len(set(c.id for c in index)) > 8
+    with open(path, "rb") as f:
+        assert index.to_bytes() == chunk_stream(f, ChunkSizes(16 * 1024, 64 * 1024, 256 * 1024))[0].to_bytes()

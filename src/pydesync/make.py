@@ -16,6 +16,7 @@ in a thread pool.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import stat
 import sys
@@ -89,7 +90,7 @@ class ChunkSink:
     """
 
     def __init__(self, store: Store | None, digest: str, sizes: ChunkSizes,
-                 progress: Callable[[int], None] | None = None):
+                 progress: Callable[[int], None] | None = None, uploads: int = 0):
         self.store = store
         self.progress = progress  # called with each chunk's size as it is named
         self.digest = digest
@@ -99,6 +100,11 @@ class ChunkSink:
         self.stored = 0
         self.produced = 0
         self.lock = threading.Lock()
+        # A network store's has() and put() wait on round trips: with `uploads` threads they
+        # overlap (at most twice as many chunks waiting), instead of one per chunking worker.
+        self._uploads = ThreadPoolExecutor(uploads, "pydesync-upload") if uploads and store else None
+        self._upload_slots = threading.BoundedSemaphore(2 * max(1, uploads))
+        self._upload_errors: list[BaseException] = []
 
     def identify_block(self, block: memoryview, cuts: list[int]) -> list[ChunkId]:
         """The ids of a block's chunks block[0:cuts[0]], block[cuts[0]:cuts[1]], ... in one call."""
@@ -114,17 +120,48 @@ class ChunkSink:
         return digest_of(data, self.digest)
 
     def keep(self, chunk_id: ChunkId, data: bytes | memoryview) -> None:
-        """Store the chunk unless this run already did or the store has it."""
+        """Store the chunk unless this run already did or the store has it (in the upload threads,
+        if there are any: then a view into a recycled read buffer is copied first; one into a
+        mapped window keeps the window alive by itself)."""
         if self.store is None:
             return
         with self.lock:
             if chunk_id in self.seen:
                 return
             self.seen.add(chunk_id)
+        if self._uploads is None:
+            self._store(chunk_id, data)
+            return
+        if self._upload_errors:
+            raise self._upload_errors[0]
+        if isinstance(data, memoryview) and not isinstance(data.obj, mmap.mmap):
+            data = bytes(data)
+        self._upload_slots.acquire()
+        self._uploads.submit(self._upload, chunk_id, data)
+
+    def _upload(self, chunk_id: ChunkId, data: bytes | memoryview) -> None:
+        try:
+            if not self._upload_errors:
+                self._store(chunk_id, data)
+        except BaseException as e:
+            self._upload_errors.append(e)
+        finally:
+            self._upload_slots.release()
+
+    def _store(self, chunk_id: ChunkId, data: bytes | memoryview) -> None:
+        assert self.store is not None
         if self.store.buffers_writes or not self.store.has(chunk_id):
             self.store.put(chunk_id, data)
             with self.lock:
                 self.stored += 1
+
+    def finish(self) -> None:
+        """Wait for the uploads; raise the first that failed."""
+        if self._uploads is not None:
+            self._uploads.shutdown(wait=True, cancel_futures=bool(self._upload_errors))
+            self._uploads = None
+        if self._upload_errors:
+            raise self._upload_errors[0]
 
     def __call__(self, batch: list[memoryview]) -> list[tuple[ChunkId, int]]:
         """Hash and keep a batch of chunks (the stream pipeline's worker)."""
@@ -247,7 +284,8 @@ def chunk_file(fd: int, size: int, sizes: ChunkSizes = DEFAULT_SIZES, digest: st
     number of cores (the work is CPU-bound) and at one part per 16 MiB.
     """
     check_digest(digest)
-    sink = ChunkSink(store, digest, sizes, progress)
+    remote = store is not None and store.remote and not store.buffers_writes
+    sink = ChunkSink(store, digest, sizes, progress, uploads=workers_for(concurrency, True) if remote else 0)
     if parts is None:
         parts = min(concurrency, os.cpu_count() or 1, size // max(MIN_PART, 16 * sizes.max))
     count = max(1, min(parts, size))
@@ -259,14 +297,20 @@ def chunk_file(fd: int, size: int, sizes: ChunkSizes = DEFAULT_SIZES, digest: st
         return _chunk_from(fd, bounds[i], size, sizes, sink, stop=lambda c: c >= end,
                            hold_until=bounds[i] + hold if i else 0)
 
-    if count == 1:
-        found = [run(0)] if size else []
-    else:
-        with ThreadPoolExecutor(max_workers=count, thread_name_prefix="pydesync-chunk") as pool:
-            found = list(pool.map(run, range(count)))
-    index = Index(flags=blob_flags(digest) if flags is None else flags, sizes=sizes)
-    for _start, n, chunk_id in _join(found, fd, size, sizes, sink):
-        index.append(chunk_id, n)
+    try:
+        if count == 1:
+            found = [run(0)] if size else []
+        else:
+            with ThreadPoolExecutor(max_workers=count, thread_name_prefix="pydesync-chunk") as pool:
+                found = list(pool.map(run, range(count)))
+        index = Index(flags=blob_flags(digest) if flags is None else flags, sizes=sizes)
+        for _start, n, chunk_id in _join(found, fd, size, sizes, sink):
+            index.append(chunk_id, n)
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            sink.finish()  # (its own error, if any, matters less than this one)
+        raise
+    sink.finish()
     return index, _stats(index, sink)
 
 

@@ -220,11 +220,26 @@ class DirectRequests:
         else:
             self._base = f"{where.endpoint}/{quote(where.bucket, safe='')}/"
         self.fallbacks = 0  # requests handed back to boto3 (tests check that none are)
+        self._attempts = max(1, options.error_retry)
+        self._retry_base = options.error_retry_base
         self.through_proxy = proxy_for(self._base) is not None
 
     def _send(self, method: str, key: str, body: bytes | None = None, content_type: str | None = None,
               limit: int = MAX_ENCODED_CHUNK) -> tuple[int, bytes] | None:
+        """(status, body) of a 200, 204 or 404; None to ask boto3. Throttling, 5xx answers and
+        dropped connections are retried first, as desync retries (`error-retry` attempts, the
+        n-th waiting n times `error-retry-base`)."""
         url = self._base + quote(key, safe="/~")
+        for attempt in range(1, self._attempts + 1):
+            answer = self._attempt(method, url, body, content_type, limit)
+            if answer != "retry":
+                return answer  # type: ignore[return-value]
+            if attempt < self._attempts:
+                time.sleep(attempt * self._retry_base)
+        return self._fallback()
+
+    def _attempt(self, method: str, url: str, body: bytes | None, content_type: str | None,
+                 limit: int) -> tuple[int, bytes] | str | None:
         headers = {"Content-Type": content_type} if content_type else {}
         if self._credentials is not None:
             request = self._request(method=method, url=url, data=body or b"", headers=headers)
@@ -234,17 +249,20 @@ class DirectRequests:
             answer = self.pool.request(method, url, body=body, headers=headers, preload_content=False,
                                        redirect=False)
         except (urllib3.exceptions.HTTPError, OSError):
-            return self._fallback()
+            return "retry"
         try:
             declared = int(answer.headers.get("Content-Length") or 0)
+            if answer.status >= 500:
+                answer.drain_conn()
+                return "retry"
             if declared > limit or answer.status not in (200, 204, 404):
                 return self._fallback(answer)
             data = b"" if method == "HEAD" else answer.read(limit + 1)
             if len(data) > limit or (method != "HEAD" and answer.status == 200 and len(data) != declared):
-                return self._fallback(answer)
+                return "retry"  # a body cut short
             return answer.status, data
         except (urllib3.exceptions.HTTPError, OSError):
-            return self._fallback(answer)
+            return "retry"
         finally:
             answer.release_conn()
 
