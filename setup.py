@@ -6,6 +6,7 @@ decode-verify-write in one call (OpenSSL and libzstd: built only where their hea
 Debian's libssl-dev and libzstd-dev; without it the same work is done from Python, more slowly).
 """
 
+import hashlib
 import os
 import sys
 import tempfile
@@ -15,7 +16,11 @@ from setuptools import Extension, setup
 COMPILE_ARGS = ["-O3", "-std=c11", "-Wall"]
 # Build products (object files, egg-info) go to a folder of their own outside the source tree, so
 # `pip install .` leaves the clone as it was.
-BUILD = os.path.join(tempfile.gettempdir(), f"pydesync-build-{os.getuid()}")
+# One folder per source tree: two clones sharing one would each take the other's newer copies of
+# the Python files for up to date (build_py compares times), and install them.
+SOURCE = os.path.dirname(os.path.realpath(__file__))
+BUILD = os.path.join(tempfile.gettempdir(),
+                     f"pydesync-build-{os.getuid()}-{hashlib.sha256(SOURCE.encode()).hexdigest()[:12]}")
 os.makedirs(BUILD, exist_ok=True)
 
 

@@ -1,16 +1,16 @@
 """extract and cat: assemble a blob from its index and stores.
 
 Each distinct chunk is fetched once (decompressed and verified in a worker
-thread) and written at every offset where it occurs, into a preallocated
-temporary file that is renamed over the target only when complete. All-zero
-max-size chunks are never fetched: they become holes.
+thread) and written at every offset where it occurs, into a sparse temporary
+file that is renamed over the target only when complete. All-zero max-size
+chunks are never fetched: they stay holes. (The file is not preallocated: on
+tmpfs that zeroed memory a core had to wait for, and it gained nothing elsewhere.)
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
-import errno
 import functools
 import logging
 import os
@@ -49,8 +49,6 @@ from .seed import (
 from .store.base import Store
 
 log = logging.getLogger(__name__)
-
-PREALLOCATE_PIECE = 16 << 20  # what the preallocating thread allocates at a time (tmpfs: ~5 ms)
 
 
 @dataclass
@@ -112,9 +110,6 @@ class _Target:
         except FileNotFoundError:
             mode = 0o644
         self.in_place = in_place or self.block_device
-        self._allocator: threading.Thread | None = None
-        self._allocation_error: BaseException | None = None
-        self._stop_allocating = False
         self.path = output if self.in_place else temp_name_for(output)
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if self.in_place else os.O_EXCL)
         try:
@@ -133,58 +128,6 @@ class _Target:
         except BaseException:
             self.abort()
             raise
-
-    def preallocate(self, chunks: list[IndexChunk], null_id: ChunkId) -> None:
-        """Allocate the ranges that will hold data, leaving null chunks as holes, in a thread of
-        its own while the chunks are fetched.
-
-        Writing into allocated space is much cheaper than allocating page by page on the way
-        (notably on tmpfs, where allocating is zeroing memory: a third of a second per GiB,
-        which done first was a sixth of a local extract). It runs in pieces, so writes are
-        never held up by more than one piece; a full disk stops the extract at finish()."""
-        if not self.blank or self.block_device:
-            return
-        ranges = []
-        run_start = run_end = 0
-        for chunk in chunks:
-            if chunk.id == null_id:
-                continue
-            if chunk.start != run_end:
-                ranges.append((run_start, run_end - run_start))
-                run_start = chunk.start
-            run_end = chunk.end
-        ranges.append((run_start, run_end - run_start))
-        self._allocator = threading.Thread(target=self._allocate_all, args=(ranges,), daemon=True,
-                                           name="pydesync-preallocate")
-        self._allocator.start()
-
-    def _allocate_all(self, ranges: list[tuple[int, int]]) -> None:
-        try:
-            for offset, length in ranges:
-                for at in range(offset, offset + length, PREALLOCATE_PIECE):
-                    if self._stop_allocating:
-                        return
-                    self._allocate(at, min(PREALLOCATE_PIECE, offset + length - at))
-        except BaseException as e:
-            self._allocation_error = e
-
-    def finish_allocating(self) -> None:
-        """Wait for the preallocation; raise what it failed with (a full disk)."""
-        if self._allocator is not None:
-            self._allocator.join()
-            self._allocator = None
-        if self._allocation_error is not None:
-            raise self._allocation_error
-
-    def _allocate(self, offset: int, length: int) -> None:
-        if length <= 0:
-            return
-        try:
-            os.posix_fallocate(self.fd, offset, length)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise self.write_error(e) from None
-            # EOPNOTSUPP/EINVAL: the filesystem cannot preallocate; plain writes still work
 
     def write(self, data: bytes, offset: int) -> None:
         view = memoryview(data)
@@ -207,16 +150,12 @@ class _Target:
         return len(existing) == chunk.size and digest_of(existing, digest) == chunk.id
 
     def commit(self) -> None:
-        self.finish_allocating()
         fd, self.fd = self.fd, -1
         os.close(fd)
         if not self.in_place:
             os.replace(self.path, self.output)
 
     def abort(self) -> None:
-        self._stop_allocating = True
-        with contextlib.suppress(BaseException):
-            self.finish_allocating()  # (before the descriptor it uses is closed)
         if self.fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
@@ -243,7 +182,6 @@ def extract(index: Index, output: str, store: Store, concurrency: int = DEFAULT_
     digest = index.digest
     target = _Target(output, index.length, in_place)  # (cleans up after itself if interrupted)
     try:
-        target.preallocate(index.chunks, null_id)
         stats.blocksize = target.blocksize
         usable = _open_seeds(seeds, output)
         nulls = [i for i, c in enumerate(index.chunks) if c.id == null_id and c.size == index.sizes.max]

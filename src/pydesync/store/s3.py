@@ -221,6 +221,7 @@ class DirectRequests:
             self._base = f"{where.endpoint}/{quote(where.bucket, safe='')}/"
         self.fallbacks = 0  # requests handed back to boto3 (tests check that none are)
         self._attempts = max(1, options.error_retry)
+        self.disabled = False
         self._retry_base = options.error_retry_base
         self.through_proxy = proxy_for(self._base) is not None
 
@@ -229,6 +230,8 @@ class DirectRequests:
         """(status, body) of a 200, 204 or 404; None to ask boto3. Throttling, 5xx answers and
         dropped connections are retried first, as desync retries (`error-retry` attempts, the
         n-th waiting n times `error-retry-base`)."""
+        if self.disabled:
+            return None
         url = self._base + quote(key, safe="/~")
         for attempt in range(1, self._attempts + 1):
             answer = self._attempt(method, url, body, content_type, limit)
@@ -248,6 +251,8 @@ class DirectRequests:
         try:
             answer = self.pool.request(method, url, body=body, headers=headers, preload_content=False,
                                        redirect=False)
+        except urllib3.exceptions.SSLError:
+            return self._give_up()  # (a certificate that only boto3's addressing matches)
         except (urllib3.exceptions.HTTPError, OSError):
             return "retry"
         try:
@@ -255,6 +260,8 @@ class DirectRequests:
             if answer.status >= 500:
                 answer.drain_conn()
                 return "retry"
+            if answer.status < 200 or 300 <= answer.status < 404 or answer.status > 404:
+                return self._give_up(answer)  # redirects (another region), refusals: boto3's to handle
             if declared > limit or answer.status not in (200, 204, 404):
                 return self._fallback(answer)
             data = b"" if method == "HEAD" else answer.read(limit + 1)
@@ -265,6 +272,12 @@ class DirectRequests:
             return "retry"
         finally:
             answer.release_conn()
+
+    def _give_up(self, answer: urllib3.BaseHTTPResponse | None = None) -> None:
+        """An answer that says this bucket wants what only boto3 does (its region, its addressing):
+        every later request goes to boto3 too, rather than paying for a useless first try."""
+        self.disabled = True
+        return self._fallback(answer)
 
     def _fallback(self, answer: urllib3.BaseHTTPResponse | None = None) -> None:
         if answer is not None:
