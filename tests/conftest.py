@@ -157,8 +157,13 @@ def assert_clean_error(result: Result, *fragments: str) -> None:
 
 
 def no_stray_files(folder: Path, allowed: set[str]) -> list[str]:
-    """Names in `folder` other than `allowed` (temporary files left behind, partial outputs)."""
-    return sorted(p.name for p in folder.iterdir() if p.name not in allowed)
+    """Names in `folder` other than `allowed` (temporary files left behind, partial outputs). An
+    extract's partial output with its index (`.NAME.partial` and `.NAME.partial.caibx`) is what a
+    failed extract leaves on purpose, for the next one to resume: the pair is allowed, either alone
+    is not."""
+    names = {p.name for p in folder.iterdir()}
+    pairs = {n for n in names if n.endswith(".partial") and n + ".caibx" in names}
+    return sorted(names - allowed - pairs - {n + ".caibx" for n in pairs})
 
 
 @dataclass

@@ -142,3 +142,12 @@ def exchange(port: int, data: bytes) -> bytes:
             while chunk := s.recv(65536):
                 out += chunk
         return out
+
+
+def wait_until_written(partial: Path) -> None:
+    """Until an extract stalled by a Gate has written a chunk of what it was answered (its partial
+    output is sparse: blocks appear as chunks land)."""
+    deadline = time.monotonic() + HANG_GUARD
+    while not (partial.exists() and partial.stat().st_blocks > 0):
+        assert time.monotonic() < deadline, "no chunk was written"
+        time.sleep(0.01)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import need
+from conftest import need, no_stray_files
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from procutil import free_port, stop, wait_listening
@@ -211,11 +211,11 @@ def test_extract_over_http_takes_every_form_of_chunk(tmp_path: Path):
     assert (tmp_path / "out").read_bytes() == data
 
 
-def test_a_damaged_chunk_is_named_and_no_output_is_left(tmp_path: Path):
+def test_a_damaged_chunk_is_named_and_no_output_appears(tmp_path: Path):
     index, _data, store = mixed_store(tmp_path)
     bad = index.chunks[4]
     Path(LocalStore(store).chunk_path(bad.id)).write_bytes(compress(b"not this chunk"))
     with pytest.raises(ChunkInvalid, match=str(bad.id)):
         extract(index, str(tmp_path / "out"), LocalStore(store))
     assert not (tmp_path / "out").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["store"]
+    assert no_stray_files(tmp_path, {"store"}) == []  # (the partial, kept for a rerun, may be)

@@ -9,6 +9,7 @@ then checks the invariants with pydesync's own verify and by comparing files.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 from faultserver import Gate
-from procutil import HANG_GUARD, start_server, stop
+from procutil import HANG_GUARD, start_server, stop, wait_until_written
 
 from pydesync.codec import decompress
 from pydesync.index import read_index
@@ -220,10 +221,11 @@ def test_tar_index_killed_leaves_a_sound_store_and_completes(tmp_path: Path):
             assert (tmp_path / "out" / name).read_bytes() == (tree / name).read_bytes()
 
 
-def test_temporary_files_of_killed_runs_are_removed_by_the_next(data: Path, fault):
-    """kill -9 leaves extract's temporary output behind (nothing can remove it then); a later run
-    to the same output removes it once it is stale (writer gone, untouched for a minute), but
-    never one whose writer is alive. The kill lands while the store holds the extract's requests."""
+def test_what_killed_runs_leave_is_taken_up_or_removed_by_the_next(data: Path, fault):
+    """kill -9 leaves extract's partial output and its index behind (nothing can remove them then):
+    the next run to the same output takes them up and removes them. Temporary files of other
+    writers (one that found the partial held) are removed once stale (writer gone, untouched for a
+    minute), never one whose writer is alive. The kill lands while the store holds the requests."""
     from pydesync.fsutil import STALE_AFTER
 
     assert run_cli("make", "-s", data / "store", data / "a.caibx", data / "a").returncode == 0
@@ -231,14 +233,17 @@ def test_temporary_files_of_killed_runs_are_removed_by_the_next(data: Path, faul
     server = fault(data / "store", gate)
     proc = pydesync("extract", "-n", "1", "-s", server.url, data / "a.caibx", data / "out")
     gate.wait_for_waiting(1)
+    wait_until_written(data / ".out.partial")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    left = list(data.glob(".out.*.tmp"))
-    assert len(left) == 1 and not (data / "out").exists()
+    assert sorted(p.name for p in data.glob(".out*")) == [".out.partial", ".out.partial.caibx"]
+    assert not (data / "out").exists()
+    dead = data / ".out.4194305-0123456789ab.tmp"  # a pid above Linux's largest: a writer long gone
     live = data / f".out.{os.getpid()}-0123456789ab.tmp"  # this test's own pid: a live writer
-    live.write_bytes(b"in progress")
-    for path in (left[0], live):
+    for path in (dead, live):
+        path.write_bytes(b"in progress")
         os.utime(path, (time.time() - STALE_AFTER - 5,) * 2)
-    r = run_cli("extract", "-s", data / "store", data / "a.caibx", data / "out")
+    r = run_cli("extract", "--print-stats", "-s", data / "store", data / "a.caibx", data / "out")
     assert r.returncode == 0 and (data / "out").read_bytes() == (data / "a").read_bytes()
-    assert sorted(data.glob(".out.*.tmp")) == [live]
+    assert json.loads(r.stdout)["chunks-from-partial"] >= 1
+    assert sorted(data.glob(".out*")) == [live]

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean_error
+from conftest import assert_clean_error, no_stray_files
 from faultserver import FaultServer, answer
 from procutil import HANG_GUARD, exchange, free_port, start_server, stop, wait_listening
 from vectors import NULL_CHUNK_32K
@@ -398,7 +398,7 @@ def test_connection_dropped_mid_response(cli, desync_cmd, first_chunk, fault, tm
     assert_clean_error(r, first_chunk[:4])
     assert server.counts[target] == 3
     assert (tmp_path / "out").read_bytes() == b"old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert no_stray_files(tmp_path, {"out"}) == []
 
 
 def drip(handler, path, count, body):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import fcntl
 import functools
 import logging
 import os
@@ -24,8 +25,8 @@ from typing import BinaryIO
 from .chunkio import Placement, WriteFailed
 from .digest import ChunkId, digest_of
 from .errors import ChunkInvalid, ChunkMissing, PydesyncError, UsageError
-from .fsutil import temp_name_for
-from .index import Index, IndexChunk
+from .fsutil import remove_stale_temps, temp_name_for
+from .index import MAX_INDEX_BYTES, Index, IndexChunk, parse_index
 from .parallel import (
     DEFAULT_CONCURRENCY,
     for_each,
@@ -53,11 +54,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ExtractStats:
-    """desync's `extract --print-stats` fields."""
+    """desync's `extract --print-stats` fields, and chunks an interrupted run's partial held."""
 
     chunks_from_seeds: int = 0
     chunks_from_store: int = 0
     chunks_in_place: int = 0
+    chunks_from_partial: int = 0
     bytes_copied_from_seeds: int = 0
     bytes_cloned_from_seeds: int = 0
     blocksize: int = 4096
@@ -72,9 +74,11 @@ class ExtractStats:
             setattr(self, name, getattr(self, name) + n)
 
     def as_json(self) -> dict[str, int]:
-        """The fields desync prints, with its names."""
+        """The fields desync prints, with its names (and chunks-from-partial after a resume)."""
         keys = ["chunks_from_seeds", "chunks_from_store", "chunks_in_place", "bytes_copied_from_seeds",
                 "bytes_cloned_from_seeds", "blocksize", "bytes_total", "chunks_total", "seeds"]
+        if self.chunks_from_partial:
+            keys.insert(3, "chunks_from_partial")
         return {k.replace("_", "-"): getattr(self, k) for k in keys}
 
 
@@ -95,10 +99,31 @@ def check_size(chunk: IndexChunk, data: bytes) -> None:
                                      f"{len(data)} bytes, index says {chunk.size}")
 
 
-class _Target:
-    """The file being assembled: a temporary file, or the target itself in place."""
+PARTIAL = ".partial"  # `.NAME.partial` (+ `.caibx`): an unfinished extract of NAME and its index
+SALVAGE = ".partial-old"  # a partial built for another index, kept as a seed while a new one grows
 
-    def __init__(self, output: str, length: int, in_place: bool):
+
+def partial_paths(output: str, kind: str = PARTIAL) -> tuple[str, str]:
+    """(blob, index) of the partial output of `output` (or of its salvaged predecessor)."""
+    folder, base = os.path.split(os.path.abspath(output))
+    blob = os.path.join(folder, f".{base}{kind}")
+    return blob, blob + ".caibx"
+
+
+def discard_partial(output: str) -> None:
+    """Remove what interrupted extracts of `output` left (--no-resume)."""
+    for kind in (PARTIAL, SALVAGE):
+        for path in partial_paths(output, kind):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+class _Target:
+    """The file being assembled: the target's partial (`.NAME.partial`, kept with its index when
+    the extract stops, and taken up again by the next one), a temporary file when another
+    extract holds the partial, or the target itself in place."""
+
+    def __init__(self, output: str, index: Index, in_place: bool, resume: bool = True):
         self.output = output
         self.block_device = False
         try:
@@ -110,15 +135,21 @@ class _Target:
         except FileNotFoundError:
             mode = 0o644
         self.in_place = in_place or self.block_device
-        self.path = output if self.in_place else temp_name_for(output)
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if self.in_place else os.O_EXCL)
+        self.partial = False  # whether self.path is the partial (kept on failure)
+        self.resumed = False  # whether the partial holds an earlier run's chunks of this index
+        self.salvage: Seed | None = None  # a partial of another index, to copy verified chunks from
+        length = index.length
         try:
-            self.fd = os.open(self.path, flags, mode)
+            if self.in_place:
+                self.path = output
+                self.fd = os.open(output, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+            else:
+                self.fd = self._open_partial(index, mode, resume)
         except OSError as e:
             raise PydesyncError(f"cannot write {output}: {e.strerror}") from None
-        try:  # from here on a failure (or Ctrl-C) must not leave the temporary file behind
+        try:  # from here on a failure (or Ctrl-C) must not leave a temporary file behind
             size = os.lseek(self.fd, 0, os.SEEK_END)
-            self.blank = not self.in_place or size == 0
+            self.blank = (not self.in_place and not self.resumed) or size == 0
             self.blocksize = os.fstat(self.fd).st_blksize or 4096
             if not self.block_device:
                 os.ftruncate(self.fd, length)
@@ -128,6 +159,49 @@ class _Target:
         except BaseException:
             self.abort()
             raise
+
+    def _open_partial(self, index: Index, mode: int, resume: bool) -> int:
+        """Open (and lock) the target's partial, taking up an earlier run's if it was for this
+        index; one for another index becomes the salvage seed. Another extract of the same
+        target holding the partial: a temporary file of our own (not resumable)."""
+        if not resume:
+            discard_partial(self.output)
+        blob, index_path = partial_paths(self.output)
+        remove_stale_temps(*os.path.split(os.path.abspath(self.output)))
+        fd = os.open(blob, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            self.path = temp_name_for(self.output)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        self.path, self.partial = blob, True
+        wanted = index.to_bytes()
+        previous = _read_small(index_path, MAX_INDEX_BYTES)
+        if os.fstat(fd).st_size and previous == wanted:
+            self.resumed = True
+        elif os.fstat(fd).st_size and previous is not None:
+            fd = self._salvage(fd, blob, index_path, mode)
+        else:
+            os.ftruncate(fd, 0)  # (without its index, what it holds cannot be told apart)
+        if not self.resumed:
+            _write_small(index_path, wanted)
+        old_blob, old_index = partial_paths(self.output, SALVAGE)
+        if os.path.exists(old_blob):
+            self.salvage = _salvage_seed(old_blob, old_index)
+        return fd
+
+    def _salvage(self, fd: int, blob: str, index_path: str, mode: int) -> int:
+        """The partial of another index becomes `.NAME.partial-old` (replacing an older one); a new,
+        empty partial is opened in its place."""
+        old_blob, old_index = partial_paths(self.output, SALVAGE)
+        os.replace(index_path, old_index)
+        os.replace(blob, old_blob)
+        os.close(fd)
+        fd = os.open(blob, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        return fd
 
     def write(self, data: bytes, offset: int) -> None:
         view = memoryview(data)
@@ -154,25 +228,76 @@ class _Target:
         os.close(fd)
         if not self.in_place:
             os.replace(self.path, self.output)
+        if self.partial:
+            discard_partial(self.output)
 
     def abort(self) -> None:
+        """Close; a temporary file goes, the partial stays (with its index) for the next run
+        unless nothing was written into it (a sparse file with no blocks)."""
+        keep = self.partial
         if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                keep = keep and (self.resumed or os.fstat(self.fd).st_blocks > 0)
             with contextlib.suppress(OSError):
                 os.close(self.fd)
             self.fd = -1
-        if not self.in_place:
+        if self.partial and not keep:
+            discard_partial(self.output)
+        elif not self.in_place and not self.partial:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
 
 
+def _read_small(path: str, limit: int) -> bytes | None:
+    """The file's bytes (None if absent, unreadable or longer than `limit`)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit)
+    except OSError:
+        return None
+    return data if len(data) < limit else None
+
+
+def _write_small(path: str, data: bytes) -> None:
+    """Write a partial's index before any of its chunks, under a temporary name then renamed."""
+    temp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temp, "wb") as f:
+            f.write(data)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+
+
+def _salvage_seed(blob: str, index_path: str) -> Seed | None:
+    """The salvaged partial as a seed whose chunks are each checked, a bad one simply fetched
+    (None when its index is gone or does not parse)."""
+    data = _read_small(index_path, MAX_INDEX_BYTES)
+    try:
+        seed_index = parse_index(data) if data is not None else None
+    except PydesyncError:
+        seed_index = None
+    if seed_index is None:
+        for path in (blob, index_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        return None
+    return Seed(index_path, blob, seed_index, salvage=True)
+
+
 def extract(index: Index, output: str, store: Store, concurrency: int = DEFAULT_CONCURRENCY,
             in_place: bool = False, seeds: Sequence[Seed] = (), invalid_seeds: str = INVALID_FAIL,
-            progress: Callable[[int], None] | None = None) -> ExtractStats:
+            progress: Callable[[int], None] | None = None, resume: bool = True) -> ExtractStats:
     """Write the blob `index` describes to `output`, from seeds where they hold its chunks and from
     `store` for the rest.
 
     Without in_place the target is replaced atomically (a failure leaves the old
     file untouched); with it, chunks already correct in the target are kept.
+    An extract that stops leaves its partial output and index (`.NAME.partial`);
+    the next one takes it up (`resume`): every chunk in it is hashed before it
+    is kept, the rest is fetched; a partial of another index serves as a seed.
     `invalid_seeds` says what a seed that does not match its index costs: an error
     (`fail`), the seed (`skip`), or a re-chunking of it (`regenerate`); see seed.py.
     `progress(n)` is called as chunks are done.
@@ -180,7 +305,9 @@ def extract(index: Index, output: str, store: Store, concurrency: int = DEFAULT_
     stats = ExtractStats(bytes_total=index.length, chunks_total=len(index), seeds=1 + len(seeds))
     null_id = null_chunk_id(index.sizes.max, index.digest)
     digest = index.digest
-    target = _Target(output, index.length, in_place)  # (cleans up after itself if interrupted)
+    target = _Target(output, index, in_place, resume)  # (cleans up after itself if interrupted)
+    if target.salvage is not None:
+        seeds = [*seeds, target.salvage]
     try:
         stats.blocksize = target.blocksize
         usable = _open_seeds(seeds, output)
@@ -242,7 +369,7 @@ def _fetch(index: Index, wanted: list[int], target: _Target, store: Store, stats
         """Decide what a chunk needs and start fetching it; the call returned writes it."""
         todo = positions[chunk_id]
         need = [c for c in todo if not target.holds(c, digest)]
-        stats.add("chunks_in_place", len(todo) - len(need))
+        stats.add("chunks_from_partial" if target.resumed else "chunks_in_place", len(todo) - len(need))
         if not need:
             return functools.partial(_report, progress, len(todo))
         placement = Placement(target.fd, need[0].size, [c.start for c in need])
@@ -321,6 +448,10 @@ class _SeedCopier:
             self.leftover = [s.p for s in segments if s.seed is None]
             for_each(self._segment, [s for s in segments if s.seed is not None],
                      workers_for(self.concurrency, False))
+            for seed in self.seeds:
+                if seed.salvage and not seed.invalid:  # one pass: what it lacked, other seeds may hold
+                    seed.invalid = True
+                    seed.generation += 1
             todo = sorted(self.leftover)
             if not todo or generations == [s.generation for s in self.seeds]:
                 return todo
@@ -346,6 +477,9 @@ class _SeedCopier:
         src = seed.index.chunks[seg.q].start
         dst = chunks[0].start
         length = chunks[-1].end - dst
+        if seed.salvage:
+            self._salvage(seed, seg, chunks, src)
+            return
         cloned = self._clone(seed, src, length, dst) if self.clone_ok else 0
         if cloned:
             data = read_range(self.target.fd, dst, length)  # check what the clone put there
@@ -365,6 +499,23 @@ class _SeedCopier:
             self._count(bad, good, 0)
         self._invalid(seed, seg, bad, chunks, src)
         self._replan(seg.p + bad, seg.p + seg.n)
+
+    def _salvage(self, seed: Seed, seg: Segment, chunks: list[IndexChunk], src: int) -> None:
+        """Copy the chunks of a run from an interrupted extract's partial that hash to their ids;
+        the others (never written, or torn by the interruption) are left for the stores."""
+        data = read_range(seed.fd, src, chunks[-1].end - chunks[0].start)
+        offset = copied = good = 0
+        for k, chunk in enumerate(chunks):
+            piece = data[offset:offset + chunk.size]
+            if len(piece) == chunk.size and digest_of(piece, self.index.digest) == chunk.id:
+                self.target.write(piece, chunk.start)
+                copied += chunk.size
+                good += 1
+            else:
+                with self._lock:
+                    self.leftover.append(seg.p + k)
+            offset += chunk.size
+        self._count(good, copied, 0)
 
     def _invalid(self, seed: Seed, seg: Segment, bad: int, chunks: list[IndexChunk], src: int) -> None:
         """A chunk of a seed did not match: fail, drop the seed, or re-chunk it (once per change)."""

@@ -50,6 +50,9 @@ class Seed:
     invalid: bool = False
     generation: int = 0
     positions: dict[ChunkId, list[int]] = field(default_factory=dict)
+    #: An interrupted extract's partial output: any chunk in it may be missing or torn, so each is
+    #: checked on its own and a bad one is fetched, without judging the rest of the seed.
+    salvage: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:

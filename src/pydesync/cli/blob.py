@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument("--regenerate-invalid-seeds", action="store_true", help="re-chunk invalid seeds")
     p.add_argument("-k", "--in-place", action="store_true",
                    help="write into OUTPUT directly, keeping chunks that are already correct")
+    p.add_argument("--no-resume", action="store_true",
+                   help="discard what an interrupted extract of OUTPUT left (.OUTPUT.partial) instead of "
+                        "taking it up")
     p.add_argument("--sync", metavar="URL",
                    help="first fetch every chunk that no seed or -c cache holds in one round trip from "
                         "a chunk-server's /sync/<index name> (remotesync wishlist transfer)")
@@ -179,7 +182,7 @@ def _extract_with(ctx: Context, index: Index, store: Store, seeds: list[Seed]) -
             stats = stream_blob(index, sys.stdout.buffer, store, ctx.concurrency, seeds, bar.callback())
         else:
             stats = extract(index, a.output, store, concurrency=ctx.concurrency, in_place=a.in_place,
-                            seeds=seeds, invalid_seeds=mode, progress=bar.callback())
+                            seeds=seeds, invalid_seeds=mode, progress=bar.callback(), resume=not a.no_resume)
     if a.print_stats:  # (on stderr when the blob itself goes to stdout)
         print(json.dumps(stats.as_json(), indent=2), file=sys.stderr if a.output == "-" else sys.stdout)
     return 0
