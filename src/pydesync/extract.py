@@ -47,7 +47,7 @@ from .seed import (
     plan,
     read_range,
 )
-from .store.base import Store
+from .store.base import Store, StoreOptions
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +111,40 @@ def partial_paths(output: str, kind: str = PARTIAL) -> tuple[str, str]:
 
 
 def discard_partial(output: str) -> None:
-    """Remove what interrupted extracts of `output` left (--no-resume)."""
+    """Remove what interrupted blob extracts of `output` left (--no-resume)."""
     for kind in (PARTIAL, SALVAGE):
         for path in partial_paths(output, kind):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+
+PARTIAL_CHUNKS = ".partial-chunks"  # a tree extract's chunks so far (`.NAME.partial-chunks/`)
+
+
+@contextlib.contextmanager
+def resumable_chunks(target: str, store: Store, resume: bool = True) -> Iterator[Store]:
+    """`store` read through a local cache beside a tree extract's target (`.NAME.partial-chunks`,
+    uncompressed, so keeping a chunk costs a write and no CPU): a run that stops leaves it, and the
+    next run to the same target reads its chunks from there (each verified on read, as every store
+    read is) instead of fetching them again. Removed once the extract succeeds, or with
+    resume=False before it starts. Only for stores on a network."""
+    from .fsutil import remove_tree
+    from .store.local import LocalStore
+    from .store.router import CachedStore
+
+    folder = partial_paths(target, PARTIAL_CHUNKS)[0]
+    if not resume and os.path.isdir(folder):
+        remove_tree(folder)
+    if not store.remote:  # (nothing is fetched from a local store: keeping copies would only cost)
+        yield store
+        return
+    try:
+        cache = LocalStore(folder, StoreOptions(uncompressed=True), create=True)
+    except PydesyncError:  # (the target's parent is not writable: then without the cache)
+        yield store
+        return
+    yield CachedStore(cache, store)
+    remove_tree(folder)
 
 
 class _Target:

@@ -74,6 +74,9 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                   "replaced, never followed); --overwrite=false refuses instead")
     p.add_argument("--best-effort", action="store_true",
                    help="warn about what cannot be restored (owner, xattrs, flags, devices) and go on")
+    p.add_argument("--no-resume", action="store_true",
+                   help="with -i: discard the chunks an interrupted run kept (.TARGET.partial-chunks) "
+                        "instead of reading them")
     add_store_options(p)
     p.set_defaults(func=run_untar)
 
@@ -133,7 +136,7 @@ def extract_tree(stream: Readable, name: str, target: str, options: ExtractOptio
 
 def run_untar(ctx: Context) -> int:
     from ..catar.extractor import ExtractOptions
-    from ..extract import BlobReader
+    from ..extract import BlobReader, resumable_chunks
     from ..streams import IterReader
     a = ctx.args
     options = ExtractOptions(overwrite=a.overwrite, best_effort=a.best_effort,
@@ -146,8 +149,9 @@ def run_untar(ctx: Context) -> int:
         index = ctx.read_index(a.input)
         store = ctx.source()
         assert store is not None
-        with store, Progress("Unpacking ", index.length, unit="bytes") as bar:
-            pieces = BlobReader(index, store, ctx.concurrency).iter_range()
+        with store, Progress("Unpacking ", index.length, unit="bytes") as bar, \
+                resumable_chunks(a.target, store, resume=not a.no_resume) as source:
+            pieces = BlobReader(index, source, ctx.concurrency).iter_range()
             extract_tree(counted(IterReader(pieces), bar), "<stdin>" if a.input == "-" else a.input,
                          a.target, options)
         return 0

@@ -223,6 +223,7 @@ def _extract_tree(ctx: Context, index, store) -> int:  # type: ignore[no-untyped
     """An archive index: unpack the tree into the output directory, as `casync extract` does
     (existing entries are replaced, like a blob's output file is)."""
     from ..catar.extractor import ExtractOptions
+    from ..extract import resumable_chunks
     from ..streams import IterReader
     from .archive import extract_tree
 
@@ -230,8 +231,9 @@ def _extract_tree(ctx: Context, index, store) -> int:  # type: ignore[no-untyped
     with store:
         if a.in_place:
             raise UsageError("-k/--in-place does not apply to archive indexes (.caidx)")
-        pieces = BlobReader(index, store, ctx.concurrency).iter_range()
-        extract_tree(IterReader(pieces), a.index, a.output, ExtractOptions(overwrite=True))
+        with resumable_chunks(a.output, store, resume=not a.no_resume) as source:
+            pieces = BlobReader(index, source, ctx.concurrency).iter_range()
+            extract_tree(IterReader(pieces), a.index, a.output, ExtractOptions(overwrite=True))
     if a.print_stats:
         stats = ExtractStats(bytes_total=index.length, chunks_total=len(index), chunks_from_store=len(index))
         print(json.dumps(stats.as_json(), indent=2))
