@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import Result, run_cli
 from faultserver import FaultServer, Gate
 from procutil import HANG_GUARD, free_port, stop, wait_listening, wait_until_written
 
@@ -61,10 +61,10 @@ def verified_in_partial(tmp_path: Path, index: Index) -> set[bytes]:
     return {bytes(c.id) for c in index if hashlib.new("sha512_256", data[c.start:c.end]).digest() == c.id}
 
 
-def counted_extract(tmp_path: Path, name: str, *flags: str) -> tuple[set[bytes], dict[str, int]]:
-    """extract NAME to `out` from the real chunk-server: the chunk ids it was asked for, and the
-    --print-stats figures."""
-    log = tmp_path / f"access-{name}.log"
+def served(tmp_path: Path, *args: object) -> tuple[set[bytes], Result]:
+    """Run the command `args` (`URL` standing for the server's) against the real chunk-server on
+    tmp_path/store: the ids of the chunks it served, and the command's result."""
+    log = tmp_path / "access.log"
     log.unlink(missing_ok=True)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pydesync", "chunk-server", "-s", str(tmp_path / "store"),
@@ -72,12 +72,18 @@ def counted_extract(tmp_path: Path, name: str, *flags: str) -> tuple[set[bytes],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert wait_listening(proc, port)
-        r = run_cli("extract", "--print-stats", *flags, "-s", f"http://127.0.0.1:{port}/",
-                    tmp_path / f"{name}.caibx", tmp_path / "out")
+        r = run_cli(*(f"http://127.0.0.1:{port}/" if a == "URL" else a for a in args))
     finally:
         stop(proc)
     assert r.returncode == 0, r.stderr
-    fetched = {bytes.fromhex(h) for h in CHUNK_ID.findall(log.read_text())}
+    return {bytes.fromhex(h) for h in CHUNK_ID.findall(log.read_text())}, r
+
+
+def counted_extract(tmp_path: Path, name: str, *flags: str) -> tuple[set[bytes], dict[str, int]]:
+    """extract NAME to `out` from the real chunk-server: the chunk ids it was asked for, and the
+    --print-stats figures."""
+    fetched, r = served(tmp_path, "extract", "--print-stats", *flags, "-s", "URL", tmp_path / f"{name}.caibx",
+                        tmp_path / "out")
     return fetched, json.loads(r.stdout)
 
 
@@ -185,18 +191,7 @@ def test_an_interrupted_tree_extract_keeps_its_chunks(tmp_path: Path):
         server.stop()
     kept = {bytes(i) for i in LocalStore(cache, StoreOptions(uncompressed=True)).ids()}
     assert kept
-    log = tmp_path / "access.log"
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pydesync", "chunk-server", "-s", str(tmp_path / "store"),
-                             "-l", f"127.0.0.1:{port}", "--log", str(log)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        assert wait_listening(proc, port)
-        r = run_cli("untar", "-i", "-s", f"http://127.0.0.1:{port}/", tmp_path / "t.caidx", tmp_path / "out")
-    finally:
-        stop(proc)
-    assert r.returncode == 0, r.stderr
-    fetched = {bytes.fromhex(h) for h in CHUNK_ID.findall(log.read_text())}
+    fetched, _ = served(tmp_path, "untar", "-i", "-s", "URL", tmp_path / "t.caidx", tmp_path / "out")
     assert fetched.isdisjoint(kept)
     assert fetched | kept == {bytes(c.id) for c in index}
     for n in range(6):
