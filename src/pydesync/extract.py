@@ -15,6 +15,7 @@ import fcntl
 import functools
 import logging
 import os
+import secrets
 import stat
 import threading
 import time
@@ -289,9 +290,10 @@ def _read_small(path: str, limit: int) -> bytes | None:
 
 def _write_small(path: str, data: bytes) -> None:
     """Write a partial's index before any of its chunks, under a temporary name then renamed."""
-    temp = f"{path}.{os.getpid()}.tmp"
+    temp = f"{path}.{os.getpid()}-{secrets.token_hex(6)}.tmp"
     try:
-        with open(temp, "wb") as f:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with open(fd, "wb") as f:
             f.write(data)
         os.replace(temp, path)
     except BaseException:
