@@ -259,6 +259,7 @@ class OciStore(Store):
         self.client = RegistryClient(location, self.options)
         self._suffix = self.converters.extension
         self._config_pushed = False
+        self._config_lock = threading.Lock()
         self._tag = re.compile("^([0-9a-f]{64})" + re.escape(self._suffix) + "$")
 
     def tag(self, chunk_id: ChunkId) -> str:
@@ -344,8 +345,10 @@ class OciStore(Store):
     def put_stored(self, chunk_id: ChunkId, stored: bytes) -> None:
         tag = self.tag(chunk_id)
         if not self._config_pushed:
-            self._push_blob(EMPTY_BLOB, EMPTY_TYPE)
-            self._config_pushed = True
+            with self._config_lock:  # once: the registry refuses the same blob uploaded twice at once
+                if not self._config_pushed:
+                    self._push_blob(EMPTY_BLOB, EMPTY_TYPE)
+                    self._config_pushed = True
         blob_digest = self._push_blob(bytes(stored), "chunk")
         manifest = {
             "schemaVersion": 2, "mediaType": MANIFEST_TYPE, "artifactType": CHUNK_ARTIFACT,
