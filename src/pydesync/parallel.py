@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -41,24 +42,46 @@ def pipeline_shape(concurrency: int, remote: bool, pipelined: bool) -> tuple[int
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
                 window: int | None = None) -> Iterator[R]:
-    """Like map(), run in `workers` threads, results in input order, at most `window` pending."""
+    """Like map(), run in `workers` threads, results in input order, at most `window` pending.
+
+    The threads are daemons, as for_each's are: a consumer that stops early (an error, Ctrl-C,
+    SIGTERM) is not held at exit by a worker waiting on a stalled peer, which a ThreadPoolExecutor's
+    threads (joined at interpreter exit) did."""
     workers = max(1, workers)
     window = window or 2 * workers
     if workers == 1:
         yield from map(fn, items)
         return
+    jobs: queue.SimpleQueue[tuple[Future[R], T] | None] = queue.SimpleQueue()
+
+    def work() -> None:
+        while (job := jobs.get()) is not None:
+            future, item = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(item))
+            except BaseException as e:
+                future.set_exception(e)
+
+    threads = [threading.Thread(target=work, name="pydesync-map", daemon=True) for _ in range(workers)]
+    for t in threads:
+        t.start()
     pending: deque[Future[R]] = deque()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pydesync") as pool:
-        try:
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) >= window:
-                    yield pending.popleft().result()
-            while pending:
+    try:
+        for item in items:
+            future: Future[R] = Future()
+            jobs.put((future, item))
+            pending.append(future)
+            if len(pending) >= window:
                 yield pending.popleft().result()
-        finally:
-            for f in pending:
-                f.cancel()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+        for _ in threads:
+            jobs.put(None)
 
 
 def for_each_pipelined(begin: Callable[[T], Callable[[], object]], items: Sequence[T], workers: int,
