@@ -10,7 +10,7 @@ caller does the chunk the ordinary way, whose errors name the chunk and what is 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import _chunker
@@ -64,6 +64,14 @@ def _kind(digest: str | None, verify: bool) -> int:
     return _KIND[digest or SHA512_256] if verify else NO_VERIFY
 
 
+def _native_write(call: Callable[..., int], *args: object) -> int:
+    """A native place call; its failed write (the only OSError it raises) as WriteFailed."""
+    try:
+        return call(*args)
+    except OSError as e:
+        raise WriteFailed(e.errno, e.strerror) from None
+
+
 def place_stored(stored: bytes | bytearray, compressed: bool, chunk_id: ChunkId, digest: str | None,
                  verify: bool, placement: Placement) -> bool:
     """Decode `stored` (zstd if compressed), check its size and id, write it at its places: True
@@ -71,11 +79,8 @@ def place_stored(stored: bytes | bytearray, compressed: bool, chunk_id: ChunkId,
     something wrong that deserves its own error). A failed write raises WriteFailed."""
     if _chunkio is None:
         return False
-    try:
-        status = _chunkio.write_stored(stored, compressed, _kind(digest, verify), chunk_id, placement.size,
-                                       placement.fd, placement.offsets)
-    except OSError as e:
-        raise WriteFailed(e.errno, e.strerror) from None
+    status = _native_write(_chunkio.write_stored, stored, compressed, _kind(digest, verify), chunk_id,
+                           placement.size, placement.fd, placement.offsets)
     return status == _chunkio.WRITTEN
 
 
@@ -86,11 +91,8 @@ def place_file(path: str, limit: int, compressed: bool, chunk_id: ChunkId, diges
     way (or without the extension)."""
     if _chunkio is None:
         return False
-    try:
-        status = _chunkio.write_file(os.fsencode(path), limit, compressed, _kind(digest, verify), chunk_id,
-                                     placement.size, placement.fd, placement.offsets)
-    except OSError as e:
-        raise WriteFailed(e.errno, e.strerror) from None
+    status = _native_write(_chunkio.write_file, os.fsencode(path), limit, compressed, _kind(digest, verify),
+                           chunk_id, placement.size, placement.fd, placement.offsets)
     if status == _chunkio.ABSENT:
         return None
     return status == _chunkio.WRITTEN

@@ -15,7 +15,6 @@ import fcntl
 import functools
 import logging
 import os
-import secrets
 import stat
 import threading
 import time
@@ -26,7 +25,7 @@ from typing import BinaryIO
 from .chunkio import Placement, WriteFailed
 from .digest import ChunkId, digest_of
 from .errors import ChunkInvalid, ChunkMissing, PydesyncError, UsageError
-from .fsutil import remove_stale_temps, temp_name_for
+from .fsutil import remove_stale_temps, temp_name_for, write_bytes_atomic
 from .index import MAX_INDEX_BYTES, Index, IndexChunk, parse_index
 from .parallel import (
     DEFAULT_CONCURRENCY,
@@ -208,14 +207,15 @@ class _Target:
         self.path, self.partial = blob, True
         wanted = index.to_bytes()
         previous = _read_small(index_path, MAX_INDEX_BYTES)
-        if os.fstat(fd).st_size and previous == wanted:
+        held = os.fstat(fd).st_size > 0
+        if held and previous == wanted:
             self.resumed = True
-        elif os.fstat(fd).st_size and previous is not None:
+        elif held and previous is not None:
             fd = self._salvage(fd, blob, index_path, mode)
         else:
             os.ftruncate(fd, 0)  # (without its index, what it holds cannot be told apart)
         if not self.resumed:
-            _write_small(index_path, wanted)
+            write_bytes_atomic(index_path, wanted)  # (before any chunk of the partial)
         old_blob, old_index = partial_paths(self.output, SALVAGE)
         if os.path.exists(old_blob):
             self.salvage = _salvage_seed(old_blob, old_index)
@@ -286,20 +286,6 @@ def _read_small(path: str, limit: int) -> bytes | None:
     except OSError:
         return None
     return data if len(data) < limit else None
-
-
-def _write_small(path: str, data: bytes) -> None:
-    """Write a partial's index before any of its chunks, under a temporary name then renamed."""
-    temp = f"{path}.{os.getpid()}-{secrets.token_hex(6)}.tmp"
-    try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        with open(fd, "wb") as f:
-            f.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
 
 
 def _salvage_seed(blob: str, index_path: str) -> Seed | None:

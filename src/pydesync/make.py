@@ -26,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from . import _chunker
 from .chunker import DEFAULT_SIZES, ChunkSizes, InputShrank, iter_blocks, iter_chunks, iter_mapped_blocks
 from .chunkio import chunk_ids
 from .digest import SHA512_256, ChunkId, check_digest, digest_of
@@ -113,11 +112,8 @@ class ChunkSink:
         return chunk_ids(block, 0, cuts, self.digest, self.max, self.null_id)
 
     def identify(self, data: bytes | memoryview) -> ChunkId:
-        if self.progress is not None:
-            self.progress(len(data))
-        if len(data) == self.max and _chunker.is_zero(data):
-            return self.null_id
-        return digest_of(data, self.digest)
+        """One chunk's id (the stream pipeline's chunks come one by one)."""
+        return self.identify_block(memoryview(data), [len(data)])[0]
 
     def keep(self, chunk_id: ChunkId, data: bytes | memoryview) -> None:
         """Store the chunk unless this run already did or the store has it (in the upload threads,
