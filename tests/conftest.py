@@ -8,6 +8,7 @@ is a failure, never a skip.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -72,6 +73,19 @@ def need(condition: bool, reason: str) -> None:
     if REQUIRE_PEERS:
         pytest.fail(f"required by PYDESYNC_REQUIRE_PEERS=1: {reason}")
     pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def loop_device(image: Path) -> Iterator[str]:
+    """A loop device backed by `image` (root only), detached afterwards."""
+    need(os.geteuid() == 0 and shutil.which("losetup") is not None, "loop devices need root and losetup")
+    r = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True)
+    need(r.returncode == 0, f"no loop device here: {r.stderr.strip()}")
+    device = r.stdout.strip()
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", device], capture_output=True)
 
 
 @pytest.fixture(scope="session")

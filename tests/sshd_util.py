@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from procutil import HANG_GUARD, free_port, stop, wait_listening
+
+import pydesync
+
+# The remote `python -m pydesync` runs in sshd's environment, not ours: point it at the very package
+# this test process imports, so both ends of the connection run the same code.
+PYDESYNC_SRC = str(Path(pydesync.__file__).resolve().parent.parent)
+REMOTE_PYDESYNC = f"env PYTHONPATH={shlex.quote(PYDESYNC_SRC)} {shlex.quote(sys.executable)} -m pydesync"
 
 
 class SshdFailed(RuntimeError):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -18,9 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Result, run_cli
+from conftest import Result, Sshd, loop_device, run_cli
 from faultserver import FaultServer, Gate
-from procutil import HANG_GUARD, free_port, stop, wait_listening, wait_until_written
+from procutil import HANG_GUARD, free_port, processes, stop, wait_listening
+from sshd_util import REMOTE_PYDESYNC
 
 from pydesync.index import Index, read_index
 
@@ -35,55 +38,78 @@ def make_blob(tmp_path: Path, name: str, data: bytes) -> Index:
     return read_index(str(tmp_path / f"{name}.caibx"))
 
 
-def interrupted_extract(tmp_path: Path, name: str, allow: int, sig: signal.Signals) -> None:
-    """extract NAME to `out` through a server that answers `allow` requests and holds the rest;
-    once it is held there, `sig` stops it."""
+def interrupted_extract(tmp_path: Path, name: str, allow: int, sig: signal.Signals, *flags: str,
+                        output: Path | None = None) -> None:
+    """extract NAME to `output` (tmp_path/out) through a server that answers `allow` requests and
+    holds the rest; once it is held there, and a chunk is in place, `sig` stops it."""
     gate = Gate(allow)
     server = FaultServer(tmp_path / "store", gate)
+    output = output or tmp_path / "out"
+    in_place = "-k" in flags or output.is_block_device()
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "pydesync", "extract", "-n", "2", "-s", server.url,
-                                 str(tmp_path / f"{name}.caibx"), str(tmp_path / "out")],
+        proc = subprocess.Popen([sys.executable, "-m", "pydesync", "extract", "-n", "2", *flags,
+                                 "-s", server.url, str(tmp_path / f"{name}.caibx"), str(output)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         gate.wait_for_waiting(1)
-        wait_until_written(tmp_path / ".out.partial")
+        wait_until_holding(output if in_place else tmp_path / f".{output.name}.partial",
+                           read_index(str(tmp_path / f"{name}.caibx")))
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=HANG_GUARD)
-        assert proc.returncode != 0, err
+        assert proc.returncode != 0 and b"Traceback" not in err, err
     finally:
         gate.release(drop=True)
         server.stop()
-    assert not (tmp_path / "out").exists()
+    assert output.exists() == in_place
 
 
-def verified_in_partial(tmp_path: Path, index: Index) -> set[bytes]:
-    """The chunks the partial holds, checked against their ids (what a rerun must not fetch)."""
-    data = (tmp_path / ".out.partial").read_bytes()
+def wait_until_holding(path: Path, index: Index) -> None:
+    """Until the file being written holds a chunk of `index` (the extract is stalled by a Gate:
+    what was answered before lands in the file)."""
+    deadline = time.monotonic() + HANG_GUARD
+    while not (path.exists() and held_in(path, index)):
+        assert time.monotonic() < deadline, "no chunk was written"
+        time.sleep(0.01)
+
+
+def held_in(path: Path, index: Index) -> set[bytes]:
+    """The chunks of `index` that the file holds at their places, checked against their ids."""
+    with open(path, "rb") as f:
+        data = f.read(index.length)
     return {bytes(c.id) for c in index if hashlib.new("sha512_256", data[c.start:c.end]).digest() == c.id}
 
 
+def verified_in_partial(tmp_path: Path, index: Index, name: str = ".out.partial") -> set[bytes]:
+    """The chunks the partial holds, checked against their ids (what a rerun must not fetch)."""
+    return held_in(tmp_path / name, index)
+
+
 def served(tmp_path: Path, *args: object) -> tuple[set[bytes], Result]:
-    """Run the command `args` (`URL` standing for the server's) against the real chunk-server on
-    tmp_path/store: the ids of the chunks it served, and the command's result."""
+    """Run the command `args` (`URL/` standing for the server's address) against the real
+    chunk-server on tmp_path/store (its /sync/ serving the indexes in tmp_path): the ids of the
+    chunks it served one by one, and the command's result."""
     log = tmp_path / "access.log"
     log.unlink(missing_ok=True)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pydesync", "chunk-server", "-s", str(tmp_path / "store"),
-                             "-l", f"127.0.0.1:{port}", "--log", str(log)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "-l", f"127.0.0.1:{port}", "--sync-index-store", str(tmp_path),
+                             "--log", str(log)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert wait_listening(proc, port)
-        r = run_cli(*(f"http://127.0.0.1:{port}/" if a == "URL" else a for a in args))
+        base = f"http://127.0.0.1:{port}/"
+        r = run_cli(*(a.replace("URL/", base) if isinstance(a, str) else a for a in args))
     finally:
         stop(proc)
     assert r.returncode == 0, r.stderr
     return {bytes.fromhex(h) for h in CHUNK_ID.findall(log.read_text())}, r
 
 
-def counted_extract(tmp_path: Path, name: str, *flags: str) -> tuple[set[bytes], dict[str, int]]:
-    """extract NAME to `out` from the real chunk-server: the chunk ids it was asked for, and the
-    --print-stats figures."""
-    fetched, r = served(tmp_path, "extract", "--print-stats", *flags, "-s", "URL", tmp_path / f"{name}.caibx",
-                        tmp_path / "out")
+def counted_extract(tmp_path: Path, name: str, *flags: str,
+                    output: Path | None = None) -> tuple[set[bytes], dict[str, int]]:
+    """extract NAME to `output` (tmp_path/out) from the real chunk-server: the chunk ids it was
+    asked for, and the --print-stats figures."""
+    fetched, r = served(tmp_path, "extract", "--print-stats", *flags, "-s", "URL/",
+                        tmp_path / f"{name}.caibx", output or tmp_path / "out")
     return fetched, json.loads(r.stdout)
 
 
@@ -194,10 +220,185 @@ def test_an_interrupted_tree_extract_keeps_its_chunks(tmp_path: Path, sig: signa
         server.stop()
     kept = {bytes(i) for i in LocalStore(cache, StoreOptions(uncompressed=True)).ids()}
     assert kept
-    fetched, _ = served(tmp_path, "untar", "-i", "-s", "URL", tmp_path / "t.caidx", tmp_path / "out")
+    fetched, _ = served(tmp_path, "untar", "-i", "-s", "URL/", tmp_path / "t.caidx", tmp_path / "out")
     assert fetched.isdisjoint(kept)
     assert fetched | kept == {bytes(c.id) for c in index}
     for n in range(6):
         name = Path(f"d{n % 2}") / f"f{n}"
         assert (tmp_path / "out" / name).read_bytes() == (tree / name).read_bytes()
     assert not cache.exists()  # (the killed run's half-built tree beside `out` is issue 19's to keep)
+
+
+def test_an_interrupted_in_place_extract_keeps_what_it_wrote(tmp_path: Path):
+    """-k writes into the target itself: a rerun keeps every chunk already right there (each
+    hashed) and fetches the rest; a chunk torn by the interruption is fetched again."""
+    data = random.Random(9).randbytes(4 << 20)
+    index = make_blob(tmp_path, "blob", data)
+    interrupted_extract(tmp_path, "blob", len(index) // 2, signal.SIGKILL, "-k")
+    held = verified_in_partial(tmp_path, index, "out")
+    assert held
+    victim = next(c for c in index if bytes(c.id) in held)
+    with open(tmp_path / "out", "r+b") as f:
+        f.seek(victim.start)
+        f.write(b"\x00" * 10)
+    fetched, stats = counted_extract(tmp_path, "blob", "-k")
+    assert (tmp_path / "out").read_bytes() == data
+    assert fetched == {bytes(c.id) for c in index} - held | {bytes(victim.id)}
+    assert stats["chunks-in-place"] == sum(1 for c in index if bytes(c.id) in held - {bytes(victim.id)})
+
+
+def test_an_interrupted_extract_to_a_block_device_keeps_what_it_wrote(tmp_path: Path):
+    """A loop device as the target (always written in place): the rerun keeps what is right on
+    the device and fetches the rest; what lies beyond the blob is never touched."""
+    data = random.Random(13).randbytes(3 << 20)
+    index = make_blob(tmp_path, "blob", data)
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(len(data)) + b"\xaa" * (1 << 20))
+    with loop_device(image) as device:
+        interrupted_extract(tmp_path, "blob", len(index) // 2, signal.SIGKILL, output=Path(device))
+        held = held_in(Path(device), index)
+        fetched, stats = counted_extract(tmp_path, "blob", output=Path(device))
+        with open(device, "rb") as dev:
+            assert dev.read(len(data)) == data
+            assert dev.read(1 << 20) == b"\xaa" * (1 << 20)
+    assert fetched == {bytes(c.id) for c in index} - held
+    assert stats["chunks-in-place"] == len(held)
+
+
+def test_sync_asks_only_for_what_the_partial_lacks(tmp_path: Path):
+    """extract --sync after an interruption: the wishlist leaves out what the partial holds (the
+    -c cache receives exactly the rest), and no chunk is fetched one by one."""
+    from pydesync.store import LocalStore
+
+    data = random.Random(10).randbytes(4 << 20)
+    index = make_blob(tmp_path, "blob", data)
+    interrupted_extract(tmp_path, "blob", len(index) // 3, signal.SIGTERM)
+    held = verified_in_partial(tmp_path, index)
+    fetched, r = served(tmp_path, "extract", "--print-stats", "--sync", "URL/sync/blob.caibx", "-s", "URL/",
+                        "-c", tmp_path / "cache", tmp_path / "blob.caibx", tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == data
+    assert fetched == set()
+    synced = {bytes(i) for i in LocalStore(tmp_path / "cache").ids()}
+    assert synced == {bytes(c.id) for c in index} - held
+    assert json.loads(r.stdout)["chunks-from-partial"] == sum(1 for c in index if bytes(c.id) in held)
+
+
+def test_info_counts_what_the_partial_holds(tmp_path: Path):
+    data = random.Random(11).randbytes(3 << 20)
+    index = make_blob(tmp_path, "blob", data)
+    interrupted_extract(tmp_path, "blob", len(index) // 2, signal.SIGINT)
+    held = verified_in_partial(tmp_path, index)
+    with open(tmp_path / ".out.partial", "r+b") as f:  # a torn chunk is not counted
+        victim = next(c for c in index if bytes(c.id) in held)
+        f.seek(victim.start)
+        f.write(b"\x01")
+    held.discard(bytes(victim.id))
+    r = run_cli("info", "--output", tmp_path / "out", tmp_path / "blob.caibx")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["in-partial"] == len(held)
+    assert info["not-in-seed-nor-cache"] == info["unique"] - len(held)
+    assert info["dedup-size-not-in-seed"] == sum(c.size for c in index if bytes(c.id) not in held)
+    r = run_cli("info", "-f", "plain", "--output", tmp_path / "elsewhere", tmp_path / "blob.caibx")
+    assert r.returncode == 0 and b"Chunks in partial output: 0" in r.stdout, r.stderr
+    assert "in-partial" not in json.loads(run_cli("info", tmp_path / "blob.caibx").stdout)
+
+
+def test_progress_starts_where_the_partial_leaves_off(tmp_path: Path):
+    """The library's progress callback is first told of every chunk the partial holds, at once."""
+    from pydesync import extract
+    from pydesync.store import LocalStore
+
+    data = random.Random(12).randbytes(3 << 20)
+    index = make_blob(tmp_path, "blob", data)
+    interrupted_extract(tmp_path, "blob", len(index) // 2, signal.SIGTERM)
+    held = verified_in_partial(tmp_path, index)
+    reports: list[int] = []
+    stats = extract(index, str(tmp_path / "out"), LocalStore(tmp_path / "store"), progress=reports.append)
+    assert reports[0] == stats.chunks_from_partial == sum(1 for c in index if bytes(c.id) in held)
+    assert sum(reports) == len(index)
+    assert (tmp_path / "out").read_bytes() == data
+
+
+# ---- over ssh: casync's protocol through a real sshd -------------------------------------------------
+
+PROTOGATE = Path(__file__).resolve().parent / "protogate.py"
+
+
+def gated_remote(tmp_path: Path, remote: str, allow: int) -> dict[str, str]:
+    """CASYNC_REMOTE_PATH running `remote` behind protogate.py: the chunks sent are logged to
+    tmp_path/sent.log, and after `allow` of them the session is held until released."""
+    gate = tmp_path / "gate"
+    if not gate.exists():
+        gate.mkdir()
+        os.mkfifo(gate / "release")
+    command = "casync" if remote == "casync" else REMOTE_PYDESYNC
+    return {"CASYNC_REMOTE_PATH": f"{shlex.quote(sys.executable)} {shlex.quote(str(PROTOGATE))} "
+                                  f"{tmp_path / 'sent.log'} {gate} {allow} {command}"}
+
+
+def release_gate(tmp_path: Path) -> None:
+    """Let a held protogate go on (nothing to do if none is held)."""
+    try:
+        fd = os.open(tmp_path / "gate" / "release", os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:  # (ENXIO: nobody waits on it)
+        return
+    os.close(fd)
+
+
+def gate_processes(tmp_path: Path) -> list[int]:
+    marker = str(tmp_path / "gate").encode()
+    return processes(lambda argv, _: any(marker in a for a in argv))
+
+
+@pytest.mark.casync
+@pytest.mark.parametrize("remote, sig", [("casync", signal.SIGKILL), ("casync", signal.SIGINT),
+                                         ("pydesync", signal.SIGTERM)], ids=lambda x: getattr(x, "name", x))
+def test_an_interrupted_ssh_extract_fetches_only_what_it_lacked(casync: str, sshd: Sshd, tmp_path: Path,
+                                                                 remote: str, sig: signal.Signals):
+    """The same over ssh, with casync's (or our) `pull` on the far side: the session is held after
+    a chosen chunk while the client is stopped; the rerun's chunks are counted as the remote sends
+    them."""
+    data = random.Random(sig.value + 20).randbytes(5 << 20)
+    index = make_blob(tmp_path, "blob", data)
+    allow = random.Random(sig.value + 120).randrange(20, len(index) - 20)
+    location = f"ssh://127.0.0.1{tmp_path / 'store'}"
+    env = {**os.environ, **sshd.env, **gated_remote(tmp_path, remote, allow)}
+    env.pop("PYDESYNC_REQUIRE_PEERS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "pydesync", "extract", "-n", "1", "-s", location,
+                             str(tmp_path / "blob.caibx"), str(tmp_path / "out")], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + HANG_GUARD
+        while not (tmp_path / "gate" / "waiting").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()  # type: ignore
+            time.sleep(0.01)
+        wait_until_holding(tmp_path / ".out.partial", index)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=HANG_GUARD)
+        assert proc.returncode != 0 and b"Traceback" not in err, err
+    finally:
+        release_gate(tmp_path)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not (tmp_path / "out").exists()
+    held = verified_in_partial(tmp_path, index)
+    assert held
+    (tmp_path / "sent.log").unlink()
+    r = run_cli("extract", "--print-stats", "-s", location, tmp_path / "blob.caibx", tmp_path / "out",
+                env={**sshd.env, **gated_remote(tmp_path, remote, -1)})
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out").read_bytes() == data
+    fetched = {bytes.fromhex(h) for h in (tmp_path / "sent.log").read_text().split()}
+    assert fetched.isdisjoint(held)
+    assert fetched | held == {bytes(c.id) for c in index}
+    assert json.loads(r.stdout)["chunks-from-partial"] == sum(1 for c in index if bytes(c.id) in held)
+    assert leftovers(tmp_path) == []
+    deadline = time.monotonic() + HANG_GUARD
+    while gate_processes(tmp_path):  # the held session's remote ends once released
+        assert time.monotonic() < deadline, "a remote of the held session is still running"
+        time.sleep(0.05)
+    print(f"ssh {remote} {sig.name}: {len(held)} of {len(index)} chunks held by the partial, {len(fetched)} "
+          f"fetched ({sum(c.size for c in index if bytes(c.id) in fetched)} bytes, the partial lacked "
+          f"{sum(c.size for c in index if bytes(c.id) not in held)})")

@@ -7,7 +7,6 @@ so a temporary folder of real symlinks stands in for the folder).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -19,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean_error, need, no_stray_files, run_cli
+from conftest import assert_clean_error, loop_device, need, no_stray_files, run_cli
 from faultserver import Gate
 from procutil import HANG_GUARD, default_signals, free_port, stop, wait_listening
 
@@ -198,18 +197,6 @@ def test_in_place_update_of_a_file(ab: Path):
     assert (ab / "target").read_bytes() == (ab / "v2").read_bytes()
     stats = json.loads(r.stdout)
     assert stats["chunks-in-place"] > 0 and stats["chunks-from-store"] < stats["chunks-total"] // 2
-
-
-@contextlib.contextmanager
-def loop_device(image: Path):
-    need(IS_ROOT and shutil.which("losetup") is not None, "loop devices need root and losetup")
-    r = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True)
-    need(r.returncode == 0, f"no loop device here: {r.stderr.strip()}")
-    device = r.stdout.strip()
-    try:
-        yield device
-    finally:
-        subprocess.run(["losetup", "-d", device], capture_output=True)
 
 
 def test_in_place_on_a_block_device(ab: Path):

@@ -21,27 +21,21 @@ from __future__ import annotations
 
 import os
 import random
-import shlex
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import Sshd, assert_clean_error, run_cli
 from procutil import HANG_GUARD, processes
+from sshd_util import REMOTE_PYDESYNC
 
-import pydesync
 from pydesync.index import read_index
 
 pytestmark = pytest.mark.casync
 
 TIMEOUT = HANG_GUARD  # for every child process, never a speed requirement
 BLOB_SIZE = 4 * 1024 * 1024
-# The remote `python -m pydesync` runs in sshd's environment, not ours: point it at the very package
-# this test process imports, so both ends of the connection run the same code.
-PYDESYNC_SRC = str(Path(pydesync.__file__).resolve().parent.parent)
-REMOTE_PYDESYNC = f"env PYTHONPATH={shlex.quote(PYDESYNC_SRC)} {shlex.quote(sys.executable)} -m pydesync"
 
 
 # ---- helpers ---------------------------------------------------------------------------------------

@@ -80,3 +80,14 @@ def digest_from_flags(flags: int) -> str:
 
 def other_digest(name: str) -> str:
     return SHA256 if name == SHA512_256 else SHA512_256
+
+
+_null_ids: dict[tuple[int, str], ChunkId] = {}
+
+
+def null_chunk_id(size: int, digest: str) -> ChunkId:
+    """Id of `size` zero bytes (the 'null chunk' of all-zero regions), cached."""
+    key = (size, digest)
+    if key not in _null_ids:
+        _null_ids[key] = digest_of(bytes(size), digest)
+    return _null_ids[key]

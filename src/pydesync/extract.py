@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import fcntl
-import functools
 import logging
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,10 +20,9 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from .chunkio import Placement, WriteFailed
-from .digest import ChunkId, digest_of
+from .digest import ChunkId, digest_of, null_chunk_id
 from .errors import ChunkInvalid, ChunkMissing, PydesyncError, UsageError
-from .fsutil import remove_stale_temps, temp_name_for, write_bytes_atomic
-from .index import MAX_INDEX_BYTES, Index, IndexChunk, parse_index
+from .index import Index, IndexChunk
 from .parallel import (
     DEFAULT_CONCURRENCY,
     for_each,
@@ -35,6 +31,7 @@ from .parallel import (
     pipeline_shape,
     workers_for,
 )
+from .partial import Target, held_positions
 from .seed import (
     INVALID_FAIL,
     INVALID_SKIP,
@@ -47,7 +44,8 @@ from .seed import (
     plan,
     read_range,
 )
-from .store.base import Store, StoreOptions
+from .store.base import Store
+from .store.router import StoreRouter
 
 log = logging.getLogger(__name__)
 
@@ -82,231 +80,16 @@ class ExtractStats:
         return {k.replace("_", "-"): getattr(self, k) for k in keys}
 
 
-_null_ids: dict[tuple[int, str], ChunkId] = {}
-
-
-def null_chunk_id(size: int, digest: str) -> ChunkId:
-    """Id of `size` zero bytes (the 'null chunk' of all-zero regions), cached."""
-    key = (size, digest)
-    if key not in _null_ids:
-        _null_ids[key] = digest_of(bytes(size), digest)
-    return _null_ids[key]
-
-
 def check_size(chunk: IndexChunk, data: bytes) -> None:
     if len(data) != chunk.size:
         raise ChunkInvalid(chunk.id, f"unexpected size for chunk {chunk.id}: "
                                      f"{len(data)} bytes, index says {chunk.size}")
 
 
-PARTIAL = ".partial"  # `.NAME.partial` (+ `.caibx`): an unfinished extract of NAME and its index
-SALVAGE = ".partial-old"  # a partial built for another index, kept as a seed while a new one grows
-
-
-def partial_paths(output: str, kind: str = PARTIAL) -> tuple[str, str]:
-    """(blob, index) of the partial output of `output` (or of its salvaged predecessor)."""
-    folder, base = os.path.split(os.path.abspath(output))
-    blob = os.path.join(folder, f".{base}{kind}")
-    return blob, blob + ".caibx"
-
-
-def discard_partial(output: str) -> None:
-    """Remove what interrupted blob extracts of `output` left (--no-resume)."""
-    for kind in (PARTIAL, SALVAGE):
-        for path in partial_paths(output, kind):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-
-
-PARTIAL_CHUNKS = ".partial-chunks"  # a tree extract's chunks so far (`.NAME.partial-chunks/`)
-
-
-@contextlib.contextmanager
-def resumable_chunks(target: str, store: Store, resume: bool = True) -> Iterator[Store]:
-    """`store` read through a local cache beside a tree extract's target (`.NAME.partial-chunks`,
-    uncompressed, so keeping a chunk costs a write and no CPU): a run that stops leaves it, and the
-    next run to the same target reads its chunks from there (each verified on read, as every store
-    read is) instead of fetching them again. Removed once the extract succeeds, or with
-    resume=False before it starts. Only for stores on a network."""
-    from .fsutil import remove_tree
-    from .store.local import LocalStore
-    from .store.router import CachedStore
-
-    folder = partial_paths(target, PARTIAL_CHUNKS)[0]
-    if not resume and os.path.isdir(folder):
-        remove_tree(folder)
-    if not store.remote:  # (nothing is fetched from a local store: keeping copies would only cost)
-        yield store
-        return
-    try:
-        cache = LocalStore(folder, StoreOptions(uncompressed=True), create=True)
-    except PydesyncError:  # (the target's parent is not writable: then without the cache)
-        yield store
-        return
-    yield CachedStore(cache, store)
-    remove_tree(folder)
-
-
-class _Target:
-    """The file being assembled: the target's partial (`.NAME.partial`, kept with its index when
-    the extract stops, and taken up again by the next one), a temporary file when another
-    extract holds the partial, or the target itself in place."""
-
-    def __init__(self, output: str, index: Index, in_place: bool, resume: bool = True):
-        self.output = output
-        self.block_device = False
-        try:
-            st = os.stat(output)
-            self.block_device = stat.S_ISBLK(st.st_mode)
-            if stat.S_ISDIR(st.st_mode):
-                raise PydesyncError(f"cannot write {output}: is a directory")
-            mode = stat.S_IMODE(st.st_mode)
-        except FileNotFoundError:
-            mode = 0o644
-        self.in_place = in_place or self.block_device
-        self.partial = False  # whether self.path is the partial (kept on failure)
-        self.resumed = False  # whether the partial holds an earlier run's chunks of this index
-        self.salvage: Seed | None = None  # a partial of another index, to copy verified chunks from
-        length = index.length
-        try:
-            if self.in_place:
-                self.path = output
-                self.fd = os.open(output, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
-            else:
-                self.fd = self._open_partial(index, mode, resume)
-        except OSError as e:
-            raise PydesyncError(f"cannot write {output}: {e.strerror}") from None
-        try:  # from here on a failure (or Ctrl-C) must not leave a temporary file behind
-            size = os.lseek(self.fd, 0, os.SEEK_END)
-            self.blank = (not self.in_place and not self.resumed) or size == 0
-            self.blocksize = os.fstat(self.fd).st_blksize or 4096
-            if not self.block_device:
-                os.ftruncate(self.fd, length)
-            elif size < length:
-                raise PydesyncError(f"device {output} ({size} bytes) is smaller than the blob "
-                                    f"({length} bytes)")
-        except BaseException:
-            self.abort()
-            raise
-
-    def _open_partial(self, index: Index, mode: int, resume: bool) -> int:
-        """Open (and lock) the target's partial, taking up an earlier run's if it was for this
-        index; one for another index becomes the salvage seed. Another extract of the same
-        target holding the partial: a temporary file of our own (not resumable)."""
-        if not resume:
-            discard_partial(self.output)
-        blob, index_path = partial_paths(self.output)
-        remove_stale_temps(*os.path.split(os.path.abspath(self.output)))
-        fd = os.open(blob, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            self.path = temp_name_for(self.output)
-            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-        self.path, self.partial = blob, True
-        wanted = index.to_bytes()
-        previous = _read_small(index_path, MAX_INDEX_BYTES)
-        held = os.fstat(fd).st_size > 0
-        if held and previous == wanted:
-            self.resumed = True
-        elif held and previous is not None:
-            fd = self._salvage(fd, blob, index_path, mode)
-        else:
-            os.ftruncate(fd, 0)  # (without its index, what it holds cannot be told apart)
-        if not self.resumed:
-            write_bytes_atomic(index_path, wanted)  # (before any chunk of the partial)
-        old_blob, old_index = partial_paths(self.output, SALVAGE)
-        if os.path.exists(old_blob):
-            self.salvage = _salvage_seed(old_blob, old_index)
-        return fd
-
-    def _salvage(self, fd: int, blob: str, index_path: str, mode: int) -> int:
-        """The partial of another index becomes `.NAME.partial-old` (replacing an older one); a new,
-        empty partial is opened in its place."""
-        old_blob, old_index = partial_paths(self.output, SALVAGE)
-        os.replace(index_path, old_index)
-        os.replace(blob, old_blob)
-        os.close(fd)
-        fd = os.open(blob, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.ftruncate(fd, 0)
-        return fd
-
-    def write(self, data: bytes, offset: int) -> None:
-        view = memoryview(data)
-        try:
-            while view:
-                n = os.pwrite(self.fd, view, offset)
-                view, offset = view[n:], offset + n
-        except OSError as e:
-            raise self.write_error(e) from None
-
-    def write_error(self, e: OSError) -> PydesyncError:
-        """A write into the output that failed, named after the output (not its temporary name)."""
-        return PydesyncError(f"cannot write {self.output}: {e.strerror}")
-
-    def holds(self, chunk: IndexChunk, digest: str) -> bool:
-        """Whether the target already has this chunk's bytes at its offset (in-place updates)."""
-        if self.blank:
-            return False
-        existing = os.pread(self.fd, chunk.size, chunk.start)
-        return len(existing) == chunk.size and digest_of(existing, digest) == chunk.id
-
-    def commit(self) -> None:
-        fd, self.fd = self.fd, -1
-        os.close(fd)
-        if not self.in_place:
-            os.replace(self.path, self.output)
-        if self.partial:
-            discard_partial(self.output)
-
-    def abort(self) -> None:
-        """Close; a temporary file goes, the partial stays (with its index) for the next run
-        unless nothing was written into it (a sparse file with no blocks)."""
-        keep = self.partial
-        if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                keep = keep and (self.resumed or os.fstat(self.fd).st_blocks > 0)
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = -1
-        if self.partial and not keep:
-            discard_partial(self.output)
-        elif not self.in_place and not self.partial:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-
-
-def _read_small(path: str, limit: int) -> bytes | None:
-    """The file's bytes (None if absent, unreadable or longer than `limit`)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit)
-    except OSError:
-        return None
-    return data if len(data) < limit else None
-
-
-def _salvage_seed(blob: str, index_path: str) -> Seed | None:
-    """The salvaged partial as a seed whose chunks are each checked, a bad one simply fetched
-    (None when its index is gone or does not parse)."""
-    data = _read_small(index_path, MAX_INDEX_BYTES)
-    try:
-        seed_index = parse_index(data) if data is not None else None
-    except PydesyncError:
-        seed_index = None
-    if seed_index is None:
-        for path in (blob, index_path):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        return None
-    return Seed(index_path, blob, seed_index, salvage=True)
-
-
 def extract(index: Index, output: str, store: Store, concurrency: int = DEFAULT_CONCURRENCY,
             in_place: bool = False, seeds: Sequence[Seed] = (), invalid_seeds: str = INVALID_FAIL,
-            progress: Callable[[int], None] | None = None, resume: bool = True) -> ExtractStats:
+            progress: Callable[[int], None] | None = None, resume: bool = True,
+            prefetch: Callable[[list[IndexChunk]], Store | None] | None = None) -> ExtractStats:
     """Write the blob `index` describes to `output`, from seeds where they hold its chunks and from
     `store` for the rest.
 
@@ -317,29 +100,31 @@ def extract(index: Index, output: str, store: Store, concurrency: int = DEFAULT_
     is kept, the rest is fetched; a partial of another index serves as a seed.
     `invalid_seeds` says what a seed that does not match its index costs: an error
     (`fail`), the seed (`skip`), or a re-chunking of it (`regenerate`); see seed.py.
-    `progress(n)` is called as chunks are done.
+    `progress(n)` is called as chunks are done: first for those the target already
+    holds, so a resumed extract's progress starts where the last one stopped.
+    `prefetch(chunks)`, given the chunks left for the stores once the target and
+    the seeds have given theirs, may bring them all in at once (extract --sync);
+    the store it returns, if any, is read before `store`.
     """
     stats = ExtractStats(bytes_total=index.length, chunks_total=len(index), seeds=1 + len(seeds))
-    null_id = null_chunk_id(index.sizes.max, index.digest)
-    digest = index.digest
-    target = _Target(output, index, in_place, resume)  # (cleans up after itself if interrupted)
+    target = Target(output, index, in_place, resume)  # (cleans up after itself if interrupted)
     if target.salvage is not None:
         seeds = [*seeds, target.salvage]
     try:
         stats.blocksize = target.blocksize
         usable = _open_seeds(seeds, output)
-        nulls = [i for i, c in enumerate(index.chunks) if c.id == null_id and c.size == index.sizes.max]
-        _write_zeros(target, [index.chunks[i] for i in nulls], stats, digest)
-        if nulls:
-            _report(progress, len(nulls))
+        todo, nulls = _keep_held(index, target, stats, concurrency, progress)
         if usable:
             copier = _SeedCopier(index, target, usable, invalid_seeds, stats, concurrency, progress, nulls)
-            fetch = copier.run()
+            fetch = copier.run(todo)
         else:
-            null_set = set(nulls)
-            fetch = [i for i in range(len(index.chunks)) if i not in null_set]
-        log.debug("%d chunks: %d all zero, %d from seeds, %d to fetch from %s", len(index.chunks), len(nulls),
-                  len(index.chunks) - len(nulls) - len(fetch), len(fetch), store.location)
+            fetch = todo
+        log.debug("%d chunks: %d all zero, %d held, %d from seeds, %d to fetch from %s", len(index.chunks),
+                  stats.chunks_null, stats.chunks_from_partial + stats.chunks_in_place,
+                  stats.chunks_from_seeds, len(fetch), store.location)
+        extra = prefetch([index.chunks[i] for i in fetch]) if prefetch is not None and fetch else None
+        if extra is not None:
+            store = StoreRouter([extra, store])
         started = time.monotonic()
         _fetch(index, fetch, target, store, stats, concurrency, progress)
         log.debug("fetched %d chunks in %.2f s", len(fetch), time.monotonic() - started)
@@ -353,6 +138,30 @@ def extract(index: Index, output: str, store: Store, concurrency: int = DEFAULT_
     return stats
 
 
+def _keep_held(index: Index, target: Target, stats: ExtractStats, concurrency: int,
+               progress: Callable[[int], None] | None) -> tuple[list[int], list[int]]:
+    """What the target already holds is kept (a resumed partial, or an in-place target: each chunk
+    hashed), and all-zero max-size chunks are zeros (holes in a new file). Returns the positions
+    still to be written, and those of the null chunks."""
+    null_id = null_chunk_id(index.sizes.max, index.digest)
+    chunks = index.chunks
+    nulls = [i for i, c in enumerate(chunks) if c.id == null_id and c.size == index.sizes.max]
+    null_set = set(nulls)
+    todo = [i for i in range(len(chunks)) if i not in null_set]
+    stats.add("chunks_null", len(nulls))
+    if target.blank:
+        _report(progress, len(nulls))
+        return todo, nulls
+    held = set(held_positions(target.fd, index, range(len(chunks)), workers_for(concurrency, False)))
+    for i in nulls:
+        if i not in held:
+            target.write(bytes(chunks[i].size), chunks[i].start)
+    kept = [i for i in todo if i in held]
+    stats.add("chunks_from_partial" if target.resumed else "chunks_in_place", len(kept))
+    _report(progress, len(nulls) + len(kept))
+    return [i for i in todo if i not in held], nulls
+
+
 def _open_seeds(seeds: Sequence[Seed], output: str) -> list[Seed]:
     """Open each seed's blob (one that is the output itself is refused)."""
     for seed in seeds:
@@ -364,10 +173,10 @@ def _open_seeds(seeds: Sequence[Seed], output: str) -> list[Seed]:
     return list(seeds)
 
 
-def _fetch(index: Index, wanted: list[int], target: _Target, store: Store, stats: ExtractStats,
+def _fetch(index: Index, wanted: list[int], target: Target, store: Store, stats: ExtractStats,
            concurrency: int, progress: Callable[[int], None] | None) -> None:
     """Chunks at the `wanted` positions from the stores: each distinct one fetched once (ssh streams
-    them all at once), written wherever it occurs, or kept where an in-place target has it."""
+    them all at once) and written wherever it is wanted."""
     positions: dict[ChunkId, list[IndexChunk]] = {}
     for i in wanted:
         chunk = index.chunks[i]
@@ -383,12 +192,8 @@ def _fetch(index: Index, wanted: list[int], target: _Target, store: Store, stats
         _report(progress, done)
 
     def begin(chunk_id: ChunkId) -> Callable[[], None]:
-        """Decide what a chunk needs and start fetching it; the call returned writes it."""
-        todo = positions[chunk_id]
-        need = [c for c in todo if not target.holds(c, digest)]
-        stats.add("chunks_from_partial" if target.resumed else "chunks_in_place", len(todo) - len(need))
-        if not need:
-            return functools.partial(_report, progress, len(todo))
+        """Start fetching a chunk; the call returned writes it."""
+        need = positions[chunk_id]
         placement = Placement(target.fd, need[0].size, [c.start for c in need])
         fetch = store.begin_place(chunk_id, digest, placement)
 
@@ -399,12 +204,12 @@ def _fetch(index: Index, wanted: list[int], target: _Target, store: Store, stats
                 raise target.write_error(e) from None
             if data is None:  # written where it goes by the store's native path
                 stats.add("chunks_from_store", len(need))
-                _report(progress, len(todo))
+                _report(progress, len(need))
             else:
-                place(data, need, len(todo))
+                place(data, need, len(need))
         return finish
 
-    if store.remote and target.blank and getattr(store, "streams", False):
+    if store.remote and getattr(store, "streams", False):
         for chunk_id, data in store.fetch_many(list(positions), digest):  # type: ignore[attr-defined]
             if data is None:
                 raise ChunkMissing(chunk_id, [store.location])
@@ -438,7 +243,7 @@ class _SeedCopier:
     """Runs the seed part of a plan (see seed.py): copies or clones runs of chunks from seeds,
     each chunk checked against its id; returns the target positions left for the stores."""
 
-    def __init__(self, index: Index, target: _Target, seeds: list[Seed], invalid_seeds: str,
+    def __init__(self, index: Index, target: Target, seeds: list[Seed], invalid_seeds: str,
                  stats: ExtractStats, concurrency: int, progress: Callable[[int], None] | None,
                  nulls: list[int]):
         self.index = index
@@ -454,10 +259,10 @@ class _SeedCopier:
         self._lock = threading.Lock()
         self.clone_ok = True  # until the filesystem says otherwise
 
-    def run(self) -> list[int]:
-        """Copy what the seeds hold; returns the positions left for the stores. A seed re-chunked on
-        the way may now hold positions planned for the stores: those are planned again."""
-        todo = [i for i in range(len(self.chunks)) if i not in self.nulls]
+    def run(self, todo: list[int]) -> list[int]:
+        """Copy what the seeds hold of the `todo` positions (sorted); returns those left for the
+        stores. A seed re-chunked on the way may now hold positions planned for the stores: those
+        are planned again."""
         while True:
             generations = [s.generation for s in self.seeds]
             segments = [seg for a, b in _ranges(todo) for seg in plan(self.chunks, self._usable(), self.nulls,
@@ -570,16 +375,6 @@ class _SeedCopier:
             stats.bytes_copied_from_seeds += copied
             stats.bytes_cloned_from_seeds += cloned
         _report(self.progress, chunks)
-
-
-def _write_zeros(target: _Target, chunks: list[IndexChunk], stats: ExtractStats, digest: str) -> None:
-    """Null chunks: nothing to write in a fresh (sparse) file, zeros over old data otherwise."""
-    stats.add("chunks_null", len(chunks))
-    if target.blank:
-        return
-    for c in chunks:
-        if not target.holds(c, digest):
-            target.write(bytes(c.size), c.start)
 
 
 def fetch_chunk(index: Index, store: Store, chunk: IndexChunk) -> bytes:

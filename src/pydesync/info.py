@@ -47,20 +47,24 @@ def _present(ids: list[ChunkId], store: Store | None, concurrency: int) -> set[C
 
 def index_info(index: Index, store: Store | None = None, seeds: Sequence[Index] = (),
                cache: Store | None = None, chunks_info: Sequence[dict[str, object]] | None = None,
-               concurrency: int = DEFAULT_CONCURRENCY) -> dict[str, int]:
-    """desync's `info` figures, with its JSON field names and order."""
+               concurrency: int = DEFAULT_CONCURRENCY, partial: set[ChunkId] | None = None) -> dict[str, int]:
+    """desync's `info` figures, with its JSON field names and order. `partial`: the chunks an
+    interrupted extract left in its partial output (checked), then counted as `in-partial` and,
+    since the next extract takes them from there, as held by a seed."""
     unique = index.unique_ids()
     size_of = {c.id: c.size for c in index}
     in_store = _present(unique, store, concurrency)
     in_cache = _present(unique, cache, concurrency)
     in_seed = {c.id for seed in seeds for c in seed} & set(size_of)
-    not_in_seed = [i for i in unique if i not in in_seed]
+    in_partial = (partial or set()) & set(size_of)
+    not_in_seed = [i for i in unique if i not in in_seed and i not in in_partial]
     neither = [i for i in not_in_seed if i not in in_cache]
     return {
         "total": len(index),
         "unique": len(unique),
         "in-store": len(in_store),
         "in-seed": len(in_seed),
+        **({"in-partial": len(in_partial)} if partial is not None else {}),
         "in-cache": len(in_cache),
         "not-in-seed-nor-cache": len(neither),
         "size": index.length,

@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .catar.decoder import ArchiveDecoder, DirectoryEnd, Node
-from .digest import digest_of
+from .digest import digest_of, null_chunk_id
 from .errors import PydesyncError, UsageError
-from .extract import fetch_chunk, null_chunk_id
+from .extract import fetch_chunk
 from .index import Index, IndexChunk
 from .parallel import for_each
 from .seed import Seed

@@ -139,13 +139,16 @@ class Channel:
 
     def send(self, kind: int, body: bytes = b"") -> None:
         with self._send_lock:
-            if self.timeout is None:
-                view = memoryview(encode(kind, body))
-                while view:  # (a raw pipe may take part of it)
-                    view = view[self.writer.write(view) or 0:]
-                self.writer.flush()
-            else:
-                self._write_bounded(encode(kind, body))
+            try:
+                if self.timeout is None:
+                    view = memoryview(encode(kind, body))
+                    while view:  # (a raw pipe may take part of it)
+                        view = view[self.writer.write(view) or 0:]
+                    self.writer.flush()
+                else:
+                    self._write_bounded(encode(kind, body))
+            except ValueError:  # our end was closed (the connection was given up meanwhile)
+                raise ProtocolError(f"{self.peer}: connection closed") from None
 
     def _write_bounded(self, data: bytes) -> None:
         """Write all of `data`, failing if the peer takes nothing for `timeout` seconds."""

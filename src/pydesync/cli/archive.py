@@ -136,7 +136,8 @@ def extract_tree(stream: Readable, name: str, target: str, options: ExtractOptio
 
 def run_untar(ctx: Context) -> int:
     from ..catar.extractor import ExtractOptions
-    from ..extract import BlobReader, resumable_chunks
+    from ..extract import BlobReader
+    from ..partial import resumable_chunks
     from ..streams import IterReader
     a = ctx.args
     options = ExtractOptions(overwrite=a.overwrite, best_effort=a.best_effort,

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 
 from ..chunker import ChunkSizes, iter_chunks
-from ..digest import ChunkId, check_digest, digest_of
+from ..digest import ChunkId, check_digest, digest_of, null_chunk_id
 from ..errors import UsageError
-from ..extract import BlobReader, ExtractStats, extract, null_chunk_id, stream_blob
+from ..extract import BlobReader, ExtractStats, extract, stream_blob
 from ..fsutil import atomic_write
-from ..index import Index
+from ..index import Index, IndexChunk
 from ..make import chunk_stream, input_size, open_input
 from ..seed import INVALID_FAIL, INVALID_REGENERATE, INVALID_SKIP, Seed
 from ..store import Store, StoreRouter
@@ -58,8 +60,9 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                    help="discard what an interrupted extract of OUTPUT left (.OUTPUT.partial) instead of "
                         "taking it up")
     p.add_argument("--sync", metavar="URL",
-                   help="first fetch every chunk that no seed or -c cache holds in one round trip from "
-                        "a chunk-server's /sync/<index name> (remotesync wishlist transfer)")
+                   help="first fetch every chunk that no seed, -c cache or interrupted extract's partial "
+                        "holds in one round trip from a chunk-server's /sync/<index name> (remotesync "
+                        "wishlist transfer)")
     p.add_argument("--print-stats", action="store_true", help="print statistics (JSON) to stdout")
     add_store_options(p)
     p.set_defaults(func=run_extract)
@@ -139,22 +142,24 @@ def run_extract(ctx: Context) -> int:
     index = ctx.read_index(a.index)
     seeds = seeds_from_flags(ctx, a.seed, a.seed_dir, a.index)
     with contextlib.ExitStack() as cleanup:
-        prefetched = _sync_first(ctx, index, seeds, cleanup) if a.sync else None
         store = ctx.source()
         assert store is not None
-        if prefetched is not None:
-            store = StoreRouter([prefetched, store])
-        return _extract_with(ctx, index, store, seeds)
+        sync = functools.partial(_sync, ctx, index, cleanup) if a.sync else None
+        return _extract_with(ctx, index, store, seeds, sync)
 
 
-def _sync_first(ctx: Context, index: Index, seeds: list[Seed], cleanup: contextlib.ExitStack) -> Store | None:
-    """extract --sync: the chunks no seed, null chunk or -c cache covers, in one wishlist transfer,
-    into the cache (or a temporary store beside the output, removed afterwards). Returns the
-    temporary store to read first, if one was used."""
+Sync = Callable[[Iterable[IndexChunk]], "Store | None"]
+
+
+def _sync(ctx: Context, index: Index, cleanup: contextlib.ExitStack,
+          missing: Iterable[IndexChunk]) -> Store | None:
+    """extract --sync: the chunks `missing` (those no seed, null chunk or partial output covers)
+    that the -c cache lacks too, in one wishlist transfer, into the cache (or a temporary store
+    beside the output, removed afterwards). Returns the temporary store to read first, if one
+    was used."""
     from ..remotesync import sync_prefetch
     a = ctx.args
-    null = null_chunk_id(index.sizes.max, index.digest)
-    held = {bytes(k) for s in seeds for k in s.positions}
+    wanted = {bytes(c.id) for c in missing}
     if a.cache:
         target: Store = cleanup.enter_context(ctx.target(a.cache, create=True))
     else:
@@ -163,7 +168,7 @@ def _sync_first(ctx: Context, index: Index, seeds: list[Seed], cleanup: contextl
         target = cleanup.enter_context(LocalStore(folder, create=True))
 
     def have(key: bytes) -> bool:
-        return key == bytes(null) or key in held or (a.cache is not None and target.has(ChunkId(key)))
+        return key not in wanted or (a.cache is not None and target.has(ChunkId(key)))
 
     sync_prefetch(a.sync, [(bytes(c.id), c.size) for c in index], index.sizes.max, have,
                   decode=COMPRESSED.decode, check=lambda data: bytes(digest_of(data, index.digest)),
@@ -171,18 +176,31 @@ def _sync_first(ctx: Context, index: Index, seeds: list[Seed], cleanup: contextl
     return None if a.cache else target
 
 
-def _extract_with(ctx: Context, index: Index, store: Store, seeds: list[Seed]) -> int:
+def _synced(sync: Sync | None, index: Index, seeds: list[Seed], store: Store) -> Store:
+    """`store`, read after what --sync brought of the chunks that neither a seed index nor the
+    null chunk covers (a streamed blob or a tree: no output file to check)."""
+    if sync is None:
+        return store
+    null = null_chunk_id(index.sizes.max, index.digest)
+    held = {k for s in seeds for k in s.positions}
+    extra = sync(c for c in index if c.id != null and c.id not in held)
+    return store if extra is None else StoreRouter([extra, store])
+
+
+def _extract_with(ctx: Context, index: Index, store: Store, seeds: list[Seed], sync: Sync | None) -> int:
     a = ctx.args
     if a.index.endswith(".caidx") and a.output != "-" and not a.output.endswith(".catar"):
-        return _extract_tree(ctx, index, store)
+        return _extract_tree(ctx, index, _synced(sync, index, seeds, store))
     mode = INVALID_SKIP if a.skip_invalid_seeds else INVALID_REGENERATE if a.regenerate_invalid_seeds \
         else INVALID_FAIL
     with store, Progress("Attempt 1: Assembling ", len(index)) as bar:
         if a.output == "-":  # the blob in order on standard output (as casync does; RAUC reads it)
-            stats = stream_blob(index, sys.stdout.buffer, store, ctx.concurrency, seeds, bar.callback())
+            stats = stream_blob(index, sys.stdout.buffer, _synced(sync, index, seeds, store), ctx.concurrency,
+                                seeds, bar.callback())
         else:
             stats = extract(index, a.output, store, concurrency=ctx.concurrency, in_place=a.in_place,
-                            seeds=seeds, invalid_seeds=mode, progress=bar.callback(), resume=not a.no_resume)
+                            seeds=seeds, invalid_seeds=mode, progress=bar.callback(), resume=not a.no_resume,
+                            prefetch=sync)
     if a.print_stats:  # (on stderr when the blob itself goes to stdout)
         print(json.dumps(stats.as_json(), indent=2), file=sys.stderr if a.output == "-" else sys.stdout)
     return 0
@@ -223,7 +241,7 @@ def _extract_tree(ctx: Context, index, store) -> int:  # type: ignore[no-untyped
     """An archive index: unpack the tree into the output directory, as `casync extract` does
     (existing entries are replaced, like a blob's output file is)."""
     from ..catar.extractor import ExtractOptions
-    from ..extract import resumable_chunks
+    from ..partial import resumable_chunks
     from ..streams import IterReader
     from .archive import extract_tree
 

@@ -29,6 +29,10 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument("-f", "--format", choices=["json", "plain"], default="json", help="output format")
     p.add_argument("--chunks-info", default=None, metavar="FILE",
                    help="inspect-chunks output, to sum compressed sizes")
+    p.add_argument("--output", default=None, metavar="FILE",
+                   help="the file an extract of INDEX writes: count the chunks that an interrupted extract "
+                        "of it left in its partial output (each hashed) as in-partial, and as not to be "
+                        "fetched")
     add_store_options(p)
     p.set_defaults(func=run_info)
 
@@ -62,6 +66,7 @@ _PLAIN_LABELS = [  # desync's lines, in its order
     ("unique", "Unique chunks:"),
     ("in-store", "Chunks in store:"),
     ("in-seed", "Chunks in seed:"),
+    ("in-partial", "Chunks in partial output:"),
     ("in-cache", "Chunks in cache:"),
     ("not-in-seed-nor-cache", "Chunks not in seed nor cache:"),
     ("dedup-size-not-in-seed-nor-cache-compressed", "Compressed chunks not in seed nor cache:"),
@@ -78,6 +83,7 @@ def seed_index_location(spec: str) -> str:
 
 def run_info(ctx: Context) -> int:
     from ..info import index_info
+    from ..partial import chunks_in_partials
     a = ctx.args
     index = ctx.read_index(a.index)
     seeds = [ctx.read_index(seed_index_location(s)) for s in a.seed]
@@ -90,10 +96,12 @@ def run_info(ctx: Context) -> int:
             raise UsageError(f"cannot read chunks info {a.chunks_info}: {e}") from None
     store = ctx.source(required=False, cache=False)  # info counts the cache separately
     cache = ctx.open(a.cache) if a.cache else None
-    info = index_info(index, store, seeds, cache, chunks_info, ctx.concurrency)
+    partial = chunks_in_partials(index, a.output, ctx.concurrency) if a.output else None
+    info = index_info(index, store, seeds, cache, chunks_info, ctx.concurrency, partial)
     if a.format == "plain":
         for key, label in _PLAIN_LABELS:
-            print(f"{label} {info[key]}")
+            if key in info:
+                print(f"{label} {info[key]}")
     else:
         print(json.dumps(info, indent=2))
     return 0

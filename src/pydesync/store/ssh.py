@@ -131,6 +131,7 @@ class _Session(_Remote):
 
     def __init__(self, argv: list[str], peer: str, timeout: float | None):
         super().__init__(argv, peer, timeout)
+        self.users = 1  # threads that picked it and have not finished with it (the store's lock)
         try:
             self.pull = PullSession(self.channel)
         except (ProtocolError, OSError) as e:
@@ -176,16 +177,24 @@ class SshStore(Store):
             self._sessions = [x for x in self._sessions if x.pull.broken is None]
             fresh = [x for x in self._sessions if not any(x.pull.asked(k) for k in keys)]
             if fresh and len(self._sessions) >= self._max_sessions:
-                return fresh[next(self._turn) % len(fresh)]
+                picked = fresh[next(self._turn) % len(fresh)]
+                picked.users += 1
+                return picked
         session = _Session(self._argv(), f"ssh {self.destination}", self.options.timeout)
         with self._lock:
             self._sessions.append(session)
             if len(self._sessions) > self._max_sessions:  # the one beyond: the least useful goes
-                spare = next((x for x in self._sessions if x is not session and not x.pull.busy()), None)
+                spare = next((x for x in self._sessions
+                              if x is not session and not x.users and not x.pull.busy()), None)
                 if spare is not None:
                     self._sessions.remove(spare)
                     spare.end()
         return session
+
+    def _done(self, session: _Session) -> None:
+        """The caller of _session is finished with it (from then on it may be ended as a spare)."""
+        with self._lock:
+            session.users -= 1
 
     def _drop(self, session: _Session) -> None:
         with self._lock:
@@ -204,6 +213,8 @@ class SshStore(Store):
             except (ProtocolError, OSError) as e:
                 self._drop(session)
                 raise StoreError(f"{self.location}: {e}{session.stderr_text()}") from None
+            finally:
+                self._done(session)
         if answer is None:
             raise ChunkMissing(chunk_id, [self.location])
         return self._chunk(chunk_id, answer, digest)
@@ -234,8 +245,10 @@ class SshStore(Store):
                 answers = session.pull.stream(keys)
                 break
             except AlreadyAsked:
+                self._done(session)
                 continue  # asked meanwhile by another thread: the next pick avoids that session
             except (ProtocolError, OSError) as e:
+                self._done(session)
                 self._drop(session)
                 raise StoreError(f"{self.location}: {e}{session.stderr_text()}") from None
 
@@ -249,6 +262,8 @@ class SshStore(Store):
         except (ProtocolError, OSError) as e:
             self._drop(session)
             raise StoreError(f"{self.location}: {e}{session.stderr_text()}") from None
+        finally:
+            self._done(session)
 
     def has(self, chunk_id: ChunkId) -> bool:
         if bytes(chunk_id) in self._spooled:
