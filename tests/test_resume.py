@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Result, Sshd, loop_device, run_cli
+from conftest import Result, Sshd, assert_clean_error, loop_device, run_cli
 from faultserver import FaultServer, Gate
 from procutil import HANG_GUARD, free_port, processes, stop, wait_listening
 from sshd_util import REMOTE_PYDESYNC
@@ -402,3 +402,182 @@ def test_an_interrupted_ssh_extract_fetches_only_what_it_lacked(casync: str, ssh
     print(f"ssh {remote} {sig.name}: {len(held)} of {len(index)} chunks held by the partial, {len(fetched)} "
           f"fetched ({sum(c.size for c in index if bytes(c.id) in fetched)} bytes, the partial lacked "
           f"{sum(c.size for c in index if bytes(c.id) not in held)})")
+
+
+# ---- what an interruption (or a hostile neighbour) can leave beside the target ----------------------
+
+def plant(tmp_path: Path, name: str, data: bytes, kind: str = ".partial",
+          sparse_from: int | None = None) -> None:
+    """A partial of NAME's index beside `out`, as a run stopped after `sparse_from` bytes leaves it
+    (the rest a hole), without running one."""
+    with open(tmp_path / f".out{kind}", "wb") as f:
+        f.write(data[:sparse_from] if sparse_from is not None else data)
+        f.truncate(len(data))
+    (tmp_path / f".out{kind}.caibx").write_bytes((tmp_path / f"{name}.caibx").read_bytes())
+
+
+def local_extract(tmp_path: Path, name: str, *flags: object, output: object = None) -> Result:
+    return run_cli("extract", "--print-stats", *flags, "-s", tmp_path / "store", tmp_path / f"{name}.caibx",
+                   output if output is not None else tmp_path / "out")
+
+
+def stats_of(r: Result) -> dict[str, int]:
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.mark.parametrize("planted", [".out.partial", ".out.partial.caibx", ".out.partial-old",
+                                     ".out.partial-old.caibx"])
+def test_a_fifo_where_a_partial_goes_is_not_waited_on(tmp_path: Path, planted: str):
+    data = random.Random(14).randbytes(1 << 20)
+    make_blob(tmp_path, "blob", data)
+    if planted.endswith("-old"):
+        (tmp_path / ".out.partial-old.caibx").write_bytes((tmp_path / "blob.caibx").read_bytes())
+    elif planted == ".out.partial":
+        (tmp_path / ".out.partial.caibx").write_bytes((tmp_path / "blob.caibx").read_bytes())
+    os.mkfifo(tmp_path / planted)
+    r = run_cli("info", "--output", tmp_path / "out", tmp_path / "blob.caibx")
+    assert r.returncode == 0 and json.loads(r.stdout)["in-partial"] == 0, r.stderr
+    r = local_extract(tmp_path, "blob")
+    if planted == ".out.partial":  # (ours to use, but not a file: said, with what to do)
+        assert_clean_error(r, "not a regular file")
+        r = local_extract(tmp_path, "blob", "--no-resume")
+    assert stats_of(r)["chunks-from-store"] > 0
+    assert (tmp_path / "out").read_bytes() == data
+
+
+def test_a_huge_partial_index_is_not_read(tmp_path: Path):
+    """A partial index of gigabytes (damage, or planted) is not read into memory: the extract runs
+    under an address-space limit far below its size."""
+    import resource
+
+    data = random.Random(15).randbytes(1 << 20)
+    make_blob(tmp_path, "blob", data)
+    (tmp_path / ".out.partial").write_bytes(data)
+    with open(tmp_path / ".out.partial.caibx", "wb") as f:
+        f.truncate(3 << 30)
+    limit = 1 << 30
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    proc = subprocess.run([sys.executable, "-m", "pydesync", "extract", "-s", str(tmp_path / "store"),
+                           str(tmp_path / "blob.caibx"), str(tmp_path / "out")], preexec_fn=cap,
+                          capture_output=True, timeout=HANG_GUARD)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out").read_bytes() == data
+
+
+def test_zero_chunks_in_a_hole_are_kept(tmp_path: Path):
+    """A sparse target whose zero tail (a chunk shorter than the maximum) lies in a hole: nothing
+    is fetched for it, in place or from a partial."""
+    data = random.Random(16).randbytes(1 << 20) + bytes((12 << 20) + 50_000)
+    make_blob(tmp_path, "blob", data)
+    subprocess.run(["cp", "--sparse=always", str(tmp_path / "blob"), str(tmp_path / "out")], check=True)
+    assert stats_of(local_extract(tmp_path, "blob", "-k"))["chunks-from-store"] == 0
+    (tmp_path / "out").unlink()
+    plant(tmp_path, "blob", data, sparse_from=1 << 20)
+    assert stats_of(local_extract(tmp_path, "blob"))["chunks-from-store"] == 0
+    assert (tmp_path / "out").read_bytes() == data
+
+
+def test_a_torn_copy_of_a_repeated_chunk_is_copied_from_its_good_copy(tmp_path: Path):
+    part = random.Random(17).randbytes(1 << 20)
+    data = part + part
+    index = make_blob(tmp_path, "blob", data)
+    plant(tmp_path, "blob", data)
+    second = next(c for c in index if c.start >= len(part) + 100_000)
+    with open(tmp_path / ".out.partial", "r+b") as f:
+        f.seek(second.start)
+        f.write(b"\xee" * 10)
+    r = run_cli("info", "--output", tmp_path / "out", tmp_path / "blob.caibx")
+    assert json.loads(r.stdout)["not-in-seed-nor-cache"] == 0
+    assert stats_of(local_extract(tmp_path, "blob"))["chunks-from-store"] == 0
+    assert (tmp_path / "out").read_bytes() == data
+
+
+def test_in_place_takes_a_partial_as_a_seed_and_removes_it(tmp_path: Path):
+    data = random.Random(18).randbytes(2 << 20)
+    index = make_blob(tmp_path, "blob", data)
+    plant(tmp_path, "blob", data, sparse_from=1 << 20)
+    (tmp_path / "out").write_bytes(b"old contents")
+    stats = stats_of(local_extract(tmp_path, "blob", "-k"))
+    assert stats["chunks-from-seeds"] == sum(1 for c in index if c.end <= 1 << 20)
+    assert (tmp_path / "out").read_bytes() == data
+    assert leftovers(tmp_path) == []
+    plant(tmp_path, "blob", data)
+    (tmp_path / "out").write_bytes(b"old contents")
+    stats = stats_of(local_extract(tmp_path, "blob", "-k", "--no-resume"))
+    assert stats["chunks-from-store"] == len(index) and leftovers(tmp_path) == []
+
+
+def test_no_resume_leaves_a_partial_another_extract_holds(tmp_path: Path):
+    from pydesync.partial import Target
+
+    data = random.Random(19).randbytes(1 << 20)
+    index = make_blob(tmp_path, "blob", data)
+    holder = Target(str(tmp_path / "out"), index, in_place=False)
+    try:
+        holder.write(data, 0)
+        r = local_extract(tmp_path, "blob", "--no-resume")
+        assert stats_of(r)["chunks-from-store"] == len(index)
+        assert (tmp_path / ".out.partial").read_bytes() == data  # (untouched: it is not ours)
+        holder.commit()
+    except BaseException:
+        holder.abort()
+        raise
+    assert (tmp_path / "out").read_bytes() == data and leftovers(tmp_path) == []
+
+
+def test_a_seed_dir_beside_the_target_skips_its_partials(tmp_path: Path):
+    data = random.Random(20).randbytes(2 << 20)
+    index = make_blob(tmp_path, "blob", data)
+    plant(tmp_path, "blob", data, sparse_from=1 << 20)
+    with open(tmp_path / ".out.partial", "r+b") as f:
+        f.write(b"\x00" * 100)  # (torn: as a plain seed it would fail the whole extract)
+    stats = stats_of(local_extract(tmp_path, "blob", "--seed-dir", tmp_path))
+    assert stats["chunks-from-partial"] == sum(1 for c in index if c.end <= 1 << 20) - 1
+    assert (tmp_path / "out").read_bytes() == data
+
+
+def test_the_partial_an_other_index_displaced_is_taken_up_again(tmp_path: Path):
+    """v1 interrupted, then v2 interrupted (v1's partial becomes -old), then v1 again: the v1
+    partial is resumed, not overwritten."""
+    v1 = random.Random(21).randbytes(2 << 20)
+    v2 = random.Random(22).randbytes(2 << 20)
+    i1 = make_blob(tmp_path, "v1", v1)
+    make_blob(tmp_path, "v2", v2)
+    plant(tmp_path, "v1", v1, sparse_from=1 << 20)
+    plant(tmp_path, "v2", v2, kind=".partial-swapped", sparse_from=1 << 19)
+    (tmp_path / ".out.partial").rename(tmp_path / ".out.partial-old")
+    (tmp_path / ".out.partial.caibx").rename(tmp_path / ".out.partial-old.caibx")
+    (tmp_path / ".out.partial-swapped").rename(tmp_path / ".out.partial")
+    (tmp_path / ".out.partial-swapped.caibx").rename(tmp_path / ".out.partial.caibx")
+    stats = stats_of(local_extract(tmp_path, "v1"))
+    assert stats["chunks-from-partial"] == sum(1 for c in i1 if c.end <= 1 << 20)
+    assert (tmp_path / "out").read_bytes() == v1
+    assert leftovers(tmp_path) == []
+
+
+def test_a_read_only_output_is_resumed_and_keeps_its_mode(tmp_path: Path):
+    data = random.Random(23).randbytes(1 << 20)
+    make_blob(tmp_path, "blob", data)
+    (tmp_path / "out").write_bytes(b"old")
+    (tmp_path / "out").chmod(0o444)
+    chunk = next((tmp_path / "store").rglob("*.cacnk"))
+    chunk.rename(tmp_path / "away")
+    r = local_extract(tmp_path, "blob")
+    assert r.returncode != 0
+    assert (tmp_path / ".out.partial").stat().st_mode & 0o200  # (the owner can go on writing it)
+    (tmp_path / "away").rename(chunk)
+    stats_of(local_extract(tmp_path, "blob"))
+    assert (tmp_path / "out").read_bytes() == data
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o444
+
+
+@pytest.mark.parametrize("output", ["", "newdir/", "."])
+def test_an_output_that_is_no_file_name_is_refused_before_any_work(tmp_path: Path, output: str):
+    make_blob(tmp_path, "blob", b"x" * 100_000)
+    r = run_cli("extract", "-s", tmp_path / "store", tmp_path / "blob.caibx", output, cwd=tmp_path)
+    assert_clean_error(r, "not a file name" if output != "." else "directory")
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]

@@ -31,7 +31,7 @@ from .parallel import (
     pipeline_shape,
     workers_for,
 )
-from .partial import Target, held_positions
+from .partial import PARTIAL, SALVAGE, Target, held_positions, partial_paths
 from .seed import (
     INVALID_FAIL,
     INVALID_SKIP,
@@ -108,8 +108,7 @@ def extract(index: Index, output: str, store: Store, concurrency: int = DEFAULT_
     """
     stats = ExtractStats(bytes_total=index.length, chunks_total=len(index), seeds=1 + len(seeds))
     target = Target(output, index, in_place, resume)  # (cleans up after itself if interrupted)
-    if target.salvage is not None:
-        seeds = [*seeds, target.salvage]
+    seeds = [*seeds, *target.salvage]
     try:
         stats.blocksize = target.blocksize
         usable = _open_seeds(seeds, output)
@@ -156,14 +155,31 @@ def _keep_held(index: Index, target: Target, stats: ExtractStats, concurrency: i
     for i in nulls:
         if i not in held:
             target.write(bytes(chunks[i].size), chunks[i].start)
+    _copy_within(target, chunks, todo, held)
     kept = [i for i in todo if i in held]
     stats.add("chunks_from_partial" if target.resumed else "chunks_in_place", len(kept))
     _report(progress, len(nulls) + len(kept))
     return [i for i in todo if i not in held], nulls
 
 
+def _copy_within(target: Target, chunks: list[IndexChunk], todo: list[int], held: set[int]) -> None:
+    """A chunk the target holds at one of its places (checked) is copied to the others where it is
+    wrong (a torn copy of a repeated chunk); those positions are added to `held`."""
+    first: dict[ChunkId, IndexChunk] = {}
+    for i in sorted(held):
+        first.setdefault(chunks[i].id, chunks[i])
+    for i in todo:
+        source = first.get(chunks[i].id)
+        if i not in held and source is not None:
+            target.write(os.pread(target.fd, source.size, source.start), chunks[i].start)
+            held.add(i)
+
+
 def _open_seeds(seeds: Sequence[Seed], output: str) -> list[Seed]:
-    """Open each seed's blob (one that is the output itself is refused)."""
+    """Open each seed's blob (one that is the output itself is refused; the output's partials
+    given as ordinary seeds are left out: the target takes them up, each chunk checked)."""
+    partials = {partial_paths(output, kind)[0] for kind in (PARTIAL, SALVAGE)}
+    seeds = [s for s in seeds if s.salvage or os.path.abspath(s.blob) not in partials]
     for seed in seeds:
         with contextlib.suppress(OSError):
             if output and os.path.samefile(seed.blob, output):

@@ -24,7 +24,7 @@ from .chunkio import chunk_ids
 from .digest import ChunkId, null_chunk_id
 from .errors import PydesyncError
 from .fsutil import remove_stale_temps, temp_name_for, write_bytes_atomic
-from .index import MAX_INDEX_BYTES, Index, IndexChunk, parse_index
+from .index import Index, IndexChunk, parse_index
 from .parallel import for_each
 from .seed import Seed, read_range
 from .store.base import Store, StoreOptions
@@ -35,19 +35,16 @@ PARTIAL_CHUNKS = ".partial-chunks"  # a tree extract's chunks so far (`.NAME.par
 CHECK_RUN = 4 << 20  # bytes of consecutive chunks read and hashed in one step when checking a file
 
 
+def is_partial_index(name: str) -> bool:
+    """Whether a file name is that of a partial's index (`.NAME.partial.caibx`, `-old` too)."""
+    return name.startswith(".") and name.endswith((PARTIAL + ".caibx", SALVAGE + ".caibx"))
+
+
 def partial_paths(output: str, kind: str = PARTIAL) -> tuple[str, str]:
     """(blob, index) of the partial output of `output` (or of its salvaged predecessor)."""
     folder, base = os.path.split(os.path.abspath(output))
     blob = os.path.join(folder, f".{base}{kind}")
     return blob, blob + ".caibx"
-
-
-def discard_partial(output: str) -> None:
-    """Remove what interrupted blob extracts of `output` left (--no-resume)."""
-    for kind in (PARTIAL, SALVAGE):
-        for path in partial_paths(output, kind):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
 
 
 @contextlib.contextmanager
@@ -80,21 +77,27 @@ def held_positions(fd: int, index: Index, positions: Sequence[int], workers: int
     """Those of `positions` (sorted) whose bytes in the open file `fd` hash to their chunk's id.
 
     Runs of consecutive chunks are read and hashed together, in threads (the native hash releases
-    the GIL). A run that lies in a hole holds none of its chunks but the all-zero max-size ones
-    (which an extract leaves as holes): nothing there is read. A chunk cut short by the end of
-    the file is not held.
+    the GIL). A run that lies in a hole (never written: most of what an interrupted extract
+    lacks) is not read: it holds exactly its all-zero chunks, and the chunker cuts those only at
+    the maximum size, at the minimum size (where its hash of a zero window is a boundary) or at
+    the end, so only chunks of those sizes are compared with the id of zeros. A chunk cut short
+    by the end of the file is not held.
     """
     chunks = index.chunks
     zero_size = index.sizes.max
     zero_id = null_chunk_id(zero_size, index.digest)
+    zero_sizes = {index.sizes.min, index.sizes.max, chunks[-1].size} if chunks else set()
     held: list[int] = []
     lock = threading.Lock()
+
+    def zeros(chunk: IndexChunk) -> bool:
+        return chunk.size in zero_sizes and chunk.id == null_chunk_id(chunk.size, index.digest)
 
     def check(run: tuple[int, int]) -> None:
         a, b = run
         start = chunks[a].start
         if _in_hole(fd, start, chunks[b - 1].end):
-            found = [i for i in range(a, b) if chunks[i].size == zero_size and chunks[i].id == zero_id]
+            found = [i for i in range(a, b) if zeros(chunks[i])]
         else:
             data = read_range(fd, start, chunks[b - 1].end - start)
             whole = [i for i in range(a, b) if chunks[i].end - start <= len(data)]
@@ -138,14 +141,16 @@ def chunks_in_partials(index: Index, output: str, workers: int) -> set[ChunkId]:
     found: set[ChunkId] = set()
     for kind in (PARTIAL, SALVAGE):
         blob, index_path = partial_paths(output, kind)
-        partial_index = _read_index(index_path)
+        partial_index = _read_index(index_path, max(SALVAGE_INDEX_LIMIT, 2 * len(index.to_bytes())))
         if partial_index is None or partial_index.digest != index.digest:
             continue
         try:
-            fd = os.open(blob, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(blob, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             continue
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
             chunks = partial_index.chunks
             positions = [i for i, c in enumerate(chunks) if c.id in wanted and c.id not in found]
             found.update(chunks[i].id for i in held_positions(fd, partial_index, positions, workers))
@@ -157,32 +162,45 @@ def chunks_in_partials(index: Index, output: str, workers: int) -> set[ChunkId]:
 class Target:
     """The file being assembled: the target's partial (`.NAME.partial`, kept with its index when
     the extract stops, and taken up again by the next one), a temporary file when another
-    extract holds the partial, or the target itself in place."""
+    extract holds the partial, or the target itself in place (then a partial left by an
+    earlier extract to it serves as a seed, and goes once the target is complete).
+
+    The partial is locked (flock) while an extract uses it, and renamed into place before the
+    lock goes, so no other extract ever takes up a file that has become the output."""
 
     def __init__(self, output: str, index: Index, in_place: bool, resume: bool = True):
         self.output = output
+        if not os.path.basename(output) or os.path.basename(os.path.abspath(output)) in ("", ".", ".."):
+            raise PydesyncError(f"cannot write '{output}': not a file name")
         self.block_device = False
         try:
             st = os.stat(output)
             self.block_device = stat.S_ISBLK(st.st_mode)
             if stat.S_ISDIR(st.st_mode):
                 raise PydesyncError(f"cannot write {output}: is a directory")
-            mode = stat.S_IMODE(st.st_mode)
+            self.mode = stat.S_IMODE(st.st_mode)
         except FileNotFoundError:
-            mode = 0o644
+            self.mode = 0o644
         self.in_place = in_place or self.block_device
         self.partial = False  # whether self.path is the partial (kept on failure)
         self.resumed = False  # whether the partial holds an earlier run's chunks of this index
-        self.salvage: Seed | None = None  # a partial of another index, to copy verified chunks from
+        self.salvage: list[Seed] = []  # partials of other indexes: verified chunks are copied from them
+        self._lock = -1  # in place: the lock on a partial an earlier extract left, taken as a seed
+        self.fd = -1
         length = index.length
         try:
             if self.in_place:
                 self.path = output
-                self.fd = os.open(output, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+                self.fd = os.open(output, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self.mode)
+                self._seed_from_partials(resume)
             else:
-                self.fd = self._open_partial(index, mode, resume)
+                self.fd = self._open_partial(index, resume)
         except OSError as e:
+            self.abort()
             raise PydesyncError(f"cannot write {output}: {e.strerror}") from None
+        except BaseException:
+            self.abort()
+            raise
         try:  # from here on a failure (or Ctrl-C) must not leave a temporary file behind
             size = os.lseek(self.fd, 0, os.SEEK_END)
             #: Whether the file holds nothing of the blob yet (a new file: no chunk is looked for in it).
@@ -197,50 +215,94 @@ class Target:
             self.abort()
             raise
 
-    def _open_partial(self, index: Index, mode: int, resume: bool) -> int:
+    # ---- the partial ---------------------------------------------------------------------------
+    def _open_partial(self, index: Index, resume: bool) -> int:
         """Open (and lock) the target's partial, taking up an earlier run's if it was for this
-        index; one for another index becomes the salvage seed. Another extract of the same
-        target holding the partial: a temporary file of our own (not resumable)."""
-        if not resume:
-            discard_partial(self.output)
+        index (the partial, or the one it displaced); one for another index becomes the salvage
+        seed. Another extract of the same target holding the partial: a temporary file of our
+        own (not resumable)."""
         blob, index_path = partial_paths(self.output)
         remove_stale_temps(*os.path.split(os.path.abspath(self.output)))
-        fd = os.open(blob, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            self.path = temp_name_for(self.output)
-            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        if not resume and os.path.lexists(blob) and not _is_regular(blob):
+            _unlink_files(blob)  # (a symlink or FIFO where the partial goes: a directory stays, and is said)
+        fd = _lock_partial(blob, self.mode)
+        if fd < 0:
+            return self._own_temp()
         self.path, self.partial = blob, True
+        old_blob, old_index = partial_paths(self.output, SALVAGE)
+        if not resume:
+            os.ftruncate(fd, 0)
+            _unlink_files(old_blob, old_index)
         wanted = index.to_bytes()
-        previous = _read_small(index_path, MAX_INDEX_BYTES)
         held = os.fstat(fd).st_size > 0
-        if held and previous == wanted:
+        previous = _read_regular(index_path, max(len(wanted), SALVAGE_INDEX_LIMIT)) if held else None
+        if previous == wanted:
             self.resumed = True
+        elif _read_regular(old_index, len(wanted)) == wanted and _is_regular(old_blob):
+            fd = self._swap_with_salvage(fd, held and previous is not None)  # (the run before this one)
         elif held and previous is not None:
-            fd = self._salvage(fd, blob, index_path, mode)
+            _move_files((blob, index_path), (old_blob, old_index))  # (our lock stays on the file moved)
+            os.close(fd)
+            fd = _lock_partial(blob, self.mode)
+            if fd < 0:  # (another extract took the new name meanwhile)
+                return self._own_temp()
         else:
             os.ftruncate(fd, 0)  # (without its index, what it holds cannot be told apart)
         if not self.resumed:
+            os.ftruncate(fd, 0)
             write_bytes_atomic(index_path, wanted)  # (before any chunk of the partial)
-        old_blob, old_index = partial_paths(self.output, SALVAGE)
-        if os.path.exists(old_blob):
-            self.salvage = _salvage_seed(old_blob, old_index)
+        seed = _salvage_seed(old_blob, old_index, max(len(wanted), SALVAGE_INDEX_LIMIT))
+        self.salvage = [seed] if seed is not None else []
         return fd
 
-    def _salvage(self, fd: int, blob: str, index_path: str, mode: int) -> int:
-        """The partial of another index becomes `.NAME.partial-old` (replacing an older one); a new,
-        empty partial is opened in its place."""
+    def _own_temp(self) -> int:
+        """Another extract holds the partial: a temporary file of our own, not resumable."""
+        self.partial = False
+        self.path = temp_name_for(self.output)
+        return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.mode | 0o600)
+
+    def _swap_with_salvage(self, fd: int, keep_current: bool) -> int:
+        """`.NAME.partial-old` was built for this very index (an extract of another index came in
+        between): it becomes the partial again, and the current one (if it holds anything) the
+        salvage seed."""
+        blob, index_path = partial_paths(self.output)
         old_blob, old_index = partial_paths(self.output, SALVAGE)
-        os.replace(index_path, old_index)
-        os.replace(blob, old_blob)
+        swap = partial_paths(self.output, ".partial-swap")
+        if keep_current:
+            _move_files((blob, index_path), swap)
+        _move_files((old_blob, old_index), (blob, index_path))
+        if keep_current:
+            _move_files(swap, (old_blob, old_index))
         os.close(fd)
-        fd = os.open(blob, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.ftruncate(fd, 0)
+        fd = _lock_partial(blob, self.mode)
+        if fd < 0:
+            return self._own_temp()
+        self.resumed = True
         return fd
 
+    def _seed_from_partials(self, resume: bool) -> None:
+        """In place: what an earlier extract to this target left (a partial of any index, and
+        what it displaced) is a seed, each chunk checked; it goes once the target is complete,
+        or now with resume=False. A partial another extract holds is left alone."""
+        blob, index_path = partial_paths(self.output)
+        old_blob, old_index = partial_paths(self.output, SALVAGE)
+        present = [path for path in (blob, old_blob) if _is_regular(path)]
+        if not present:
+            return
+        try:
+            self._lock = _lock_partial(present[0], self.mode)
+        except PydesyncError:
+            return
+        if self._lock < 0:
+            return
+        if not resume:
+            _unlink_files(blob, index_path, old_blob, old_index)
+            return
+        self.salvage = [seed for seed in (_salvage_seed(blob, index_path, SALVAGE_INDEX_LIMIT),
+                                          _salvage_seed(old_blob, old_index, SALVAGE_INDEX_LIMIT))
+                        if seed is not None]
+
+    # ---- writing -------------------------------------------------------------------------------
     def write(self, data: bytes | memoryview, offset: int) -> None:
         view = memoryview(data)
         try:
@@ -254,57 +316,140 @@ class Target:
         """A write into the output that failed, named after the output (not its temporary name)."""
         return PydesyncError(f"cannot write {self.output}: {e.strerror}")
 
+    # ---- the end -------------------------------------------------------------------------------
     def commit(self) -> None:
-        fd, self.fd = self.fd, -1
-        os.close(fd)
+        """The complete file takes the output's name. The partial's index and the salvaged partial
+        go first, and the rename happens while the lock is held: another extract starting now
+        finds no partial, or a new one of its own, never this file."""
+        if self.partial or self._lock >= 0:
+            blob, index_path = partial_paths(self.output)
+            _unlink_files(index_path, *partial_paths(self.output, SALVAGE))
+            if self._lock >= 0:  # (in place: what earlier extracts left has served)
+                _unlink_files(blob)
         if not self.in_place:
+            if self.mode & 0o600 != 0o600:  # (written as the owner's; the output's own mode now)
+                os.fchmod(self.fd, self.mode)
             os.replace(self.path, self.output)
-        if self.partial:
-            discard_partial(self.output)
+        self._close()
 
     def abort(self) -> None:
         """Close; a temporary file goes, the partial stays (with its index) for the next run
         unless nothing was written into it (a sparse file with no blocks)."""
-        keep = self.partial
-        if self.fd >= 0:
+        if self.partial and self.fd >= 0 and not self.resumed:
             with contextlib.suppress(OSError):
-                keep = keep and (self.resumed or os.fstat(self.fd).st_blocks > 0)
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = -1
-        if self.partial and not keep:
-            discard_partial(self.output)
-        elif not self.in_place and not self.partial:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+                if os.fstat(self.fd).st_blocks == 0:
+                    _unlink_files(*partial_paths(self.output))
+        elif not self.in_place and not self.partial and self.fd >= 0:
+            _unlink_files(self.path)
+        self._close()
+
+    def _close(self) -> None:
+        for seed in self.salvage:
+            seed.close()
+        for fd in (self.fd, self._lock):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.fd = self._lock = -1
 
 
-def _read_small(path: str, limit: int) -> bytes | None:
-    """The file's bytes (None if absent, unreadable or longer than `limit`)."""
+SALVAGE_INDEX_LIMIT = 16 << 20  # bytes of a partial's index read to salvage it (~1M chunks)
+REMEDY = "remove it, or run with --no-resume"
+
+
+def _lock_partial(blob: str, mode: int) -> int:
+    """The partial `blob` opened (created if absent) and locked; -1 if another extract holds it.
+    A file renamed or replaced between the open and the lock is opened again; anything but a
+    regular file there is an error that names it."""
+    while True:
+        try:
+            fd = os.open(blob, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                         mode | 0o600)
+        except OSError as e:
+            raise PydesyncError(f"cannot use {blob}: {e.strerror} ({REMEDY})") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise PydesyncError(f"cannot use {blob}: not a regular file ({REMEDY})")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return -1
+            try:
+                now = os.stat(blob, follow_symlinks=False)
+            except FileNotFoundError:
+                now = None
+            if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # (renamed into place by the extract that held it: look again)
+
+
+def _is_regular(path: str) -> bool:
     try:
-        with open(path, "rb") as f:
-            data = f.read(limit)
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _read_regular(path: str, limit: int) -> bytes | None:
+    """The bytes of a regular file of at most `limit` bytes (None if absent, something else, or
+    bigger: a FIFO does not block, a huge file is not read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
-    return data if len(data) < limit else None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return data if len(data) <= limit else None
 
 
-def _read_index(path: str) -> Index | None:
-    """A partial's index (None when it is gone, too big or does not parse)."""
-    data = _read_small(path, MAX_INDEX_BYTES)
+def _unlink_files(*paths: str) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+            os.unlink(path)
+
+
+def _move_files(sources: tuple[str, str], targets: tuple[str, str]) -> None:
+    """(blob, index) to their new names, the index first (a blob without its index is never
+    taken up)."""
+    for source, target in zip(sources[::-1], targets[::-1], strict=True):
+        try:
+            os.replace(source, target)
+        except FileNotFoundError:
+            _unlink_files(target)
+
+
+def _read_index(path: str, limit: int) -> Index | None:
+    """A partial's index (None when it is gone, not a regular file, too big or does not parse)."""
+    data = _read_regular(path, limit)
     try:
         return parse_index(data) if data is not None else None
     except PydesyncError:
         return None
 
 
-def _salvage_seed(blob: str, index_path: str) -> Seed | None:
-    """The salvaged partial as a seed whose chunks are each checked, a bad one simply fetched
-    (None when its index is gone or does not parse: then both files go)."""
-    seed_index = _read_index(index_path)
+def _salvage_seed(blob: str, index_path: str, limit: int) -> Seed | None:
+    """A partial of another index as a seed whose chunks are each checked, a bad one simply
+    fetched (None when there is none; when its index is gone, too big or does not parse, both
+    files go)."""
+    if not _is_regular(blob):
+        if os.path.lexists(blob) or os.path.lexists(index_path):
+            _unlink_files(blob, index_path)
+        return None
+    seed_index = _read_index(index_path, limit)
     if seed_index is None:
-        for path in (blob, index_path):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        _unlink_files(blob, index_path)
         return None
     return Seed(index_path, blob, seed_index, salvage=True)

@@ -19,6 +19,7 @@ from ..extract import BlobReader, ExtractStats, extract, stream_blob
 from ..fsutil import atomic_write
 from ..index import Index, IndexChunk
 from ..make import chunk_stream, input_size, open_input
+from ..partial import is_partial_index
 from ..seed import INVALID_FAIL, INVALID_REGENERATE, INVALID_SKIP, Seed
 from ..store import Store, StoreRouter
 from ..store.converters import COMPRESSED
@@ -208,7 +209,8 @@ def _extract_with(ctx: Context, index: Index, store: Store, seeds: list[Seed], s
 
 def seeds_from_flags(ctx: Context, specs: list[str], folders: list[str], target_index: str) -> list[Seed]:
     """--seed INDEX.caibx (blob beside it) or INDEX:BLOB[:options], then every INDEX.caibx with its
-    blob under each --seed-dir (not the index being extracted)."""
+    blob under each --seed-dir (not the index being extracted, nor interrupted extracts' partials:
+    their chunks may be anything, and the extract to their target checks them one by one)."""
     seeds = []
     for spec in specs:
         if spec.endswith(".caibx"):
@@ -229,7 +231,7 @@ def seeds_from_flags(ctx: Context, specs: list[str], folders: list[str], target_
         for root, _dirs, files in sorted(os.walk(folder)):
             for name in sorted(files):
                 path = os.path.join(root, name)
-                if not name.endswith(".caibx") or os.path.abspath(path) == own:
+                if not name.endswith(".caibx") or os.path.abspath(path) == own or is_partial_index(name):
                     continue
                 blob = path[: -len(".caibx")]
                 if os.path.isfile(blob) or (os.path.exists(blob) and os.path.isfile(os.path.realpath(blob))):
