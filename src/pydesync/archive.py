@@ -18,7 +18,8 @@ from .index import Index
 from .indexstore import write_index_at
 from .make import MakeStats, chunk_stream
 from .parallel import DEFAULT_CONCURRENCY
-from .store.base import Store, StoreOptions
+from .store.base import Store
+from .store.options import StoreOptions
 from .streams import IterReader
 
 

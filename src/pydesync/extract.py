@@ -225,8 +225,8 @@ def _fetch(index: Index, wanted: list[int], target: Target, store: Store, stats:
                 place(data, need, len(need))
         return finish
 
-    if store.remote and getattr(store, "streams", False):
-        for chunk_id, data in store.fetch_many(list(positions), digest):  # type: ignore[attr-defined]
+    if store.streams:
+        for chunk_id, data in store.fetch_many(list(positions), digest):
             if data is None:
                 raise ChunkMissing(chunk_id, [store.location])
             place(data, positions[chunk_id], len(positions[chunk_id]))

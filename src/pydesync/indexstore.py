@@ -10,75 +10,37 @@ cycle: the stores' clients are what fetch a remote index).
 
 from __future__ import annotations
 
-from .errors import IndexFormatError
-from .index import MAX_INDEX_BYTES, Index, check_index_digest, parse_index, read_index, write_index
-from .store import location_scheme
-from .store.base import Store, StoreOptions
+from .errors import IndexFormatError, UsageError
+from .index import Index, check_index_digest, parse_index, read_index, write_index
+from .store.base import Store
+from .store.options import StoreOptions
+from .store.registry import StoreKind, location_scheme, store_kind
 
 
-def split_location(location: str) -> tuple[str, str]:
-    """(store base, index name) of an index location."""
-    base, _, name = location.rpartition("/")
-    return base + "/", name
+def _index_kind(location: str) -> StoreKind:
+    try:
+        return store_kind(location)
+    except UsageError:
+        raise IndexFormatError(f"unsupported index location '{location}'") from None
 
 
 def fetch_index_bytes(location: str, options: StoreOptions | None = None) -> bytes:
-    """The bytes of a remote index (HTTP(S), SFTP, S3)."""
-    scheme = location_scheme(location)
-    if scheme in ("http", "https"):
-        from .store.http import HttpClient
-
-        base, name = split_location(location)
-        client = HttpClient(base, options or StoreOptions())
-        try:
-            data = client.request("GET", name, limit=MAX_INDEX_BYTES)
-        finally:
-            client.close()
-        if data is None:
-            raise IndexFormatError(f"index {location} does not exist")
-        return data
-    if scheme in ("sftp", "s3+http", "s3+https", "gs", "ssh"):
-        if scheme == "sftp":
-            from .store.sftp import read_index_bytes
-        elif scheme == "ssh":
-            from .store.ssh import read_index_bytes  # type: ignore[assignment]
-        else:
-            from .store.s3 import read_index_bytes
-
-        data = read_index_bytes(location, options)
-        if data is None:
-            raise IndexFormatError(f"index {location} does not exist")
-        return data
-    raise IndexFormatError(f"cannot read an index from '{location}': unsupported location")
+    """The bytes of an index in an index store (HTTP(S), SFTP, S3, GCS, ssh)."""
+    read = _index_kind(location).read_index
+    if read is None:
+        raise IndexFormatError(f"cannot read an index from '{location}': unsupported location")
+    data = read(location, options)
+    if data is None:
+        raise IndexFormatError(f"index {location} does not exist")
+    return data
 
 
 def store_index_bytes(location: str, data: bytes, options: StoreOptions | None = None) -> None:
-    """Put the bytes of an index into a remote index store (HTTP(S), SFTP, S3)."""
-    scheme = location_scheme(location)
-    if scheme in ("http", "https"):
-        from .store.http import HttpClient
-
-        base, name = split_location(location)
-        client = HttpClient(base, options or StoreOptions())
-        try:
-            client.request("PUT", name, body=data, ok=(200, 201, 204), missing=())
-        finally:
-            client.close()
-        return
-    if scheme in ("sftp", "ssh"):
-        if scheme == "sftp":
-            from .store.sftp import write_index_bytes
-        else:
-            from .store.ssh import write_index_bytes  # type: ignore[assignment]
-
-        write_index_bytes(location, data, options)
-        return
-    if scheme in ("s3+http", "s3+https", "gs"):
-        from .store.s3 import write_index_bytes as write_s3
-
-        write_s3(location, data, options)
-        return
-    raise IndexFormatError(f"cannot write an index to '{location}': unsupported location")
+    """Put the bytes of an index into an index store (HTTP(S), SFTP, S3, GCS, ssh)."""
+    write = _index_kind(location).write_index
+    if write is None:
+        raise IndexFormatError(f"cannot write an index to '{location}': unsupported location")
+    write(location, data, options)
 
 
 def is_remote(location: str) -> bool:
@@ -112,6 +74,6 @@ def write_index_at(index: Index, location: str, options: StoreOptions | None = N
 
 
 __all__ = [
-    "fetch_index_bytes", "is_remote", "read_index_at", "split_location", "store_index_bytes",
+    "fetch_index_bytes", "is_remote", "read_index_at", "store_index_bytes",
     "write_index_at",
 ]

@@ -33,7 +33,8 @@ from .errors import PydesyncError
 from .index import Index, blob_flags
 from .indexstore import write_index_at
 from .parallel import DEFAULT_CONCURRENCY, ordered_map, workers_for
-from .store.base import Store, StoreOptions
+from .store.base import Store
+from .store.options import StoreOptions
 
 BATCH_BYTES = 4 * 1024 * 1024
 PART_BLOCK = 4 * 1024 * 1024  # read size of a part worker

@@ -27,7 +27,8 @@ from .fsutil import remove_stale_temps, temp_name_for, write_bytes_atomic
 from .index import Index, IndexChunk, parse_index
 from .parallel import for_each
 from .seed import Seed, read_range
-from .store.base import Store, StoreOptions
+from .store.base import Store
+from .store.options import StoreOptions
 
 PARTIAL = ".partial"  # `.NAME.partial` (+ `.caibx`): an unfinished extract of NAME and its index
 SALVAGE = ".partial-old"  # a partial built for another index, kept as a seed while a new one grows

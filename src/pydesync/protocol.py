@@ -32,7 +32,8 @@ from .errors import ChunkInvalid, ChunkMissing, PydesyncError
 from .fsutil import atomic_write
 from .index import MAX_INDEX_BYTES, IndexChunk, stream_index
 from .parallel import ordered_map
-from .store.base import verify_chunk
+from .store.base import Store, verify_chunk
+from .store.converters import COMPRESSED
 
 HELLO = 0x3C71D0948CA5FBEE
 INDEX = 0xB32A91DD2B3E27F8
@@ -207,7 +208,7 @@ class PullServer:
     long prefetch list.
     """
 
-    def __init__(self, channel: Channel, store: object | None, index: str | None = None,
+    def __init__(self, channel: Channel, store: Store | None, index: str | None = None,
                  archive: str | None = None):
         self.channel = channel
         self.store = store
@@ -296,12 +297,13 @@ class PullServer:
 
     def _stored(self, chunk_id: ChunkId) -> tuple[bytes, bool]:
         """The chunk as sent: the stored .cacnk bytes, or zstd of a raw chunk (clients expect zstd)."""
-        get_stored = getattr(self.store, "get_stored", None)
-        if get_stored is not None:
-            data, converters = get_stored(chunk_id)
-            if not converters.encrypted:
-                return (data if converters.compressed else compress(data)), True
-        data = self.store.get(chunk_id)  # type: ignore[union-attr]  # decrypts and verifies
+        store = self.store
+        assert store is not None  # (asked for chunks only when it serves a store)
+        data, converters = store.get_stored(chunk_id)
+        if converters.encrypted:
+            data = store.get(chunk_id)  # decrypts and verifies
+        elif converters.compressed:
+            return data, True
         return compress(data), True
 
 
@@ -321,7 +323,7 @@ class PushServer:
     missing chunks are asked for once the last window's have all come.
     """
 
-    def __init__(self, channel: Channel, store: object | None, lookup: list[object] | None = None,
+    def __init__(self, channel: Channel, store: Store | None, lookup: list[Store] | None = None,
                  index: str | None = None, archive: str | None = None, workers: int = 2):
         self.channel = channel
         self.store = store
@@ -457,7 +459,7 @@ class PushServer:
                                 f"client does not send the chunks of its index")
 
     def _have(self, chunk_id: ChunkId) -> bool:
-        return any(store.has(chunk_id) for store in self.lookup)  # type: ignore[attr-defined]
+        return any(store.has(chunk_id) for store in self.lookup)
 
     def _send_requests(self) -> None:
         """Send the REQUESTs (a thread: the client's CHUNKs are read meanwhile, so neither side
@@ -501,13 +503,13 @@ class PushServer:
         except CodecError as e:
             raise ChunkInvalid(chunk_id, f"invalid chunk {chunk_id} from the client: {e}", "client") from None
         verify_chunk(chunk_id, data, self._digest, "client")
-        put_stored = getattr(self.store, "put_stored", None)
-        converters = getattr(self.store, "converters", None)
-        if compressed and put_stored is not None and converters is not None and converters.compressed \
-                and not converters.encrypted:
-            put_stored(chunk_id, wire)
+        store = self.store
+        assert store is not None  # (chunks are requested only for a store)
+        own = store.converters
+        if compressed and own is not None and own.compressed and not own.encrypted:
+            store.put_stored(chunk_id, wire, COMPRESSED)  # as it came
         else:
-            self.store.put(chunk_id, data)  # type: ignore[union-attr]
+            store.put(chunk_id, data)
 
     def _check_archive(self, f: BinaryIO) -> None:
         """Decode the received archive in full before it takes its name."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import stat
@@ -15,7 +14,6 @@ from .index import Index
 from .make import open_input
 from .parallel import DEFAULT_CONCURRENCY, for_each, workers_for
 from .store.base import Store
-from .store.local import LocalStore
 
 
 @dataclass
@@ -75,13 +73,7 @@ def prune(store: Store, keep: set[ChunkId], concurrency: int = DEFAULT_CONCURREN
 
     unwanted = (i for i in store.ids() if i not in keep)
     for_each(remove, unwanted, workers_for(concurrency, store.remote) if store.remote else 1)
-    if isinstance(store, LocalStore):
-        for temp in store.temp_files():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-    elif hasattr(store, "temp_files") and hasattr(store, "remove_file"):  # sftp
-        for temp in list(getattr(store, "temp_files")()):  # noqa: B009
-            getattr(store, "remove_file")(temp)  # noqa: B009
+    store.remove_temporaries()
     return next(removed)
 
 

@@ -173,7 +173,7 @@ def _sync(ctx: Context, index: Index, cleanup: contextlib.ExitStack,
 
     sync_prefetch(a.sync, [(bytes(c.id), c.size) for c in index], index.sizes.max, have,
                   decode=COMPRESSED.decode, check=lambda data: bytes(digest_of(data, index.digest)),
-                  put=lambda key, wire: target.put_stored(ChunkId(key), wire))  # type: ignore[attr-defined]
+                  put=lambda key, wire: target.put_stored(ChunkId(key), wire, COMPRESSED))
     return None if a.cache else target
 
 

@@ -6,7 +6,6 @@ import argparse
 import sys
 
 from ..errors import UsageError
-from ..store.local import LocalStore
 from .common import Context, add_bool, add_concurrency, add_ignore, add_store_options, add_stores
 from .ignore import ignored_ids
 from .progress import Progress
@@ -96,30 +95,27 @@ def run_prune(ctx: Context) -> int:
 
 
 def run_upgrade_s3(ctx: Context) -> int:
-    from ..store.s3 import S3Store, upgrade_flat_layout
+    from ..store.s3 import upgrade_flat_layout
     a = ctx.args
     if len(a.store) != 1:
         raise UsageError("upgrade-s3 needs exactly one store (-s)")
     store = ctx.open(a.store[0])
     with store:
-        if not isinstance(store, S3Store):
-            raise UsageError(f"upgrade-s3 needs an s3+http(s):// store, not {a.store[0]}")
         moved = upgrade_flat_layout(store)
     print(f"moved {moved} chunks to the <4 hex>/<id> layout", file=sys.stderr)
     return 0
 
 
 def run_verify(ctx: Context) -> int:
-    from ..store.s3 import S3Store
-    from ..store.sftp import SftpStore
     from ..storeops import verify_store
     a = ctx.args
     if len(a.store) != 1:
         raise UsageError("verify needs exactly one local store (-s)")
     store = ctx.open(a.store[0])
     with store:
-        if not isinstance(store, (LocalStore, SftpStore, S3Store)):
-            raise UsageError("verify only works with local, sftp and s3 stores")
+        if not store.listable:
+            raise UsageError(f"verify needs a store that can list its chunks (local, sftp, s3, oci), "
+                             f"not {a.store[0]}")
 
         def report(chunk_id: object, message: str, removed: bool) -> None:
             print(message + (": removed" if removed else ""), file=sys.stderr)

@@ -25,7 +25,6 @@ from ..index import parse_index
 from ..remotesync import SyncError, check_wishlist_length, index_syncinfo, send
 from ..store.base import Store, verify_chunk
 from ..store.converters import COMPRESSED, PLAIN, Converters
-from ..store.local import LocalStore
 from .common import App, Exchange, target_path
 from .http11 import Request
 from .indexes import valid_index_name
@@ -69,8 +68,7 @@ class ChunkServer(App):
     # ---- requests ------------------------------------------------------------------------------
     def quick(self, req: Request) -> bool:
         """Reads from a local store are answered on the event loop (a stat, or a file read)."""
-        return req.method in ("GET", "HEAD") and isinstance(self.upstream, LocalStore) \
-            and not _is_sync(req)
+        return req.method in ("GET", "HEAD") and self.upstream.local_files and not _is_sync(req)
 
     def streams(self, req: Request) -> bool:
         """A wishlist POST streams the chunks asked for on a thread of its own."""
@@ -164,7 +162,7 @@ class ChunkServer(App):
 
     def _send_file(self, req: Exchange, chunk_id: ChunkId) -> bool:
         """Serve a local store's file as it is (sendfile) when its format is the wire format."""
-        if not isinstance(self.upstream, LocalStore) or not self.skip_verify_read:
+        if not self.upstream.local_files or not self.skip_verify_read:
             return False
         fd, size, stored_format = self.upstream.open_stored(chunk_id)
         try:
@@ -178,9 +176,8 @@ class ChunkServer(App):
     def wire_bytes(self, chunk_id: ChunkId) -> bytes:
         """The chunk as served: the stored file itself when formats agree and reads are trusted,
         else converted from the stored format through the layers the two do not share."""
-        get_stored = getattr(self.upstream, "get_stored", None)
-        if get_stored is not None and self.skip_verify_read:
-            stored, stored_format = get_stored(chunk_id)
+        if self.skip_verify_read:
+            stored, stored_format = self.upstream.get_stored(chunk_id)
             try:
                 return stored_format.convert(stored, self.wire)
             except CodecError as e:

@@ -6,51 +6,18 @@ import atexit
 import functools
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..codec import CodecError
 from ..digest import SHA512_256, ChunkId, digest_of, other_digest
-from ..errors import ChunkInvalid, StoreError
-from .converters import COMPRESSED, Converters
+from ..errors import ChunkInvalid, ChunkMissing, StoreError
+from .converters import COMPRESSED, PLAIN, Converters
+from .options import StoreOptions
 
 if TYPE_CHECKING:
     from ..chunkio import Placement
     from ..index import Index
-
-
-@dataclass(frozen=True)
-class StoreOptions:
-    """Per-store settings (desync's config `store-options`, overridden by explicit CLI flags)."""
-
-    uncompressed: bool = False
-    skip_verify: bool = False
-    compression: str = "zstd"
-    timeout: float | None = 60.0        # seconds for a whole request; None = no limit
-    error_retry: int = 3                # attempts (HTTP: at least one)
-    error_retry_base: float = 0.5       # seconds; attempt n waits n times this
-    trust_insecure: bool = False
-    ca_cert: str | None = None
-    client_cert: str | None = None
-    client_key: str | None = None
-    http_auth: str | None = None        # sent verbatim as Authorization
-    http_cookie: str | None = None      # sent verbatim as Cookie
-    concurrency: int = 10               # connections / requests at once for network stores
-    encryption: bool = False            # AEAD layer on top of compression (see store.converters)
-    encryption_key: str | None = field(default=None, repr=False)  # 64 hex chars
-    encryption_algorithm: str | None = None  # xchacha20-poly1305 (default) or aes-256-gcm
-    s3_credentials: dict[str, Any] | None = field(default=None, repr=False)  # config entry for the endpoint
-    oci_credentials: dict[str, Any] | None = field(default=None, repr=False)  # config entry for the repo
-
-    @property
-    def encryption_configured(self) -> bool:
-        """Any encryption option set, valid or not (index stores refuse them all)."""
-        return bool(self.encryption or self.encryption_key or self.encryption_algorithm)
-
-    def override(self, **changes: object) -> StoreOptions:
-        """A copy with the given fields changed; None means 'not given' and keeps the current value."""
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
 def verify_chunk(chunk_id: ChunkId, data: bytes, digest: str | None, location: str) -> None:
@@ -97,13 +64,28 @@ def close_at_exit(item: Any) -> None:
 
 
 class Store(ABC):
-    """A place chunks live, addressed by id. Reads return verified, uncompressed data."""
+    """A place chunks live, addressed by id. Reads return verified, uncompressed data.
+
+    What a store can do beyond get and has is declared as data with a default, so a caller
+    asks once (`store.listable`) instead of probing for methods; the methods behind an
+    ability have defaults that work for every store (fetch_many gets one by one, get_stored
+    gives the plain chunk) or say clearly that the store cannot (remove, ids).
+    """
 
     location: str = ""
     options: StoreOptions = StoreOptions()
     #: Whether requests wait on a network: then -n threads hide latency; local stores are
     #: CPU-bound (decompress, hash), where more threads than cores only contend.
     remote: bool = False
+    #: Whether fetch_many sends every request at once and streams the answers (casync's protocol).
+    streams: bool = False
+    #: Whether ids() lists the store's chunks (verify, prune).
+    listable: bool = False
+    #: Whether open_stored() gives a chunk's file on this machine (a server sends it as it is).
+    local_files: bool = False
+    #: The format chunks are kept in, when get_stored/put_stored pass them as they are (None:
+    #: stored bytes are not the store's own, and put_stored decodes them and puts the chunk).
+    converters: Converters | None = None
 
     @abstractmethod
     def get(self, chunk_id: ChunkId, digest: str | None = None) -> bytes:
@@ -145,11 +127,55 @@ class Store(ABC):
         """Store chunk data (the store applies its own encoding). Idempotent."""
         raise StoreError(f"store {self.location} is read-only")
 
+    def fetch_many(self, ids: Sequence[ChunkId],
+                   digest: str | None = None) -> Iterator[tuple[ChunkId, bytes | None]]:
+        """Every chunk of `ids` (each once), verified, as it arrives; None for one the store lacks.
+        Stores that `stream` send all the requests at once; the default gets them in turn."""
+        for chunk_id in dict.fromkeys(ids):
+            try:
+                yield chunk_id, self.get(chunk_id, digest)
+            except ChunkMissing:
+                yield chunk_id, None
+
+    def get_stored(self, chunk_id: ChunkId) -> tuple[bytes, Converters]:
+        """The chunk as stored, and the format it is in (for servers passing it on without
+        re-encoding; not verified where the store keeps a format of its own). The default is
+        the verified plain chunk."""
+        return self.get(chunk_id), PLAIN
+
+    def put_stored(self, chunk_id: ChunkId, stored: bytes | memoryview,
+                   fmt: Converters | None = None) -> None:
+        """Store a chunk given as stored bytes in `fmt` (None: in the store's own `converters`),
+        kept as they are where that is the store's format. The default decodes them and puts
+        the chunk; the caller has verified it."""
+        if fmt is None:
+            fmt = self.converters or PLAIN
+        self.put(chunk_id, decode_chunk(chunk_id, bytes(stored), fmt, self.location))
+
+    def in_own_format(self, chunk_id: ChunkId, stored: bytes | memoryview,
+                      fmt: Converters | None) -> bytes | memoryview:
+        """Stored bytes in `fmt` as this store keeps them: as they are when the formats agree
+        (None: they already do), else converted through the layers the two do not share."""
+        own = self.converters or PLAIN
+        if fmt is None or fmt == own:
+            return stored
+        try:
+            return fmt.convert(bytes(stored), own)
+        except CodecError as e:
+            raise ChunkInvalid(chunk_id, f"invalid chunk {chunk_id}: {e}", self.location) from None
+
+    def open_stored(self, chunk_id: ChunkId) -> tuple[int, int, Converters]:
+        """(open fd, size, format) of the chunk's file, for stores with `local_files`."""
+        raise StoreError(f"store {self.location} keeps no chunk files on this machine")
+
     def remove(self, chunk_id: ChunkId) -> None:
         raise StoreError(f"store {self.location} does not support removing chunks")
 
     def ids(self) -> Iterator[ChunkId]:
         raise StoreError(f"store {self.location} cannot list its chunks")
+
+    def remove_temporaries(self) -> None:  # noqa: B027 - optional hook
+        """Remove what interrupted writes left (prune does); the default store leaves nothing."""
 
     def stored_size(self, chunk_id: ChunkId) -> int | None:
         """Size of the chunk as stored (compressed), or None if unknown or absent."""

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 from ..codec import ZSTD, CodecError, compress, decompress
 from ..errors import UsageError
+from .options import StoreOptions
 
 COMPRESSED_EXTENSION = ".cacnk"
 XCHACHA20_POLY1305 = "xchacha20-poly1305"
@@ -237,15 +238,10 @@ def build_converters(uncompressed: bool, compression: str, encryption: bool, key
     return Converters(layers)
 
 
-def converters_for(options: object) -> Converters:
-    """The converter stack of a StoreOptions (raises UsageError for invalid encryption settings)."""
-    return build_converters(
-        bool(getattr(options, "uncompressed", False)),
-        getattr(options, "compression", ZSTD) or ZSTD,
-        bool(getattr(options, "encryption", False)),
-        getattr(options, "encryption_key", None),
-        getattr(options, "encryption_algorithm", None),
-    )
+def converters_for(options: StoreOptions) -> Converters:
+    """The converter stack of a store's options (raises UsageError for invalid encryption settings)."""
+    return build_converters(options.uncompressed, options.compression or ZSTD, options.encryption,
+                            options.encryption_key, options.encryption_algorithm)
 
 
 def encryption_key_fallback(enabled: bool, key: str | None) -> str | None:

@@ -25,10 +25,13 @@ from ..chunkio import Placement, place_stored
 from ..codec import MAX_ENCODED_CHUNK
 from ..digest import ChunkId
 from ..errors import ChunkMissing, StoreError, UsageError
+from ..index import MAX_INDEX_BYTES
 from ..netio import decimal
-from .base import Store, StoreOptions
+from .base import Store
 from .converters import Converters, converters_for
 from .http_fast import FastHttp, Response, TooLarge, tls_context
+from .options import StoreOptions
+from .registry import StoreKind
 
 log = logging.getLogger(__name__)
 
@@ -292,8 +295,34 @@ class HttpStore(Store):
     def put(self, chunk_id: ChunkId, data: bytes | memoryview) -> None:
         self.put_stored(chunk_id, self.converters.encode(data))
 
-    def put_stored(self, chunk_id: ChunkId, encoded: bytes) -> None:
-        self.client.request("PUT", self._name(chunk_id), body=encoded, ok=(200, 201, 204), missing=())
+    def put_stored(self, chunk_id: ChunkId, stored: bytes | memoryview,
+                   fmt: Converters | None = None) -> None:
+        body = bytes(self.in_own_format(chunk_id, stored, fmt))
+        self.client.request("PUT", self._name(chunk_id), body=body, ok=(200, 201, 204), missing=())
 
     def close(self) -> None:
         self.client.close()
+
+
+def read_index_bytes(location: str, options: StoreOptions | None = None) -> bytes | None:
+    """The index at an http(s) location (None if the server has none there)."""
+    base, _, name = location.rpartition("/")
+    client = HttpClient(base + "/", options or StoreOptions())
+    try:
+        return client.request("GET", name, limit=MAX_INDEX_BYTES)
+    finally:
+        client.close()
+
+
+def write_index_bytes(location: str, data: bytes, options: StoreOptions | None = None) -> None:
+    """PUT an index to an http(s) location (an index-server with --writable)."""
+    base, _, name = location.rpartition("/")
+    client = HttpClient(base + "/", options or StoreOptions())
+    try:
+        client.request("PUT", name, body=data, ok=(200, 201, 204), missing=())
+    finally:
+        client.close()
+
+
+KIND = StoreKind("http", lambda location, options, _create: HttpStore(location, options),
+                 read_index_bytes, write_index_bytes)

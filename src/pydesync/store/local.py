@@ -24,8 +24,9 @@ from ..chunkio import Placement, place_file
 from ..codec import MAX_ENCODED_CHUNK
 from ..digest import ChunkId
 from ..errors import ChunkMissing, StoreError
-from .base import Store, StoreOptions
+from .base import Store
 from .converters import ALGORITHMS, COMPRESSED, PLAIN, Converters, converters_for
+from .options import StoreOptions
 
 SUFFIX = ".cacnk"
 TEMP_PREFIX = ".tmp-cacnk"
@@ -51,6 +52,9 @@ def create_store_directory(path: str) -> None:
 
 class LocalStore(Store):
     """Chunks in a directory, laid out as casync and desync lay them out."""
+
+    listable = True
+    local_files = True
 
     def __init__(self, path: str | os.PathLike[str], options: StoreOptions | None = None,
                  create: bool = False):
@@ -207,13 +211,15 @@ class LocalStore(Store):
     def put(self, chunk_id: ChunkId, data: bytes | memoryview) -> None:
         self.put_stored(chunk_id, self.converters.encode(data) if self.converters else data)
 
-    def put_stored(self, chunk_id: ChunkId, encoded: bytes | memoryview) -> None:
+    def put_stored(self, chunk_id: ChunkId, stored: bytes | memoryview,
+                   fmt: Converters | None = None) -> None:
         """Install already-encoded chunk bytes under the store's own name, atomically.
 
         The bytes go to a temporary name in the prefix directory first; a reader
         sees the whole chunk or none. Concurrent writers of one chunk write
         identical bytes, so whichever rename lands last is as good as the first.
         """
+        encoded = self.in_own_format(chunk_id, stored, fmt)
         final = self.chunk_path(chunk_id)
         folder = final[: final.rfind(os.sep)]
         temp = f"{folder}{os.sep}{TEMP_PREFIX}{_TEMP_TOKEN}-{next(_temp_counter)}"
@@ -261,6 +267,11 @@ class LocalStore(Store):
                     continue
                 if name[:4] == prefix:
                     yield os.path.join(folder, name), ChunkId(name[:64])
+
+    def remove_temporaries(self) -> None:
+        for temp in self.temp_files():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
 
     def temp_files(self) -> Iterator[str]:
         """Leftover temporary files of interrupted writes."""

@@ -39,10 +39,12 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from ..codec import MAX_ENCODED_CHUNK
 from ..digest import ChunkId
 from ..errors import ChunkMissing, StoreError, UsageError
-from .base import Store, StoreOptions
-from .converters import converters_for
+from .base import Store
+from .converters import Converters, converters_for
 from .http import read_capped
 from .http_fast import Response, TooLarge
+from .options import StoreOptions
+from .registry import StoreKind
 
 CHUNK_ARTIFACT = "application/vnd.desync.chunk.v1"
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -251,6 +253,7 @@ class OciStore(Store):
     """A chunk store in an OCI registry repository."""
 
     remote = True
+    listable = True
 
     def __init__(self, location: str, options: StoreOptions | None = None):
         self.location = location
@@ -342,7 +345,9 @@ class OciStore(Store):
     def put(self, chunk_id: ChunkId, data: bytes | memoryview) -> None:
         self.put_stored(chunk_id, self.converters.encode(data))
 
-    def put_stored(self, chunk_id: ChunkId, stored: bytes) -> None:
+    def put_stored(self, chunk_id: ChunkId, stored: bytes | memoryview,
+                   fmt: Converters | None = None) -> None:
+        stored = bytes(self.in_own_format(chunk_id, stored, fmt))
         tag = self.tag(chunk_id)
         if not self._config_pushed:
             with self._config_lock:  # once: the registry refuses the same blob uploaded twice at once
@@ -401,3 +406,6 @@ class OciStore(Store):
 
     def close(self) -> None:
         self.client.close()
+
+
+KIND = StoreKind("oci", lambda location, options, _create: OciStore(location, options))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 from ..chunkio import Placement
 from ..digest import ChunkId
@@ -16,6 +17,7 @@ from ..errors import ChunkInvalid, ChunkMissing, PydesyncError
 from .base import Store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StoreRouter(Store):
@@ -71,13 +73,14 @@ class FailoverGroup(Store):
         self._active = 0
         self._lock = threading.Lock()
 
-    def _call(self, fn_name: str, chunk_id: ChunkId, *args: object) -> object:
+    def _call(self, fn: Callable[[Store], T]) -> T:
+        """fn on the active member; on an error other than 'missing', on the next ones in turn."""
         start = self._active
         last: Exception | None = None
         for step in range(len(self.members)):
             index = (start + step) % len(self.members)
             try:
-                return getattr(self.members[index], fn_name)(chunk_id, *args)
+                return fn(self.members[index])
             except ChunkMissing:
                 raise
             except (PydesyncError, OSError) as e:
@@ -91,10 +94,10 @@ class FailoverGroup(Store):
         raise last
 
     def get(self, chunk_id: ChunkId, digest: str | None = None) -> bytes:
-        return self._call("get", chunk_id, digest)  # type: ignore[return-value]
+        return self._call(lambda member: member.get(chunk_id, digest))
 
     def has(self, chunk_id: ChunkId) -> bool:
-        return bool(self._call("has", chunk_id))
+        return self._call(lambda member: member.has(chunk_id))
 
     def close(self) -> None:
         for m in self.members:
@@ -117,6 +120,7 @@ class CachedStore(Store):
         self.on_lookup = on_lookup
         self.location = f"{upstream.location} (cache {cache.location})"
         self.remote = cache.remote or upstream.remote
+        self.listable = cache.listable  # (ids() lists the cache)
 
     def get(self, chunk_id: ChunkId, digest: str | None = None) -> bytes:
         try:

@@ -40,8 +40,10 @@ from ..codec import MAX_ENCODED_CHUNK, CodecError
 from ..digest import ChunkId
 from ..errors import ChunkInvalid, ChunkMissing, StoreError, UsageError
 from ..index import MAX_INDEX_BYTES
-from .base import Store, StoreOptions, close_at_exit
-from .converters import converters_for
+from .base import Store, close_at_exit
+from .converters import Converters, converters_for
+from .options import StoreOptions
+from .registry import StoreKind
 
 T = TypeVar("T")
 CONTENT_TYPE = "application/zstd"  # what desync sets on every chunk, whatever its encoding
@@ -436,6 +438,7 @@ class S3Store(Store):
     """A chunk store in an S3 bucket (read, write, prune, verify, list)."""
 
     remote = True
+    listable = True
 
     def __init__(self, location: str, options: StoreOptions | None = None):
         self.location = location
@@ -476,6 +479,17 @@ class S3Store(Store):
     def put(self, chunk_id: ChunkId, data: bytes | memoryview) -> None:
         self.objects.write(self.key(chunk_id), self.converters.encode(data))
 
+    def put_stored(self, chunk_id: ChunkId, stored: bytes | memoryview,
+                   fmt: Converters | None = None) -> None:
+        self.objects.write(self.key(chunk_id), bytes(self.in_own_format(chunk_id, stored, fmt)))
+
+    def get_stored(self, chunk_id: ChunkId) -> tuple[bytes, Converters]:
+        """The object's bytes as they are, and their format (for servers)."""
+        body = self.objects.read(self.key(chunk_id))
+        if body is None:
+            raise ChunkMissing(chunk_id, [self.location])
+        return bytes(body), self.converters
+
     def remove(self, chunk_id: ChunkId) -> None:
         self.objects.delete(self.key(chunk_id))
 
@@ -499,9 +513,11 @@ class S3Store(Store):
         self.objects.close()
 
 
-def upgrade_flat_layout(store: S3Store, progress: Callable[[int], None] | None = None) -> int:
+def upgrade_flat_layout(store: Store, progress: Callable[[int], None] | None = None) -> int:
     """Move chunks of the old flat layout (`<prefix><id><ext>`) to `<prefix><4 hex>/<id><ext>`:
     copy, then delete the old key (a crash leaves both, and rerunning finishes). Returns the count."""
+    if not isinstance(store, S3Store):
+        raise UsageError(f"upgrade-s3 needs an s3+http(s):// store, not {store.location}")
     objects = store.objects
     moved = 0
     suffix = store.converters.extension
@@ -551,3 +567,8 @@ def write_index_bytes(location: str, data: bytes, options: StoreOptions | None =
         objects.write(_index_key(objects, location), data, "application/octet-stream")
     finally:
         objects.close()
+
+
+KIND = StoreKind("s3", lambda location, options, _create: S3Store(
+    gcs_location(location) if location.lower().startswith("gs://") else location, options),
+                 read_index_bytes, write_index_bytes)

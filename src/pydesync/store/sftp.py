@@ -34,8 +34,10 @@ from ..codec import MAX_ENCODED_CHUNK
 from ..digest import ChunkId
 from ..errors import ChunkMissing, StoreError, UsageError
 from ..index import MAX_INDEX_BYTES
-from .base import Store, StoreOptions, close_at_exit
-from .converters import converters_for
+from .base import Store, close_at_exit
+from .converters import Converters, converters_for
+from .options import StoreOptions
+from .registry import StoreKind
 
 _CHUNK_ID = re.compile(r"^[0-9a-f]{64}")
 _PREFIX = re.compile(r"^[0-9a-f]{4}$")
@@ -353,6 +355,7 @@ class SftpStore(Store):
     """Chunks under a path on an sftp server: `<path>/<4 hex>/<64 hex><extension>`."""
 
     remote = True
+    listable = True
 
     def __init__(self, location: str, options: StoreOptions | None = None, create: bool = False):
         self.location = location
@@ -399,17 +402,31 @@ class SftpStore(Store):
         return True
 
     def put(self, chunk_id: ChunkId, data: bytes | memoryview) -> None:
-        encoded = self.converters.encode(data) if self.converters else data
+        self.put_stored(chunk_id, self.converters.encode(data))
+
+    def put_stored(self, chunk_id: ChunkId, stored: bytes | memoryview,
+                   fmt: Converters | None = None) -> None:
+        encoded = self.in_own_format(chunk_id, stored, fmt)
         with self._base.connection() as conn:
             conn.write_atomic(self.chunk_path(chunk_id), encoded)
+
+    def get_stored(self, chunk_id: ChunkId) -> tuple[bytes, Converters]:
+        """The chunk file's bytes as they are, and their format (for servers)."""
+        with self._base.connection() as conn:
+            stored = conn.read(self.chunk_path(chunk_id))
+        if stored is None:
+            raise ChunkMissing(chunk_id, [self.location])
+        return stored, self.converters
 
     def remove(self, chunk_id: ChunkId) -> None:
         with self._base.connection() as conn:
             conn.remove(self.chunk_path(chunk_id))
 
-    def remove_file(self, path: str) -> None:
-        with self._base.connection() as conn:
-            conn.remove(path)
+    def remove_temporaries(self) -> None:
+        """Remove the files interrupted writes left (`<name><random int>`)."""
+        for path in list(self.temp_files()):
+            with self._base.connection() as conn:
+                conn.remove(path)
 
     # ---- listing (one connection, released before the caller sees anything) ---------------
     def _walk(self) -> list[tuple[str, str]]:
@@ -472,3 +489,6 @@ def write_index_bytes(location: str, data: bytes, options: StoreOptions | None =
             conn.write_atomic(base.path + name, data)
     finally:
         base.close()
+
+
+KIND = StoreKind("sftp", SftpStore, read_index_bytes, write_index_bytes)

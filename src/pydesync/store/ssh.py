@@ -47,9 +47,10 @@ from ..protocol import (
     decode_payload,
     read_index_stream,
 )
-from . import location_scheme
-from .base import Store, StoreOptions, close_at_exit, verify_chunk
+from .base import Store, close_at_exit, verify_chunk
 from .local import LocalStore
+from .options import StoreOptions
+from .registry import StoreKind, location_scheme
 
 MAX_SESSIONS = 2
 T = TypeVar("T")
@@ -150,11 +151,12 @@ class SshStore(Store):
     pushes of what was spooled (see the module docstring)."""
 
     remote = True
+    streams = True
 
     def __init__(self, location: str, options: StoreOptions | None = None):
         self.location = location
         self.options = options or StoreOptions()
-        if getattr(self.options, "encryption", False):
+        if self.options.encryption:
             raise UsageError(f"encryption is not supported by ssh stores ({location})")
         self.destination, self.port, self.path = parse_location(location)
         self._spool: LocalStore | None = None  # chunks put, waiting for flush
@@ -228,9 +230,7 @@ class SshStore(Store):
         verify_chunk(chunk_id, chunk, digest, self.location)
         return chunk
 
-    streams = True
-
-    def fetch_many(self, ids: list[ChunkId],
+    def fetch_many(self, ids: Sequence[ChunkId],
                    digest: str | None = None) -> Iterator[tuple[ChunkId, bytes | None]]:
         """Every chunk of `ids` (in arrival order), verified; None for the ones the remote lacks.
 
@@ -391,3 +391,7 @@ def write_index_bytes(location: str, data: bytes, options: StoreOptions | None =
     if not confirmed and session.proc.returncode != 0:
         raise StoreError(f"{session.peer}: the remote failed to write {location} (exit status "
                          f"{session.proc.returncode}){session.stderr_text()}")
+
+
+KIND = StoreKind("ssh", lambda location, options, _create: SshStore(location, options),
+                 read_index_bytes, write_index_bytes)
