@@ -56,7 +56,7 @@ def tar_to_index(source: str | TreeEncoder, index_path: str, store: Store, flags
                 warn: Callable[[str], None] | None = None) -> tuple[Index, MakeStats]:
     """Chunk the catar of `source` (as in tar_to_file) into `store` and write its .caidx (flags =
     the archive's) to a path, `-` or an index store URL (written with `index_options`)."""
-    reader: BinaryIO = IterReader(_encoder(source, flags, warn))  # type: ignore[assignment]
+    reader: BinaryIO = IterReader(_encoder(source, flags, warn))  # type: ignore[assignment]  # (reads as a binary file does)
     index, stats = chunk_stream(reader, sizes, digest, store, concurrency, flags=flags, progress=progress)
     write_index_at(index, index_path, index_options, store)
     return index, stats

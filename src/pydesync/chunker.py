@@ -107,7 +107,7 @@ def _fill(reader: BinaryIO, view: memoryview) -> int:
     """Read until `view` is full or EOF; returns the number of bytes read."""
     got = 0
     while got < len(view):
-        n = reader.readinto(view[got:])
+        n = reader.readinto(view[got:])  # type: ignore[attr-defined]  # (typeshed's BinaryIO lacks readinto)
         if not n:
             break
         got += n

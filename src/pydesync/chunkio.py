@@ -19,7 +19,7 @@ from .digest import SHA256, SHA512_256, ChunkId, digest_of
 try:
     from . import _chunkio
 except ImportError:  # built without OpenSSL's or libzstd's headers
-    _chunkio = None  # type: ignore[assignment]
+    _chunkio = None  # type: ignore[assignment]  # (the module, or None without it)
 
 _KIND = {SHA512_256: 0, SHA256: 1}
 NO_VERIFY = -1

@@ -93,7 +93,7 @@ def validate_config(raw: Any, path: str) -> list[str]:
     try:
         validators[""](raw)
     except fastjsonschema.JsonSchemaValueException as e:
-        section = e.name.partition(".")[2]
+        section = (e.name or "").partition(".")[2]
         raise UsageError(f"config file {path}: {section or 'the top level'}: expected "
                          f"{'an object of locations (or null)' if section else 'a JSON object'}, "
                          f"got {json.dumps(e.value)}") from None
@@ -102,7 +102,7 @@ def validate_config(raw: Any, path: str) -> list[str]:
             try:
                 validators[section](entry)
             except fastjsonschema.JsonSchemaValueException as e:
-                key = e.name.partition(".")[2]
+                key = (e.name or "").partition(".")[2]
                 where = f"{section}: {json.dumps(location)}"
                 expected = _expectation(keys[key]) if key in keys else "an object of options (or null)"
                 raise UsageError(f"config file {path}: {where}{': ' + key if key else ''}: expected "

@@ -63,7 +63,7 @@ def hasher(name: str) -> Callable[..., Any]:
 try:  # OpenSSL's constructor directly: skips hashlib.new's Python wrapper (many small chunks)
     from _hashlib import new as _openssl_new
 except ImportError:  # pragma: no cover - Python built without OpenSSL
-    _openssl_new = hashlib.new
+    _openssl_new = hashlib.new  # type: ignore[assignment]  # (typeshed names the data argument differently)
 
 
 def digest_of(data: bytes | memoryview, name: str = SHA512_256) -> ChunkId:

@@ -237,17 +237,17 @@ def _fetch(index: Index, wanted: list[int], target: Target, store: Store, stats:
 
 def _ranges(positions: list[int]) -> Iterator[tuple[int, int]]:
     """Sorted positions as [start, end) ranges of consecutive ones."""
-    start = prev = None
+    start = prev = -1
     for p in positions:
-        if start is None:
+        if start < 0:
             start = prev = p
-        elif p == prev + 1:  # type: ignore[operator]
+        elif p == prev + 1:
             prev = p
         else:
-            yield start, prev + 1  # type: ignore[operator]
+            yield start, prev + 1
             start = prev = p
-    if start is not None:
-        yield start, prev + 1  # type: ignore[operator]
+    if start >= 0:
+        yield start, prev + 1
 
 
 def _report(progress: Callable[[int], None] | None, n: int) -> None:

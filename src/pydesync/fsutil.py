@@ -30,7 +30,7 @@ def remove_stale_temps(folder: str, base: str) -> list[str]:
     not a live process here and it has not been written to for STALE_AFTER seconds (a writer in
     another pid namespace is still writing). Returns the names removed."""
     prefix = f".{base}."
-    removed = []
+    removed: list[str] = []
     try:
         names = [n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".tmp")]
     except OSError:

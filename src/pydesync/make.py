@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from .chunker import DEFAULT_SIZES, ChunkSizes, InputShrank, iter_blocks, iter_chunks, iter_mapped_blocks
 from .chunkio import chunk_ids
@@ -228,7 +228,8 @@ def _blocks(fd: int, start: int, size: int, sizes: ChunkSizes) -> Iterator[tuple
     except InputShrank:
         raise
     except OSError:  # not mappable (some FUSE and special files): read it
-        yield from iter_blocks(_PositionalReader(fd, start), sizes, block_size=PART_BLOCK, limit=size - start,
+        reader = cast(BinaryIO, _PositionalReader(fd, start))  # (it reads as a file does: readinto)
+        yield from iter_blocks(reader, sizes, block_size=PART_BLOCK, limit=size - start,
                                reuse=True)  # each block is finished before the next is read
         return
     if first is not None:

@@ -235,7 +235,7 @@ class SeekableStream:
 
 def scan_tree(stream: SeekableStream, name: str) -> Entry:
     """The directory tree of an archive, with each file's payload offset."""
-    decoder = ArchiveDecoder(stream, name)  # type: ignore[arg-type]
+    decoder = ArchiveDecoder(stream, name)
     root: Entry | None = None
     stack: list[Entry] = []
     for item in decoder:
@@ -268,7 +268,7 @@ def make_operations(fuse: Any, *, blob: tuple[str, ChunkReader] | None = None,
                     on_error: Callable[[str], None] | None = None) -> Any:
     """The FUSE operations for one blob file (`blob`: name, reader) or a tree (`tree`: root, read_at)."""
 
-    class Operations(fuse.Operations):  # type: ignore[misc,name-defined]
+    class Operations(fuse.Operations):
         use_ns = True
 
         def __init__(self) -> None:

@@ -13,7 +13,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
-from typing import TypeVar
+from typing import TypeVar, cast
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -152,7 +152,7 @@ def for_each(fn: Callable[[T], object], items: Iterable[T], workers: int) -> Non
                 more, item = take()
                 if not more:
                     return
-                fn(item)  # type: ignore[arg-type]
+                fn(cast(T, item))  # (more: an item was taken)
         except BaseException as e:
             failures.append(e)
 

@@ -367,6 +367,8 @@ def _lock_partial(blob: str, mode: int) -> int:
             fd = os.open(blob, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
                          mode | 0o600)
         except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ETXTBSY):
+                raise  # (the folder's fault, not the partial's: said of the output)
             raise PydesyncError(f"cannot use {blob}: {e.strerror} ({REMEDY})") from None
         try:
             st = os.fstat(fd)

@@ -29,7 +29,7 @@ import random
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO, Generic, TypeVar
 from urllib.parse import urlsplit
 
 from . import _chunker
@@ -196,15 +196,15 @@ def read_varint(stream: BinaryIO) -> int | None:
 
 
 # ---- shuffling ------------------------------------------------------------------------------------
-class Shuffler:
+class Shuffler(Generic[T]):
     """k slots and a cursor: put(v) stores v at slot perm[i], returns what was in slot i."""
 
     def __init__(self, perm: list[int]):
         self.perm = perm
-        self.slots: list[object] = [None] * len(perm)
+        self.slots: list[T | None] = [None] * len(perm)
         self.i = 0
 
-    def put(self, value: object) -> object:
+    def put(self, value: T | None) -> T | None:
         k = len(self.perm)
         self.slots[self.perm[self.i]] = value
         out = self.slots[self.i]
@@ -215,11 +215,11 @@ class Shuffler:
 
 def shuffle(items: Iterable[T], perm: list[int]) -> Iterator[T | None]:
     """items through a shuffler, then k-1 empties to flush it: n+k-1 values, None = placeholder."""
-    s = Shuffler(perm)
+    s: Shuffler[T] = Shuffler(perm)
     for item in items:
-        yield s.put(item)  # type: ignore[misc]
+        yield s.put(item)
     for _ in range(len(perm) - 1):
-        yield s.put(None)  # type: ignore[misc]
+        yield s.put(None)
 
 
 def inverse(perm: list[int]) -> list[int]:
@@ -234,7 +234,7 @@ def unshuffle(stream: Iterable[T | None], perm: list[int]) -> Iterator[T]:
     """The original order back from a shuffled stream (placeholders dropped)."""
     for value in shuffle(stream, inverse(perm)):
         if value is not None:
-            yield value  # type: ignore[misc]
+            yield value
 
 
 # ---- the wishlist ---------------------------------------------------------------------------------
@@ -247,8 +247,8 @@ def wishlist(info: SyncInfo, have: Callable[[bytes], bool]) -> Iterator[bytes]:
     for chunk in shuffle(info.chunks, info.perm):
         # the empty chunk is never asked for (a receiver has it), as CAFS's receiver does not
         want = chunk is not None and chunk.size > 0 and chunk.key not in asked and not have(chunk.key)
-        if want:
-            asked.add(chunk.key)  # type: ignore[union-attr]
+        if want and chunk is not None:
+            asked.add(chunk.key)
         byte = (byte << 1) | want
         bits += 1
         if bits == 8:
@@ -440,7 +440,7 @@ class SyncPeer:
 
     def _connect(self) -> http.client.HTTPConnection:
         self.close()
-        self._conn = self._kind(*self._address, timeout=self._timeout)  # type: ignore[arg-type]
+        self._conn = self._kind(*self._address, timeout=self._timeout)
         return self._conn
 
     def syncinfo(self, max_size: int = MAX_CHUNK) -> SyncInfo:
@@ -496,7 +496,7 @@ def sync_get(url: str, output: str, seeds: Iterable[str] = (), timeout: float = 
         wish = b"".join(wishlist(info, lambda key: key in local))
         answer = peer.post(wish)
         with atomic_write(output) as f:
-            received = rebuild(info, f.fileno(), wish, answer, local, progress)  # type: ignore[arg-type]
+            received = rebuild(info, f.fileno(), wish, answer, local, progress)
     unique = {c.key: c.size for c in info.chunks}
     return {"chunks": len(info.chunks), "chunks-received": received,
             "bytes-received": sum(size for key, size in unique.items() if key not in local),
@@ -528,5 +528,5 @@ def sync_prefetch(url: str, expected: list[tuple[bytes, int]], max_size: int, ha
             raise SyncError(f"{url} describes another index than the one being extracted")
         wish = b"".join(wishlist(info, have))
         answer = peer.post(wish)
-        return receive(info, wish, answer, lambda c, wire: put(c.key, wire),  # type: ignore[arg-type]
+        return receive(info, wish, answer, lambda c, wire: put(c.key, wire),
                        check=check, decode=decode)

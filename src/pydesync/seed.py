@@ -130,10 +130,10 @@ def plan(target: list[IndexChunk], seeds: list[Seed], skip: Iterable[int] = (), 
             p += 1
             continue
         best: tuple[Seed | None, int, int, int] = (None, 0, 0, 0)
-        for seed in seeds:
-            q, n, nbytes = seed.longest_run(target, p, end - p)
+        for candidate in seeds:
+            q, n, nbytes = candidate.longest_run(target, p, end - p)
             if nbytes > best[3]:
-                best = (seed, q, n, nbytes)
+                best = (candidate, q, n, nbytes)
         seed, q, n, _ = best
         if seed is None:
             out.append(Segment(p, 1))

@@ -24,7 +24,7 @@ class IterReader(io.RawIOBase):
             self._buf = memoryview(piece)
         return True
 
-    def readinto(self, b: memoryview) -> int:  # type: ignore[override]
+    def readinto(self, b: memoryview) -> int:  # type: ignore[override]  # (a buffer of bytes, as callers pass)
         if not self._next():
             return 0
         n = min(len(b), len(self._buf))

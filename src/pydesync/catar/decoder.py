@@ -199,7 +199,7 @@ class ArchiveDecoder:
         data = (self._view if view else self._buf)[self._pos:self._pos + n]
         self._pos += n
         self.offset += n
-        return data  # type: ignore[return-value]
+        return data  # type: ignore[return-value]  # (a view when asked for one: callers only read it)
 
     def _read_some(self, n: int) -> bytes:
         """Up to n bytes (at least one): what is buffered first, then straight from the stream."""
@@ -273,9 +273,9 @@ class ArchiveDecoder:
 
     # ---- nodes -------------------------------------------------------------------------------
     def _entry(self, parent: Node | None, name: bytes,
-               header: tuple[int, int, int]) -> tuple[Node, tuple | None]:
+               entry: tuple[int, int, int]) -> tuple[Node, tuple | None]:
         """ENTRY and its metadata records; returns the node and the next (non-metadata) header."""
-        start, size, kind = header
+        start, size, kind = entry
         if kind != F.ENTRY:
             raise self.error(f"expected ENTRY, found {F.RECORD_NAMES.get(kind, hex(kind))}", start)
         if size != F.ENTRY_SIZE:
@@ -363,7 +363,7 @@ class ArchiveDecoder:
         elif kind == F.ACL_DEFAULT:
             if len(body) != 32:
                 raise self.error("malformed ACL_DEFAULT record", start)
-            node.acl_default = struct.unpack("<4Q", body)  # type: ignore[assignment]
+            node.acl_default = struct.unpack("<4Q", body)
         elif kind == F.FCAPS:
             if not body:
                 raise self.error("empty FCAPS record", start)
@@ -411,6 +411,7 @@ class ArchiveDecoder:
         header = self._header()
         if header is None:
             raise self.error("empty archive")
+        node: Node | None
         node, header = self._entry(None, b"", header)
         stack: list[_Frame] = []
         child_start = 0

@@ -270,7 +270,7 @@ class TreeEncoder:
             magic = parent.magic if st.st_dev == parent.st.st_dev or fd is None else fs_magic(fd)
             if is_dir:
                 assert fd is not None
-                fd, owned = None, fd
+                owned, fd = fd, None
                 self._enter(name, owned, st, subrules, magic, start)  # the level owns it now
                 return
             where = LazyPath(lambda: self._path(name))
@@ -354,7 +354,7 @@ class TreeEncoder:
             return 0
         return mtime_ns // self.granularity * self.granularity
 
-    def _name_for(self, ident: int, lookup) -> bytes | None:  # type: ignore[no-untyped-def]
+    def _name_for(self, ident: int, lookup) -> bytes | None:
         """casync's uid_to_name: root has no name; unknown ids are numbers unless ids are stored."""
         if ident == 0:
             return None
@@ -489,7 +489,7 @@ class TreeEncoder:
             out += self._acl_entries(F.ACL_DEFAULT_GROUP, default.groups, group_name)
         return out
 
-    def _acl_entries(self, kind: int, entries: list[tuple[int, int]], lookup) -> list[bytes]:  # type: ignore[no-untyped-def]
+    def _acl_entries(self, kind: int, entries: list[tuple[int, int]], lookup) -> list[bytes]:
         rows = []
         for ident, perm in entries:
             name = self._name_for(ident, lookup) if self.flags & F.WITH_USER_NAMES else None

@@ -47,6 +47,7 @@ import stat
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from ..errors import PydesyncError, shown_path
 from ..fsutil import OPEN_DIRECTORIES, TreeMoved, identity, remove_tree, reopen_parent
@@ -201,18 +202,24 @@ class _Target:
         assert self.dir_fd is not None and self.name is not None
         return f"/proc/self/fd/{self.dir_fd}/{os.fsdecode(self.name)}"
 
+    @property
+    def entry(self) -> bytes:
+        """The node's name in dir_fd (for calls on a node without an fd of its own)."""
+        assert self.name is not None
+        return self.name
+
     def stat(self) -> os.stat_result:
         if self.fd is not None:
             self.st = os.fstat(self.fd)
         else:
-            self.st = os.lstat(self.name, dir_fd=self.dir_fd)  # type: ignore[arg-type]
+            self.st = os.lstat(self.entry, dir_fd=self.dir_fd)
         return self.st
 
     def chown(self, uid: int, gid: int) -> None:
         if self.fd is not None:
             os.fchown(self.fd, uid, gid)
         else:
-            os.chown(self.name, uid, gid, dir_fd=self.dir_fd, follow_symlinks=False)  # type: ignore[arg-type]
+            os.chown(self.entry, uid, gid, dir_fd=self.dir_fd, follow_symlinks=False)
 
     def chmod(self, mode: int) -> None:
         """(Never called for symlinks.)"""
@@ -220,9 +227,9 @@ class _Target:
             os.fchmod(self.fd, mode)
             return
         try:
-            os.chmod(self.name, mode, dir_fd=self.dir_fd, follow_symlinks=False)  # type: ignore[arg-type]
+            os.chmod(self.entry, mode, dir_fd=self.dir_fd, follow_symlinks=False)
         except NotImplementedError:  # a libc without fchmodat(AT_SYMLINK_NOFOLLOW): go through O_PATH
-            fd = os.open(self.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)  # type: ignore[arg-type]
+            fd = os.open(self.entry, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
             try:
                 os.chmod(f"/proc/self/fd/{fd}", mode)
             finally:
@@ -232,7 +239,7 @@ class _Target:
         if self.fd is not None:
             os.utime(self.fd, ns=(atime, mtime))
         else:
-            os.utime(self.name, ns=(atime, mtime), dir_fd=self.dir_fd, follow_symlinks=False)  # type: ignore[arg-type]
+            os.utime(self.entry, ns=(atime, mtime), dir_fd=self.dir_fd, follow_symlinks=False)
 
     def setxattr(self, name: str | bytes, value: bytes) -> None:
         if self.fd is not None:
@@ -396,7 +403,8 @@ class TreeExtractor:
         return self.warnings
 
     def _extract(self, items: Iterable[Node | DirectoryEnd]) -> None:
-        writer = BatchWriter(self._finish_directory, self._umask, max_deferred(OPEN_DIRECTORIES))
+        writer: BatchWriter[_Dir | _Release, Node] = BatchWriter(self._finish_directory, self._umask,
+                                                                 max_deferred(OPEN_DIRECTORIES))
         self._writer = writer
         try:
             for item in items:
@@ -408,15 +416,16 @@ class TreeExtractor:
                     self._child(item)
             writer.flush()
         except WriteFailed as e:
-            raise ExtractError(f"cannot create {self._display(e.label)}: {_strerror(e.error)}") from None
+            raise ExtractError(f"cannot create {self._display(cast(Node, e.label))}: "
+                               f"{_strerror(e.error)}") from None  # (the labels given to add are nodes)
         finally:
             # the writer thread may still use these descriptors: stop it first
             left = writer.abandon()
             self._undo_pending()
-            for item in left:  # existing directories whose end came: their own metadata, as promised
-                if isinstance(item, _Dir) and not item.created and item.fd is not None:
+            for deferred in left:  # existing directories whose end came: their own metadata, as promised
+                if isinstance(deferred, _Dir) and not deferred.created and deferred.fd is not None:
                     with contextlib.suppress(Exception):
-                        self._finish_directory(item)
+                        self._finish_directory(deferred)
             for frame in left + self._stack[::-1]:
                 if frame.fd is not None:
                     os.close(frame.fd)
@@ -472,7 +481,7 @@ class TreeExtractor:
         """Rename the finished tree over the empty directory that held the target's name."""
         staging, self._staging = self._staging, None
         try:
-            os.rename(staging, self.target.rstrip(b"/"))  # type: ignore[arg-type]
+            os.rename(staging, self.target.rstrip(b"/"))  # type: ignore[arg-type]  # (set while staging)
         except OSError as e:
             self._staging = staging
             self._discard_staging()
@@ -882,21 +891,22 @@ class TreeExtractor:
     def _create(self, target: _Target) -> bool:
         """Create the node under its temporary name; False if it could not be (best_effort)."""
         node, dir_fd, temp = target.node, target.dir_fd, target.name
+        assert temp is not None  # (a target being created has its temporary name)
         mode = node.mode
         try:
             if stat.S_ISREG(mode):
                 target.fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-                                    | os.O_NOCTTY, 0o600, dir_fd=dir_fd)  # type: ignore[arg-type]
+                                    | os.O_NOCTTY, 0o600, dir_fd=dir_fd)
             elif stat.S_ISLNK(mode):
                 assert node.target is not None
-                os.symlink(node.target, temp, dir_fd=dir_fd)  # type: ignore[arg-type]
+                os.symlink(node.target, temp, dir_fd=dir_fd)
             elif stat.S_ISFIFO(mode):
-                os.mkfifo(temp, 0o600, dir_fd=dir_fd)  # type: ignore[arg-type]
+                os.mkfifo(temp, 0o600, dir_fd=dir_fd)
             elif stat.S_ISSOCK(mode):
-                os.mknod(temp, stat.S_IFSOCK | 0o600, dir_fd=dir_fd)  # type: ignore[arg-type]
+                os.mknod(temp, stat.S_IFSOCK | 0o600, dir_fd=dir_fd)
             else:
                 assert node.rdev is not None
-                os.mknod(temp, stat.S_IFMT(mode) | 0o600, os.makedev(*node.rdev), dir_fd=dir_fd)  # type: ignore[arg-type]
+                os.mknod(temp, stat.S_IFMT(mode) | 0o600, os.makedev(*node.rdev), dir_fd=dir_fd)
         except OSError as e:
             if stat.S_ISREG(mode):
                 raise ExtractError(f"cannot create {target.display}: {_strerror(e)}") from None
@@ -1042,7 +1052,7 @@ class TreeExtractor:
             except OSError as e:
                 self._problem(target.display, f"cannot set SELinux label {os.fsdecode(node.selinux)}", e)
         mode = self._final_mode(target)
-        if mode is not None and not node.is_symlink and stat.S_IMODE(target.st.st_mode) != mode:  # type: ignore[union-attr]
+        if mode is not None and not node.is_symlink and stat.S_IMODE(target.st.st_mode) != mode:  # type: ignore[union-attr]  # (stat() ran when the node was made)
             try:
                 target.chmod(mode)
             except OSError as e:

@@ -62,7 +62,7 @@ class BatchWriter(Generic[T, L]):
         self._max_deferred = max_deferred
         self._umask = umask
         self._executor: ThreadPoolExecutor | None = None
-        self._files: list[tuple[int, bytes, bytes, bytes, int, int]] = []
+        self._files: list[tuple[int, bytes, bytes, bytes | memoryview, int, int]] = []
         self._labels: list[L] = []
         self._bytes = 0
         self._deferred: list[T] = []
@@ -70,7 +70,7 @@ class BatchWriter(Generic[T, L]):
         self._inflight: tuple[Future, list[L], list[T]] | None = None
         self._unfinished: list[T] = []  # deferred items a failure left behind
 
-    def add(self, dir_fd: int, temp: bytes, name: bytes, data: bytes, mode: int, mtime_ns: int,
+    def add(self, dir_fd: int, temp: bytes, name: bytes, data: bytes | memoryview, mode: int, mtime_ns: int,
             label: L) -> None:
         """Queue one file: created as `temp` in dir_fd, then renamed to `name`; label names it in errors."""
         self._files.append((dir_fd, temp, name, data, mode, mtime_ns))

@@ -70,8 +70,8 @@ class TarInputEncoder(TreeEncoder):
 
     def __iter__(self) -> Iterator[bytes]:
         with tempfile.TemporaryFile(buffering=0) as spool:  # read back with pread: no buffer
-            self._spool = spool  # type: ignore[assignment]
-            root = self._read_tree(spool)  # type: ignore[arg-type]
+            self._spool = spool
+            root = self._read_tree(spool)
             yield from self._tar_directory(root)
             yield from self._flush(force=True)
 
@@ -176,7 +176,8 @@ class TarInputEncoder(TreeEncoder):
         stack of its own (any depth, no Python recursion; paths made only for messages)."""
         self._out(self._tar_metadata(b".", root))
         # per directory: its name, entry offset, FILENAME offset, children to come, goodbye items
-        stack = [(b".", 0, 0, iter(sorted(root.children.items())), [])]
+        stack: list[tuple[bytes, int, int, Iterator[tuple[bytes, TarNode]], list[tuple[int, int, int]]]] = [
+            (b".", 0, 0, iter(sorted(root.children.items())), [])]
         while stack:
             dir_name, entry_offset, start, children, items = stack[-1]
             child = next(children, None)
@@ -192,7 +193,10 @@ class TarInputEncoder(TreeEncoder):
                 continue
             child_start = self.offset
             self._out(F.cstring(F.FILENAME, name))
-            where = LazyPath(lambda name=name: b"/".join([*(level[0] for level in stack), name]))
+            def path_of(name: bytes = name) -> bytes:  # (the stack as it is when a message needs it)
+                return b"/".join([*(level[0] for level in stack), name])
+
+            where = LazyPath(path_of)
             if len(stack) >= CASYNC_MAX_DEPTH:
                 self._too_deep_for_casync(where)
             if stat.S_ISDIR(node.mode):
@@ -208,8 +212,8 @@ class TarInputEncoder(TreeEncoder):
             items.append((child_start, self.offset, F.name_hash(name)))
             yield from self._flush()
 
-    def _spool_reader(self, offset: int, size: int):  # type: ignore[no-untyped-def]
-        fd = self._spool.fileno()  # type: ignore[union-attr]
+    def _spool_reader(self, offset: int, size: int):
+        fd = self._spool.fileno()  # type: ignore[union-attr]  # (spooled before any reader is made)
         position = offset
 
         def read(n: int) -> bytes:
@@ -252,10 +256,10 @@ class _MarkedEnd(tarfile.TarInfo):
     same way at a bare end of data, which a stream cut short at a member's boundary looks like."""
 
     @classmethod
-    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]  # (a classmethod in tarfile; its stubs say otherwise)
         try:
             return super().fromtarfile(tarfile_)
-        except tarfile.EOFHeaderError:
+        except tarfile.EOFHeaderError:  # type: ignore[attr-defined]  # (in tarfile, not in its stubs)
             setattr(tarfile_, _ENDED, True)
             raise
 

@@ -25,14 +25,14 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage mistake as one line pointing to the command's help, and
     exits 1 as desync does."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> None:  # type: ignore[override]  # (argparse says NoReturn; ours raises too)
         if "invalid choice" in message and "argument COMMAND" in message:
             word = message.split("'", 2)[1] if "'" in message else ""
             message = f"unknown command '{word}'{meta.did_you_mean(word, meta.subcommands(self))}"
         sys.stderr.write(f"Error: {message} (see '{self.prog} -h')\n")
         sys.exit(1)
 
-    def parse_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def, override]
+    def parse_args(self, args=None, namespace=None):
         """An unknown flag is reported by the command it was given to."""
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
@@ -40,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
             (command or self).error(f"unrecognized arguments: {' '.join(extras)}")
         return parsed
 
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def, override]
+    def parse_known_args(self, args=None, namespace=None):
         # pflag booleans never take the next argument as their value (`-r index.caibx` is
         # `-r=true` plus a positional); only `--flag=value` sets one explicitly.
         if args is not None:

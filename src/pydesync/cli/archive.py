@@ -149,7 +149,6 @@ def run_untar(ctx: Context) -> int:
             raise UsageError("-i requires at least one store (-s <location>)")
         index = ctx.read_index(a.input)
         store = ctx.source()
-        assert store is not None
         with store, Progress("Unpacking ", index.length, unit="bytes") as bar, \
                 resumable_chunks(a.target, store, resume=not a.no_resume) as source:
             pieces = BlobReader(index, source, ctx.concurrency).iter_range()
@@ -202,4 +201,4 @@ def _untar_to_tar(ctx: Context) -> int:
 
 def counted(stream: Readable, bar: Progress) -> Readable:
     """The stream, reporting to the progress bar when one is shown."""
-    return CountingReader(stream, bar.add) if bar.enabled else stream  # type: ignore[return-value]
+    return CountingReader(stream, bar.add) if bar.enabled else stream

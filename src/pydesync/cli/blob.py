@@ -106,7 +106,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
 
 
 
-def _single_target(ctx: Context, create: bool):
+def _single_target(ctx: Context, create: bool) -> Store | None:
     stores = ctx.args.store
     if not stores:
         return None
@@ -144,7 +144,6 @@ def run_extract(ctx: Context) -> int:
     seeds = seeds_from_flags(ctx, a.seed, a.seed_dir, a.index)
     with contextlib.ExitStack() as cleanup:
         store = ctx.source()
-        assert store is not None
         sync = functools.partial(_sync, ctx, index, cleanup) if a.sync else None
         return _extract_with(ctx, index, store, seeds, sync)
 
@@ -239,7 +238,7 @@ def seeds_from_flags(ctx: Context, specs: list[str], folders: list[str], target_
     return seeds
 
 
-def _extract_tree(ctx: Context, index, store) -> int:  # type: ignore[no-untyped-def]
+def _extract_tree(ctx: Context, index, store) -> int:
     """An archive index: unpack the tree into the output directory, as `casync extract` does
     (existing entries are replaced, like a blob's output file is)."""
     from ..catar.extractor import ExtractOptions
@@ -266,7 +265,6 @@ def run_cat(ctx: Context) -> int:
         raise UsageError("offset and length must not be negative")
     index = ctx.read_index(a.index)
     store = ctx.source()
-    assert store is not None
     reader = BlobReader(index, store, ctx.concurrency)
     output = a.output or "-"
     with store:
@@ -297,9 +295,10 @@ def run_chunk(ctx: Context) -> int:
 def run_chop(ctx: Context) -> int:
     from ..storeops import chop
     a = ctx.args
-    if not a.store:
+    store = _single_target(ctx, create=True)
+    if store is None:
         raise UsageError("no target store provided")
-    with _single_target(ctx, create=True) or nullcontext() as store:
+    with store:
         index = ctx.read_index(a.index)
         chop(index, a.file, store, ignore=ignored_ids(a.ignore, a.ignore_chunks, ctx.requested_digest),
              concurrency=ctx.concurrency)

@@ -53,7 +53,7 @@ def parse_duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_bool(parser: argparse.ArgumentParser, *names: str, default: bool, help: str) -> None:
+def add_bool(parser: argparse.ArgumentParser, *names: str, default: bool | None, help: str) -> None:
     parser.add_argument(*names, nargs="?", const=True, default=default, type=parse_bool,
                         metavar="BOOL" if default else None, help=help)
 
@@ -180,12 +180,17 @@ class Context:
         `store` (where its chunks went) has delivered them."""
         write_index_at(index, location, self.index_options(location), store)
 
-    def source(self, required: bool = True, cache: bool = True) -> Store | None:
+    def source(self, cache: bool = True) -> Store:
         """The `-s` stores as a chain, behind the `-c` cache if given (and `cache`)."""
+        store = self.optional_source(cache)
+        if store is None:
+            raise UsageError("no store provided")
+        return store
+
+    def optional_source(self, cache: bool = True) -> Store | None:
+        """The same, or None without `-s` (commands for which the stores only add figures)."""
         stores: Sequence[str] = self.args.store
         if not stores:
-            if required:
-                raise UsageError("no store provided")
             return None
         return open_chain(stores, getattr(self.args, "cache", None) if cache else None,
                           repair=getattr(self.args, "cache_repair", True), options_for=self.store_options)

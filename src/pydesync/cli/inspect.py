@@ -94,7 +94,7 @@ def run_info(ctx: Context) -> int:
                 chunks_info = json.load(f)
         except (OSError, ValueError) as e:
             raise UsageError(f"cannot read chunks info {a.chunks_info}: {e}") from None
-    store = ctx.source(required=False, cache=False)  # info counts the cache separately
+    store = ctx.optional_source(cache=False)  # info counts the cache separately
     cache = ctx.open(a.cache) if a.cache else None
     partial = chunks_in_partials(index, a.output, ctx.concurrency) if a.output else None
     info = index_info(index, store, seeds, cache, chunks_info, ctx.concurrency, partial)

@@ -103,5 +103,5 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def did_you_mean(word: str, choices: object) -> str:
     import difflib
 
-    close = difflib.get_close_matches(word, list(choices), n=1)  # type: ignore[call-overload]
+    close = difflib.get_close_matches(word, list(choices), n=1)  # type: ignore[call-overload]  # (strings, whatever the container)
     return f" (did you mean '{close[0]}'?)" if close else ""

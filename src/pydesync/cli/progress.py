@@ -42,12 +42,12 @@ class CountingReader:
             self.read1 = self._read1
 
     def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)  # type: ignore[attr-defined]
+        data = self.raw.read(n)  # type: ignore[attr-defined]  # (any reader)
         self.add(len(data))
         return data
 
     def _read1(self, n: int = -1) -> bytes:
-        data = self.raw.read1(n)  # type: ignore[attr-defined]
+        data = self.raw.read1(n)  # type: ignore[attr-defined]  # (only set when it has read1)
         self.add(len(data))
         return data
 
@@ -114,7 +114,7 @@ class Progress:
         with self._lock:
             delta, self._drawn = self.done - self._drawn, self.done
         if delta:
-            self._bar.update(delta)  # type: ignore[attr-defined]
+            self._bar.update(delta)  # type: ignore[attr-defined]  # (tqdm has no types)
 
     def _open_bar(self) -> None:
         from tqdm import tqdm  # only for a terminal (or DESYNC_PROGRESSBAR_ENABLED)
@@ -148,4 +148,4 @@ class Progress:
             self.done = max(self.done, self.total or 0)
             self._draw()
         if self._bar is not None:
-            self._bar.close()  # type: ignore[attr-defined]
+            self._bar.close()  # type: ignore[attr-defined]  # (tqdm has no types)

@@ -105,7 +105,6 @@ def run_mtree(ctx: Context) -> int:
         return 0
     index = ctx.read_index(a.input)
     store = ctx.source()
-    assert store is not None
     with store:
         _write_lines(mtree_lines(index_items(index, store, ctx.concurrency, a.input), digest))
     return 0
@@ -142,7 +141,6 @@ def _index_store(ctx: Context) -> Store:
             raise UsageError(f"no store provided (-s) and no {default}")
         a.store = [default]
     store = ctx.source()
-    assert store is not None
     return store
 
 

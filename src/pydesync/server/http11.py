@@ -172,7 +172,7 @@ class Connection:
         self.busy = False  # a request is with a worker (or streaming)
         self.streaming: Request | None = None  # to be handed to its own thread after those before it
         self.refusal: Refused | None = None  # to be answered after those before it; then the end
-        self.out: collections.deque[bytes | memoryview] = collections.deque()
+        self.out: collections.deque[Part] = collections.deque()
         self.out_bytes = 0
         self.write_since: float | None = None  # when an answer was last taken by the socket, if one waits
         self.unsent = -1  # bytes in the kernel's send queue at the last sweep (-1: not looked)
@@ -321,7 +321,7 @@ class Connection:
               content_type: str = "text/plain; charset=utf-8") -> None:
         """Answer `req` (once)."""
         head = self.head(req, status, len(body), content_type)
-        parts = [head] if req.method == "HEAD" or not body else [head, body]
+        parts: list[Part] = [head] if req.method == "HEAD" or not body else [head, body]
         self._server.log_request(self, req, status, len(body) if req.method != "HEAD" else 0)
         if req.mode == "stream":
             for part in parts:
@@ -489,7 +489,7 @@ class Http11Server:
                 if data == "wake":
                     self._drain_wake()
                 elif data == "listen":
-                    self._accept(key.fileobj)  # type: ignore[arg-type]
+                    self._accept(key.fileobj)  # type: ignore[arg-type]  # (the listening socket registered it)
                 else:
                     self._event(data, events)
             now = time.monotonic()
@@ -613,7 +613,7 @@ class Http11Server:
 
     def _handshake(self, conn: Connection) -> None:
         try:
-            conn.sock.do_handshake()  # type: ignore[attr-defined]
+            conn.sock.do_handshake()  # type: ignore[attr-defined]  # (an SSLSocket when tls)
         except ssl.SSLWantReadError:
             self._set_events(conn, selectors.EVENT_READ)
             return
@@ -644,7 +644,7 @@ class Http11Server:
             conn.take(buffer[:n])
             if conn not in self.conns or conn.busy or conn.streaming is not None:
                 break  # a streaming request's body is read by its own thread
-            if not conn.tls or not conn.sock.pending():  # type: ignore[attr-defined]
+            if not conn.tls or not conn.sock.pending():  # type: ignore[attr-defined]  # (an SSLSocket when tls)
                 break
         self._answer_ready(conn)
 
@@ -861,9 +861,9 @@ class Http11Server:
         for pending in conn.ready:
             self._release_upload(pending)
         conn.ready.clear()
-        for pending in (conn.req, conn.streaming):
-            if pending is not None:
-                self._release_upload(pending)
+        for current in (conn.req, conn.streaming):
+            if current is not None:
+                self._release_upload(current)
         conn.req = None
         conn.streaming = None
         conn.refusal = None

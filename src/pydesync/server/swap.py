@@ -76,12 +76,12 @@ class SwapStore(Store):
         old.close()
 
     # ---- Store ---------------------------------------------------------------------------------
-    @property  # type: ignore[override]
-    def location(self) -> str:
+    @property
+    def location(self) -> str:  # type: ignore[override]  # (a plain attribute elsewhere; here it follows swaps)
         return self._store.location
 
-    @property  # type: ignore[override]
-    def remote(self) -> bool:
+    @property
+    def remote(self) -> bool:  # type: ignore[override]  # (likewise)
         return self._store.remote
 
     @property

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..codec import ZSTD, CodecError, compress, decompress
 from ..errors import UsageError
@@ -95,6 +95,8 @@ class Encryption(Layer):
                 from nacl import bindings
 
                 self.nonce_size = bindings.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
+                self._seal: Callable[[bytes, bytes], bytes]  # (nonce, data)
+                self._open: Callable[[bytes, bytes], bytes]
                 self._seal = functools.partial(_xchacha_seal, bindings, self._key)
                 self._open = functools.partial(_xchacha_open, bindings, self._key)
                 self._failure = "chacha20poly1305: message authentication failed"
@@ -133,11 +135,11 @@ class Encryption(Layer):
 
 
 def _xchacha_seal(bindings: object, key: bytes, nonce: bytes, data: bytes) -> bytes:
-    return bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(data, None, nonce, key)  # type: ignore[attr-defined]
+    return bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(data, None, nonce, key)  # type: ignore[attr-defined]  # (in PyNaCl's bindings, not in its stubs)
 
 
 def _xchacha_open(bindings: object, key: bytes, nonce: bytes, data: bytes) -> bytes:
-    return bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(data, None, nonce, key)  # type: ignore[attr-defined]
+    return bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(data, None, nonce, key)  # type: ignore[attr-defined]  # (in PyNaCl's bindings, not in its stubs)
 
 
 class Converters(tuple):

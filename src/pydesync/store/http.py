@@ -65,7 +65,7 @@ def make_pool(options: StoreOptions) -> urllib3.PoolManager:
     if options.client_cert:
         kwargs["cert_file"] = options.client_cert
         kwargs["key_file"] = options.client_key
-    return urllib3.PoolManager(**kwargs)  # type: ignore[arg-type]
+    return urllib3.PoolManager(**kwargs)  # type: ignore[arg-type]  # (urllib3's stubs type **kwargs narrowly)
 
 
 def _urllib3_timeout(options: StoreOptions) -> urllib3.Timeout:
@@ -133,7 +133,7 @@ class HttpClient:
         return self.base + self.quoted(name)
 
     def _once(self, method: str, name: str, body: bytes | None, limit: int,
-              started: Callable[[], Response] | None = None) -> tuple[int, bytes]:
+              started: Callable[[], Response] | None = None) -> tuple[int, bytes | bytearray]:
         """One attempt; `started` finishes a request already sent (FastHttp.begin)."""
         if self.fast is not None:
             if started is not None:
@@ -148,7 +148,7 @@ class HttpClient:
 
     def request(self, method: str, name: str, body: bytes | None = None, ok: tuple[int, ...] = (200,),
                 missing: tuple[int, ...] = (404,), started: Callable[[], Response] | None = None,
-                limit: int = MAX_ENCODED_CHUNK) -> bytes | None:
+                limit: int = MAX_ENCODED_CHUNK) -> bytes | bytearray | None:
         """The body for an `ok` status, None for a `missing` one; raises HttpError otherwise.
         `started`: the first attempt was already sent (FastHttp.begin), this finishes it. A body
         longer than `limit` is an error before it is held (a hostile server cannot fill memory)."""
@@ -212,6 +212,8 @@ def _reason(e: Exception) -> str:
 
 class HttpStore(Store):
     """A chunk store behind an HTTP(S) server (desync's chunk-server, a CDN, a static web server)."""
+
+    converters: Converters  # (always: chunks are kept in the format of the options)
 
     remote = True
 
@@ -283,7 +285,7 @@ class HttpStore(Store):
         body = self.client.request("GET", self._name(chunk_id))
         if body is None:
             raise ChunkMissing(chunk_id, [self.location])
-        return body, self.converters
+        return bytes(body), self.converters
 
     def has(self, chunk_id: ChunkId) -> bool:
         return self.client.request("HEAD", self._name(chunk_id)) is not None
@@ -309,7 +311,8 @@ def read_index_bytes(location: str, options: StoreOptions | None = None) -> byte
     base, _, name = location.rpartition("/")
     client = HttpClient(base + "/", options or StoreOptions())
     try:
-        return client.request("GET", name, limit=MAX_INDEX_BYTES)
+        data = client.request("GET", name, limit=MAX_INDEX_BYTES)
+        return bytes(data) if data is not None else None
     finally:
         client.close()
 

@@ -53,6 +53,8 @@ def create_store_directory(path: str) -> None:
 class LocalStore(Store):
     """Chunks in a directory, laid out as casync and desync lay them out."""
 
+    converters: Converters  # (always: chunks are kept in the format of the options)
+
     listable = True
     local_files = True
 

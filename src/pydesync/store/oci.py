@@ -173,7 +173,7 @@ class RegistryClient:
         answer = self.pool.request(method, url, body=body, headers=headers, redirect=redirect,
                                    preload_content=False)
         try:
-            return Response(answer.status, answer.headers, read_capped(answer, limit))  # type: ignore[arg-type]
+            return Response(answer.status, answer.headers, read_capped(answer, limit))  # type: ignore[arg-type]  # (urllib3's headers are a mapping as Response wants)
         except TooLarge as e:
             raise StoreError(f"{method} {url}: {e}") from None
 
@@ -251,6 +251,8 @@ class RegistryClient:
 
 class OciStore(Store):
     """A chunk store in an OCI registry repository."""
+
+    converters: Converters  # (always: chunks are kept in the format of the options)
 
     remote = True
     listable = True

@@ -38,4 +38,5 @@ class StoreOptions:
 
     def override(self, **changes: object) -> StoreOptions:
         """A copy with the given fields changed; None means 'not given' and keeps the current value."""
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+        # (each value is its field's own type: the callers pass flags parsed for that field)
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]

@@ -41,7 +41,7 @@ class StoreRouter(Store):
         raise ChunkMissing(chunk_id, tried, "; ".join(hints))
 
     @property
-    def pipelined(self) -> bool:  # type: ignore[override]
+    def pipelined(self) -> bool:  # type: ignore[override]  # (a class attribute on Store; here it depends)
         return len(self.stores) == 1 and self.stores[0].pipelined
 
     def begin_get(self, chunk_id: ChunkId, digest: str | None = None) -> Callable[[], bytes]:

@@ -27,11 +27,12 @@ S3_REGION set the signing region (default us-east-1).
 from __future__ import annotations
 
 import configparser
+import functools
 import os
 import re
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qs, quote, urlsplit
 
 import urllib3
@@ -90,7 +91,8 @@ class S3Location:
         self.lookup = (query.get("lookup") or ["auto"])[0]
         if self.lookup not in ("auto", "dns", "path"):
             raise UsageError(f"invalid lookup '{self.lookup}' in {location} (auto, dns or path)")
-        self.region = (query.get("region") or [None])[0]
+        regions = query.get("region")
+        self.region = regions[0] if regions else None
 
     @property
     def addressing(self) -> str:
@@ -237,11 +239,12 @@ class DirectRequests:
         url = self._base + quote(key, safe="/~")
         for attempt in range(1, self._attempts + 1):
             answer = self._attempt(method, url, body, content_type, limit)
-            if answer != "retry":
-                return answer  # type: ignore[return-value]
+            if not isinstance(answer, str):  # (the one string is "retry")
+                return answer
             if attempt < self._attempts:
                 time.sleep(attempt * self._retry_base)
-        return self._fallback()
+        self._fallback()
+        return None
 
     def _attempt(self, method: str, url: str, body: bytes | None, content_type: str | None,
                  limit: int) -> tuple[int, bytes] | str | None:
@@ -254,7 +257,8 @@ class DirectRequests:
             answer = self.pool.request(method, url, body=body, headers=headers, preload_content=False,
                                        redirect=False)
         except urllib3.exceptions.SSLError:
-            return self._give_up()  # (a certificate that only boto3's addressing matches)
+            self._give_up()  # (a certificate that only boto3's addressing matches)
+            return None
         except (urllib3.exceptions.HTTPError, OSError):
             return "retry"
         try:
@@ -263,9 +267,11 @@ class DirectRequests:
                 answer.drain_conn()
                 return "retry"
             if answer.status < 200 or 300 <= answer.status < 404 or answer.status > 404:
-                return self._give_up(answer)  # redirects (another region), refusals: boto3's to handle
+                self._give_up(answer)  # redirects (another region), refusals: boto3's to handle
+                return None
             if declared > limit or answer.status not in (200, 204, 404):
-                return self._fallback(answer)
+                self._fallback(answer)
+                return None
             data = b"" if method == "HEAD" else answer.read(limit + 1)
             if len(data) > limit or (method != "HEAD" and answer.status == 200 and len(data) != declared):
                 return "retry"  # a body cut short
@@ -279,7 +285,8 @@ class DirectRequests:
         """An answer that says this bucket wants what only boto3 does (its region, its addressing):
         every later request goes to boto3 too, rather than paying for a useless first try."""
         self.disabled = True
-        return self._fallback(answer)
+        self._fallback(answer)
+        return None
 
     def _fallback(self, answer: urllib3.BaseHTTPResponse | None = None) -> None:
         if answer is not None:
@@ -287,7 +294,7 @@ class DirectRequests:
         self.fallbacks += 1
         return None
 
-    def get(self, key: str, limit: int) -> bytes | bool | None:
+    def get(self, key: str, limit: int) -> bytes | Literal[False] | None:
         """The body; None for a missing key; False to ask boto3."""
         done = self._send("GET", key, limit=limit)
         if done is None:
@@ -367,7 +374,7 @@ class S3Objects:
         one longer than `limit` (refused from its declared length, before it is read)."""
         found = self.direct.get(key, limit) if self.direct is not None else False
         if found is not False:
-            return found  # type: ignore[return-value]
+            return found
 
         def get() -> bytes:
             answer = self.client.get_object(Bucket=self.where.bucket, Key=key)
@@ -436,6 +443,8 @@ class S3Objects:
 
 class S3Store(Store):
     """A chunk store in an S3 bucket (read, write, prune, verify, list)."""
+
+    converters: Converters  # (always: chunks are kept in the format of the options)
 
     remote = True
     listable = True
@@ -530,9 +539,9 @@ def upgrade_flat_layout(store: Store, progress: Callable[[int], None] | None = N
             continue
         target = store.key(ChunkId(hexid))
         source = {"Bucket": objects.where.bucket, "Key": key}
-        objects.call(key, lambda source=source, target=target: objects.client.copy_object(
-            Bucket=objects.where.bucket, Key=target, CopySource=source, ContentType=CONTENT_TYPE,
-            MetadataDirective="REPLACE"))
+        copy = functools.partial(objects.client.copy_object, Bucket=objects.where.bucket, Key=target,
+                                 CopySource=source, ContentType=CONTENT_TYPE, MetadataDirective="REPLACE")
+        objects.call(key, copy)
         objects.delete(key)
         moved += 1
         if progress is not None:

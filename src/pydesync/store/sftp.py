@@ -233,7 +233,7 @@ class SftpConnection:
                 self._sftp.close()
         else:
             with contextlib.suppress(OSError):
-                self._proc.stdin.close()  # type: ignore[union-attr]
+                self._proc.stdin.close()  # type: ignore[union-attr]  # (opened with PIPE)
         try:
             self._proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
@@ -245,7 +245,7 @@ class SftpConnection:
                 self._proc.wait()
         for f in (self._proc.stdout, self._errors):
             with contextlib.suppress(OSError):
-                f.close()  # type: ignore[union-attr]
+                f.close()  # type: ignore[union-attr]  # (opened with PIPE)
 
 
 class SftpBase:
@@ -353,6 +353,8 @@ class SftpBase:
 
 class SftpStore(Store):
     """Chunks under a path on an sftp server: `<path>/<4 hex>/<64 hex><extension>`."""
+
+    converters: Converters  # (always: chunks are kept in the format of the options)
 
     remote = True
     listable = True

@@ -92,7 +92,7 @@ class _Remote:
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         assert self.proc.stdout is not None and self.proc.stdin is not None
         self.peer = peer
-        self.channel = Channel(self.proc.stdout, self.proc.stdin, peer, timeout)  # type: ignore[arg-type]
+        self.channel = Channel(self.proc.stdout, self.proc.stdin, peer, timeout)  # type: ignore[arg-type]  # (pipes: opened with PIPE)
 
     def _drain_stderr(self) -> None:
         assert self.proc.stderr is not None
@@ -331,8 +331,8 @@ class SshStore(Store):
             if answer is not None:
                 yield key, *answer
 
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        if exc_type is not None:  # the job failed: what it put is not delivered
+    def __exit__(self, *exc: object) -> None:
+        if exc and exc[0] is not None:  # the job failed: what it put is not delivered
             self._spooled.clear()
         self.close()
 
