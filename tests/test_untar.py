@@ -31,7 +31,7 @@ from procutil import HANG_GUARD
 from pydesync.catar import DirectoryEnd, Node
 from pydesync.catar import format as F
 from pydesync.catar.extractor import ExtractError, ExtractOptions, TreeExtractor, extract_archive
-from pydesync.catar.fsmeta import FS_IOC_SETFLAGS, read_chattr, write_chattr
+from pydesync.platform import FS_IOC_SETFLAGS, read_chattr, write_chattr
 
 PORTABLE = ["permissions", "nsec-time", "symlinks", "device-nodes", "fifos", "sockets"]
 PORTABLE_WITH = [f"--with={f}" for f in PORTABLE]

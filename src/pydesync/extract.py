@@ -32,14 +32,13 @@ from .parallel import (
     workers_for,
 )
 from .partial import PARTIAL, SALVAGE, Target, held_positions, partial_paths
+from .platform import clone_range, clone_unsupported
 from .seed import (
     INVALID_FAIL,
     INVALID_SKIP,
     Seed,
     SeedInvalid,
     Segment,
-    clone_range,
-    clone_unsupported,
     first_mismatch,
     plan,
     read_range,

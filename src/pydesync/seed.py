@@ -16,10 +16,7 @@ which its segments are planned again.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
-import struct
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -28,7 +25,6 @@ from .digest import ChunkId, digest_of
 from .errors import PydesyncError, UsageError
 from .index import Index, IndexChunk
 
-FICLONERANGE = 0x4020940D
 MAX_RUN_TRIES = 64  # seed positions tried per target position (ids repeated thousands of times)
 SEGMENT_CHUNKS = 64  # copy segments are capped so workers share the work
 
@@ -173,22 +169,3 @@ def read_range(fd: int, offset: int, length: int) -> memoryview:
             return view[:got]
         got += n
     return view
-
-
-def clone_range(src_fd: int, src_offset: int, length: int, dst_fd: int, dst_offset: int,
-                blocksize: int) -> int:
-    """FICLONERANGE the block-aligned interior of a range; returns the bytes cloned (0: none, and
-    the caller copies all). Raises OSError when the filesystem cannot clone (caller stops trying)."""
-    if src_offset % blocksize != dst_offset % blocksize:
-        return 0
-    head = -src_offset % blocksize
-    body = (length - head) // blocksize * blocksize
-    if body <= 0:
-        return 0
-    fcntl.ioctl(dst_fd, FICLONERANGE, struct.pack("qQQQ", src_fd, src_offset + head, body, dst_offset + head))
-    return body
-
-
-def clone_unsupported(e: OSError) -> bool:
-    return e.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EBADF,
-                       errno.EPERM, errno.ETXTBSY)

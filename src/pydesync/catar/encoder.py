@@ -19,25 +19,21 @@ from dataclasses import dataclass, field
 
 from ..errors import PydesyncError, shown_path
 from ..fsutil import OPEN_DIRECTORIES, TreeMoved, reopen_parent
-from . import exclude
-from . import format as F
-from .fsmeta import (
-    ACL_XATTR_ACCESS,
-    ACL_XATTR_DEFAULT,
+from ..platform import (
     EXT4_SUPER_MAGIC,
     FUSE_SUPER_MAGIC,
     VIRTUAL_FS_MAGICS,
     XFS_SUPER_MAGIC,
-    PosixAcl,
     btrfs_subvolume,
     fs_magic,
     get_xattr,
-    group_name,
     list_xattrs,
     read_chattr,
     read_projid,
-    user_name,
 )
+from . import exclude
+from . import format as F
+from .fsmeta import ACL_XATTR_ACCESS, ACL_XATTR_DEFAULT, PosixAcl, group_name, user_name
 
 READ_BLOCK = 1024 * 1024
 FLUSH_AT = 256 * 1024  # yield the stream in blocks at least this big (few generator hops)

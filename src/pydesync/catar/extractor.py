@@ -36,39 +36,35 @@ those restores are skipped silently.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import fcntl
 import functools
 import itertools
 import os
 import secrets
 import stat
-import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
 from ..errors import PydesyncError, shown_path
 from ..fsutil import OPEN_DIRECTORIES, TreeMoved, identity, remove_tree, reopen_parent
-from . import format as F
-from .decoder import AclEntry, ArchiveDecoder, DirectoryEnd, Node, Readable
-from .filewriter import BatchWriter, WriteFailed, max_deferred
-from .fsmeta import (
-    ACL_XATTR_ACCESS,
-    ACL_XATTR_DEFAULT,
+from ..platform import (
     BTRFS_SUPER_MAGIC,
     FUSE_SUPER_MAGIC,
     MSDOS_SUPER_MAGIC,
-    PosixAcl,
-    _libc,
+    create_btrfs_subvolume,
     fs_magic,
-    gid_of,
+    make_subvolume_read_only,
     read_chattr,
-    uid_of,
+    rename_noreplace,
     write_chattr,
+    write_fat_attributes,
     write_projid,
 )
+from . import format as F
+from .decoder import AclEntry, ArchiveDecoder, DirectoryEnd, Node, Readable
+from .filewriter import BatchWriter, WriteFailed, max_deferred
+from .fsmeta import ACL_XATTR_ACCESS, ACL_XATTR_DEFAULT, PosixAcl, gid_of, uid_of
 
 # chattr flags casync applies on the empty node, before any content (cadecoder.c APPLY_EARLY_FS_FL)
 FS_NOATIME_FL, FS_COMPR_FL, FS_NOCOW_FL = 0x80, 0x4, 0x800000
@@ -77,13 +73,6 @@ FS_NOCOMP_FL, FS_PROJINHERIT_FL = 0x400, 0x20000000
 INHERITED_CHATTR = 0x1 | 0x2 | 0x4 | 0x8 | 0x40 | 0x80 | 0x400 | 0x4000 | 0x8000 | 0x10000 | 0x800000 \
     | 0x20000000 | 0x40000000
 EARLY_CHATTR = FS_NOATIME_FL | FS_COMPR_FL | FS_NOCOW_FL | FS_NOCOMP_FL | FS_PROJINHERIT_FL
-FAT_IOCTL_GET_ATTRIBUTES = 0x80047210
-FAT_IOCTL_SET_ATTRIBUTES = 0x40047211
-BTRFS_IOC_SUBVOL_CREATE = 0x5000940E
-BTRFS_IOC_SUBVOL_GETFLAGS = 0x80089419
-BTRFS_IOC_SUBVOL_SETFLAGS = 0x4008941A
-BTRFS_SUBVOL_RDONLY = 0x2
-RENAME_NOREPLACE = 0x1
 TIME_FLAGS = F.WITH_NSEC_TIME | F.WITH_USEC_TIME | F.WITH_SEC_TIME | F.WITH_2SEC_TIME
 PLAIN_LIMIT = 8 << 20  # files up to this size may take the one-call native path
 ID_FLAGS = F.WITH_16BIT_UIDS | F.WITH_32BIT_UIDS | F.WITH_USER_NAMES
@@ -335,34 +324,6 @@ def _parse_id(name: bytes) -> int | None:
 
 def _strerror(e: OSError) -> str:
     return e.strerror or str(e)
-
-
-_renameat2: Callable[..., int] | None = None
-_renameat2_checked = False
-
-
-def _rename_noreplace(dir_fd: int, old: bytes, new: bytes) -> None:
-    """renameat2(RENAME_NOREPLACE): FileExistsError if `new` exists (lstat + rename as a fallback)."""
-    global _renameat2, _renameat2_checked
-    if not _renameat2_checked:
-        _renameat2_checked = True
-        func = getattr(_libc(), "renameat2", None)
-        if func is not None:
-            func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-            func.restype = ctypes.c_int
-            _renameat2 = func
-    if _renameat2 is not None:
-        if _renameat2(dir_fd, old, dir_fd, new, RENAME_NOREPLACE) == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.ENOSYS, errno.EINVAL):
-            raise OSError(err, os.strerror(err), os.fsdecode(new))
-    try:
-        os.lstat(new, dir_fd=dir_fd)
-    except FileNotFoundError:
-        os.rename(old, new, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        return
-    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(new))
 
 
 class TreeExtractor:
@@ -727,9 +688,8 @@ class TreeExtractor:
         """Create a directory (a btrfs subvolume if the archive says so and we can); True if created."""
         if node.flags & node.feature_flags & F.WITH_SUBVOLUME:
             if self._fs_magic(dir_fd) == BTRFS_SUPER_MAGIC and len(name) < 4088:
-                args = struct.pack("<q", 0) + name.ljust(4088, b"\0")
                 try:
-                    fcntl.ioctl(dir_fd, BTRFS_IOC_SUBVOL_CREATE, args)
+                    create_btrfs_subvolume(dir_fd, name)
                     return True
                 except OSError as e:
                     if e.errno == errno.EEXIST:
@@ -797,7 +757,7 @@ class TreeExtractor:
                 aside = self._temp_prefix + b"%d" % next(self._temp_counter)
                 os.rename(name, aside, src_dir_fd=fd, dst_dir_fd=fd)
             try:
-                _rename_noreplace(fd, entry.temp, name)
+                rename_noreplace(fd, entry.temp, name)
             except BaseException:
                 if aside is not None:
                     os.rename(aside, name, src_dir_fd=fd, dst_dir_fd=fd)
@@ -1010,10 +970,7 @@ class TreeExtractor:
             self._set_fat_attributes(target, fat_value, _fat_bits(flags))
         if node.is_dir and node.flags & flags & F.WITH_SUBVOLUME_RO:
             try:
-                buf = bytearray(8)
-                fcntl.ioctl(fd, BTRFS_IOC_SUBVOL_GETFLAGS, buf)
-                fcntl.ioctl(fd, BTRFS_IOC_SUBVOL_SETFLAGS,
-                            struct.pack("<Q", struct.unpack("<Q", buf)[0] | BTRFS_SUBVOL_RDONLY))
+                make_subvolume_read_only(fd)
             except OSError as e:
                 self._problem(target.display, "cannot make the btrfs subvolume read-only", e)
 
@@ -1023,12 +980,7 @@ class TreeExtractor:
             self._problem(target.display, "cannot set FAT attributes", "not a FAT filesystem")
             return
         try:
-            buf = bytearray(4)
-            fcntl.ioctl(target.fd, FAT_IOCTL_GET_ATTRIBUTES, buf)
-            old = struct.unpack("<I", buf)[0]
-            new = (old & ~mask) | value
-            if new != old:
-                fcntl.ioctl(target.fd, FAT_IOCTL_SET_ATTRIBUTES, struct.pack("<I", new))
+            write_fat_attributes(target.fd, value, mask)
         except OSError as e:
             self._problem(target.display, "cannot set FAT attributes", e)
 

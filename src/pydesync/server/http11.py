@@ -23,15 +23,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import fcntl
 import itertools
 import os
 import selectors
 import socket
 import ssl
-import struct
 import sys
-import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +39,7 @@ from typing import TextIO
 
 import httptools
 
+from ..platform import unsent_bytes
 from .metrics import Metrics
 
 MAX_HEAD = 64 * 1024
@@ -1039,7 +1037,7 @@ def _reading_progressed(conn: Connection) -> bool:
     large send buffer only turns writable again once half of it has drained: a slow reader that
     reads all along is not one that stopped (Linux's SIOCOUTQ; elsewhere: no)."""
     try:
-        unsent = struct.unpack("i", fcntl.ioctl(conn.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        unsent = unsent_bytes(conn.sock.fileno())
     except (OSError, ValueError, AttributeError):
         return False
     progressed = 0 <= unsent < conn.unsent
