@@ -48,16 +48,22 @@ VIRTUAL_FS_MAGICS = {
 }
 
 
-def read_chattr(fd: int) -> int:
-    """FS_IOC_GETFLAGS; 0 where the filesystem or node type has no such flags."""
-    buf = bytearray(4)
+def _read_u32(fd: int, request: int, size: int, offset: int) -> int:
+    """The u32 at `offset` of what a reading ioctl fills; 0 where the filesystem or node type
+    does not support it (UNSUPPORTED)."""
+    buf = bytearray(size)
     try:
-        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf)
+        fcntl.ioctl(fd, request, buf)
     except OSError as e:
         if e.errno in UNSUPPORTED:
             return 0
         raise
-    return struct.unpack("<I", buf)[0]
+    return int(struct.unpack_from("<I", buf, offset)[0])
+
+
+def read_chattr(fd: int) -> int:
+    """FS_IOC_GETFLAGS; 0 where the filesystem or node type has no such flags."""
+    return _read_u32(fd, FS_IOC_GETFLAGS, 4, 0)
 
 
 def write_chattr(fd: int, value: int, mask: int) -> None:
@@ -70,14 +76,7 @@ def write_chattr(fd: int, value: int, mask: int) -> None:
 
 def read_projid(fd: int) -> int:
     """Quota project id (struct fsxattr.fsx_projid), 0 if unsupported."""
-    buf = bytearray(28)
-    try:
-        fcntl.ioctl(fd, FS_IOC_FSGETXATTR, buf)
-    except OSError as e:
-        if e.errno in UNSUPPORTED:
-            return 0
-        raise
-    return struct.unpack_from("<I", buf, 12)[0]
+    return _read_u32(fd, FS_IOC_FSGETXATTR, 28, 12)
 
 
 def write_projid(fd: int, projid: int) -> None:
