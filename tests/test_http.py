@@ -848,8 +848,8 @@ def test_store_file_flag_conflicts(cli, desync_cmd, tmp_path):
 def test_swap_store_retires_the_old_store_after_its_last_request():
     from pydesync import ChunkId
     from pydesync.errors import UsageError
-    from pydesync.server.swap import SwapStore
     from pydesync.store.base import Store
+    from pydesync.store.swap import SwapStore
 
     class Fake(Store):
         def __init__(self, name: str, writable: bool = True):

@@ -11,6 +11,7 @@ The library API (the CLI is a thin layer over it)::
 index store URL (`https://host/indexes/demo.caibx`, `sftp://`, `s3+https://`, `gs://`).
 """
 
+from .blobreader import BlobReader
 from .chunker import ChunkSizes, chunk_bytes, iter_chunks
 from .digest import SHA256, SHA512_256, ChunkId, digest_of
 from .errors import (
@@ -21,7 +22,7 @@ from .errors import (
     StoreError,
     UsageError,
 )
-from .extract import BlobReader, ExtractStats, extract
+from .extract import ExtractStats, extract
 from .index import Index, IndexChunk, parse_index, read_index, write_index
 from .indexstore import read_index_at, write_index_at
 from .make import MakeStats, chunk_stream, make

@@ -9,7 +9,7 @@
  * caller once more data has arrived, which keeps boundaries independent of
  * read sizes. The GIL is released while scanning.
  *
- * Cut rule (FORMATS.md 1.4): with L the chunk length after appending a byte,
+ * Cut rule (casync's shall_break in cachunker.c): with L the chunk length after appending a byte,
  * cut after it iff L >= max, or L >= max(min, 48) and
  * H(last 48 bytes) mod d == d - 1.
  */

@@ -1,4 +1,4 @@
-"""extract and cat: assemble a blob from its index and stores.
+"""extract: assemble a blob from its index and stores into a file (stream_blob: to a stream).
 
 Each distinct chunk is fetched once (decompressed and verified in a worker
 thread) and written at every offset where it occurs, into a sparse temporary
@@ -9,7 +9,6 @@ tmpfs that zeroed memory a core had to wait for, and it gained nothing elsewhere
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import logging
 import os
@@ -19,15 +18,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from .blobreader import BlobReader, check_size
 from .chunkio import Placement, WriteFailed
 from .digest import ChunkId, digest_of, null_chunk_id
-from .errors import ChunkInvalid, ChunkMissing, PydesyncError, UsageError
+from .errors import ChunkMissing, PydesyncError, UsageError
 from .index import Index, IndexChunk
 from .parallel import (
     DEFAULT_CONCURRENCY,
     for_each,
     for_each_pipelined,
-    ordered_map,
     pipeline_shape,
     workers_for,
 )
@@ -36,6 +35,7 @@ from .platform import clone_range, clone_unsupported
 from .seed import (
     INVALID_FAIL,
     INVALID_SKIP,
+    InvalidSeeds,
     Seed,
     SeedInvalid,
     Segment,
@@ -66,9 +66,24 @@ class ExtractStats:
     chunks_null: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, name: str, n: int = 1) -> None:
+    # Worker threads count through these (under the lock: `+=` from threads can lose counts).
+    def from_store(self, chunks: int) -> None:
         with self._lock:
-            setattr(self, name, getattr(self, name) + n)
+            self.chunks_from_store += chunks
+
+    def from_seeds(self, chunks: int, copied: int, cloned: int = 0) -> None:
+        with self._lock:
+            self.chunks_from_seeds += chunks
+            self.bytes_copied_from_seeds += copied
+            self.bytes_cloned_from_seeds += cloned
+
+    def held(self, chunks: int, resumed: bool) -> None:
+        """Chunks the target already held: an interrupted extract's partial, or the target in place."""
+        with self._lock:
+            if resumed:
+                self.chunks_from_partial += chunks
+            else:
+                self.chunks_in_place += chunks
 
     def as_json(self) -> dict[str, int]:
         """The fields desync prints, with its names (and chunks-from-partial after a resume)."""
@@ -79,14 +94,8 @@ class ExtractStats:
         return {k.replace("_", "-"): getattr(self, k) for k in keys}
 
 
-def check_size(chunk: IndexChunk, data: bytes) -> None:
-    if len(data) != chunk.size:
-        raise ChunkInvalid(chunk.id, f"unexpected size for chunk {chunk.id}: "
-                                     f"{len(data)} bytes, index says {chunk.size}")
-
-
 def extract(index: Index, output: str, store: Store, concurrency: int = DEFAULT_CONCURRENCY,
-            in_place: bool = False, seeds: Sequence[Seed] = (), invalid_seeds: str = INVALID_FAIL,
+            in_place: bool = False, seeds: Sequence[Seed] = (), invalid_seeds: InvalidSeeds = INVALID_FAIL,
             progress: Callable[[int], None] | None = None, resume: bool = True,
             prefetch: Callable[[list[IndexChunk]], Store | None] | None = None) -> ExtractStats:
     """Write the blob `index` describes to `output`, from seeds where they hold its chunks and from
@@ -146,7 +155,7 @@ def _keep_held(index: Index, target: Target, stats: ExtractStats, concurrency: i
     nulls = [i for i, c in enumerate(chunks) if c.id == null_id and c.size == index.sizes.max]
     null_set = set(nulls)
     todo = [i for i in range(len(chunks)) if i not in null_set]
-    stats.add("chunks_null", len(nulls))
+    stats.chunks_null = len(nulls)
     if target.blank:
         _report(progress, len(nulls))
         return todo, nulls
@@ -156,7 +165,7 @@ def _keep_held(index: Index, target: Target, stats: ExtractStats, concurrency: i
             target.write(bytes(chunks[i].size), chunks[i].start)
     _copy_within(target, chunks, todo, held)
     kept = [i for i in todo if i in held]
-    stats.add("chunks_from_partial" if target.resumed else "chunks_in_place", len(kept))
+    stats.held(len(kept), target.resumed)
     _report(progress, len(nulls) + len(kept))
     return [i for i in todo if i not in held], nulls
 
@@ -203,7 +212,7 @@ def _fetch(index: Index, wanted: list[int], target: Target, store: Store, stats:
         check_size(need[0], data)
         for c in need:
             target.write(data, c.start)
-        stats.add("chunks_from_store", len(need))
+        stats.from_store(len(need))
         _report(progress, done)
 
     def begin(chunk_id: ChunkId) -> Callable[[], None]:
@@ -218,7 +227,7 @@ def _fetch(index: Index, wanted: list[int], target: Target, store: Store, stats:
             except WriteFailed as e:
                 raise target.write_error(e) from None
             if data is None:  # written where it goes by the store's native path
-                stats.add("chunks_from_store", len(need))
+                stats.from_store(len(need))
                 _report(progress, len(need))
             else:
                 place(data, need, len(need))
@@ -258,7 +267,7 @@ class _SeedCopier:
     """Runs the seed part of a plan (see seed.py): copies or clones runs of chunks from seeds,
     each chunk checked against its id; returns the target positions left for the stores."""
 
-    def __init__(self, index: Index, target: Target, seeds: list[Seed], invalid_seeds: str,
+    def __init__(self, index: Index, target: Target, seeds: list[Seed], invalid_seeds: InvalidSeeds,
                  stats: ExtractStats, concurrency: int, progress: Callable[[int], None] | None,
                  nulls: list[int]):
         self.index = index
@@ -384,117 +393,8 @@ class _SeedCopier:
         return cloned
 
     def _count(self, chunks: int, copied: int, cloned: int) -> None:
-        stats = self.stats
-        with stats._lock:
-            stats.chunks_from_seeds += chunks
-            stats.bytes_copied_from_seeds += copied
-            stats.bytes_cloned_from_seeds += cloned
+        self.stats.from_seeds(chunks, copied, cloned)
         _report(self.progress, chunks)
-
-
-def fetch_chunk(index: Index, store: Store, chunk: IndexChunk) -> bytes:
-    """One chunk of `index`'s blob: zeros for a null chunk, else from the store, size-checked."""
-    if chunk.size == index.sizes.max and chunk.id == null_chunk_id(chunk.size, index.digest):
-        return bytes(chunk.size)
-    data = store.get(chunk.id, index.digest)
-    check_size(chunk, data)
-    return data
-
-
-HOLD_BYTES = 64 << 20  # what a BlobReader keeps of chunks that come again later
-
-
-class BlobReader:
-    """Random access to the bytes an index describes, chunk by chunk: from seeds where they hold a
-    chunk (hashed before it is used), else from the store."""
-
-    def __init__(self, index: Index, store: Store, concurrency: int = DEFAULT_CONCURRENCY,
-                 seeds: Sequence[Seed] = (), stats: ExtractStats | None = None):
-        """`seeds` must be open; `stats` counts where chunks came from."""
-        self.index = index
-        self.store = store
-        self.concurrency = concurrency
-        self.seeds = list(seeds)
-        self.stats = stats
-        self._ends = [c.end for c in index]
-
-    def _fetch(self, chunk: IndexChunk) -> bytes:
-        for seed in self.seeds:
-            data = self._from_seed(seed, chunk)
-            if data is not None:
-                if self.stats is not None:
-                    self.stats.add("chunks_from_seeds")
-                    self.stats.add("bytes_copied_from_seeds", len(data))
-                return data
-        if self.stats is not None:
-            self.stats.add("chunks_from_store")
-        return fetch_chunk(self.index, self.store, chunk)
-
-    def _from_seed(self, seed: Seed, chunk: IndexChunk) -> bytes | None:
-        """The chunk's bytes from a seed's blob, if the seed has them as its index says."""
-        for position in seed.positions.get(chunk.id, ())[:1]:
-            held = seed.index.chunks[position]
-            if held.size != chunk.size:
-                continue
-            data = os.pread(seed.fd, held.size, held.start)
-            if len(data) == held.size and digest_of(data, self.index.digest) == chunk.id:
-                return data
-            log.info("seed %s does not match its index at offset %d: fetching chunk %s instead",
-                     seed.blob, held.start, chunk.id)
-        return None
-
-    def iter_range(self, offset: int = 0, length: int = 0) -> Iterator[bytes]:
-        """Yield the bytes of [offset, offset+length) in order (length 0 = to the end)."""
-        if offset < 0 or length < 0:
-            raise ValueError("offset and length must not be negative")
-        end = self.index.length if length == 0 else min(self.index.length, offset + length)
-        if offset >= end:
-            return
-        first = bisect.bisect_right(self._ends, offset)
-        chunks = []
-        for c in self.index.chunks[first:]:
-            if c.start >= end:
-                break
-            chunks.append(c)
-        for chunk, data in zip(chunks, self._each_once(chunks), strict=True):
-            lo = max(offset, chunk.start) - chunk.start
-            hi = min(end, chunk.end) - chunk.start
-            yield data[lo:hi] if (lo, hi) != (0, chunk.size) else data
-
-    def _each_once(self, chunks: list[IndexChunk]) -> Iterator[bytes]:
-        """The chunks' bytes in order, each distinct chunk fetched once: a repeat is served from
-        what was kept of it (until its last use, HOLD_BYTES at most; beyond, fetched again). A
-        pull session would not even answer a second request for an id."""
-        last_use = {c.id: i for i, c in enumerate(chunks)}
-        firsts: dict[ChunkId, IndexChunk] = {}
-        for c in chunks:
-            firsts.setdefault(c.id, c)
-        workers = workers_for(self.concurrency, self.store.remote)
-        fetched = ordered_map(self._fetch, list(firsts.values()), workers)
-        held: dict[ChunkId, bytes] = {}
-        held_bytes = 0
-        seen: set[ChunkId] = set()
-        for i, chunk in enumerate(chunks):
-            if chunk.id not in seen:
-                seen.add(chunk.id)
-                data = next(fetched)
-                if last_use[chunk.id] > i and held_bytes + len(data) <= HOLD_BYTES:
-                    held[chunk.id] = data
-                    held_bytes += len(data)
-            elif chunk.id in held:
-                data = held.pop(chunk.id) if last_use[chunk.id] == i else held[chunk.id]
-                if last_use[chunk.id] == i:
-                    held_bytes -= len(data)
-            else:
-                data = self._fetch(chunk)  # kept no longer: fetched again
-            yield data
-
-    def read(self, offset: int, length: int) -> bytes:
-        """Exactly the bytes [offset, offset+length) (fewer past the end); ValueError for a negative
-        offset or length."""
-        if offset < 0 or length < 0:
-            raise ValueError("offset and length must not be negative")
-        return b"".join(self.iter_range(offset, length)) if length else b""
 
 
 def stream_blob(index: Index, out: BinaryIO, store: Store, concurrency: int = DEFAULT_CONCURRENCY,

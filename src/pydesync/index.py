@@ -1,4 +1,4 @@
-"""`.caibx` / `.caidx` index files: read, validate, write (FORMATS.md section 2).
+"""`.caibx` / `.caidx` index files: read, validate, write (as casync's caformat.h lays them out).
 
 What `write` produces is byte-identical to `casync make` for the same chunks,
 sizes and flags.

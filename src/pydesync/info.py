@@ -13,7 +13,7 @@ from .store.base import Store
 
 
 @dataclass
-class ChunkInfo:
+class InspectedChunk:
     id: ChunkId
     uncompressed_size: int
     compressed_size: int | None = None
@@ -25,14 +25,14 @@ class ChunkInfo:
         return out
 
 
-def inspect_chunks(index: Index, store: Store | None = None) -> list[ChunkInfo]:
+def inspect_chunks(index: Index, store: Store | None = None) -> list[InspectedChunk]:
     """One entry per index chunk, in order, with its stored (compressed) size when a store is given."""
     sizes: dict[ChunkId, int | None] = {}
     out = []
     for chunk in index:
         if store is not None and chunk.id not in sizes:
             sizes[chunk.id] = store.stored_size(chunk.id)
-        out.append(ChunkInfo(chunk.id, chunk.size, sizes.get(chunk.id)))
+        out.append(InspectedChunk(chunk.id, chunk.size, sizes.get(chunk.id)))
     return out
 
 

@@ -34,10 +34,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from .blobreader import fetch_chunk
 from .catar.decoder import ArchiveDecoder, DirectoryEnd, Node
 from .digest import digest_of, null_chunk_id
 from .errors import PydesyncError, UsageError
-from .extract import fetch_chunk
+from .fsutil import write_bytes_atomic
 from .index import Index, IndexChunk
 from .parallel import for_each
 from .seed import Seed
@@ -97,10 +98,7 @@ class ChunkReader:
             self.loaded[:] = state
 
     def save_state(self, path: str) -> None:
-        temp = f"{path}.tmp{os.getpid()}"
-        with open(temp, "wb") as f:
-            f.write(bytes(self.loaded))
-        os.replace(temp, path)
+        write_bytes_atomic(path, bytes(self.loaded))
 
     def _is_loaded(self, i: int) -> bool:
         return bool(self.loaded[i >> 3] & (1 << (i & 7)))

@@ -1,4 +1,4 @@
-"""BSD mtree manifests of archives and trees (desync's `mtree` output, DESYNC.md 18.3).
+"""BSD mtree manifests of archives and trees (desync's `mtree` command's output).
 
 `mtree_lines` turns the items of an `ArchiveDecoder` into manifest lines, one
 per entry in archive order. The decoder can read a .catar file, the stream an
@@ -17,10 +17,10 @@ import os
 import stat
 from collections.abc import Iterable, Iterator
 
+from .blobreader import BlobReader
 from .catar.decoder import ArchiveDecoder, DirectoryEnd, Node, Readable
 from .catar.encoder import TreeEncoder
 from .digest import SHA256, SHA512_256, check_digest, hasher
-from .extract import BlobReader
 from .index import Index
 from .parallel import DEFAULT_CONCURRENCY
 from .store.base import Store

@@ -1,4 +1,4 @@
-"""casync's remote protocol (FORMATS.md section 5): the `pull` server and a client session.
+"""casync's remote protocol (casync's caprotocol.h and caremote.c): the `pull` server and a client session.
 
 Every message is {u64 size, u64 type, body}, 16 bytes to 16 MiB. Both sides send
 HELLO with their feature flags at once. A pull client then sends REQUESTs (one

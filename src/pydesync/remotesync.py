@@ -3,7 +3,7 @@
 Sender and receiver agree on a SyncInfo (the file's chunk keys and sizes, and a permutation).
 The receiver answers with a wishlist, one bit per position of the *shuffled* chunk sequence
 (1 = send it), and the sender streams just those chunks, each as a zigzag varint length and
-the bytes. Wire-compatible with CAFS (../shared/spec/REMOTESYNC.md sections 2 to 5):
+the bytes. Wire-compatible with CAFS (its remotesync: the sync info, the wishlist and the chunk stream):
 
 * SyncInfo: Go's JSON `{"Chunks":[{"Key":"<hex>","Size":n}],"Perm":[...]}`, or the legacy
   binary form (32-byte key + varint size, repeated; implies Perm [0]).

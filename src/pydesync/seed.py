@@ -16,6 +16,7 @@ which its segments are planned again.
 
 from __future__ import annotations
 
+import enum
 import os
 import threading
 from collections.abc import Iterable
@@ -28,7 +29,16 @@ from .index import Index, IndexChunk
 MAX_RUN_TRIES = 64  # seed positions tried per target position (ids repeated thousands of times)
 SEGMENT_CHUNKS = 64  # copy segments are capped so workers share the work
 
-INVALID_FAIL, INVALID_SKIP, INVALID_REGENERATE = "fail", "skip", "regenerate"
+class InvalidSeeds(enum.Enum):
+    """What a seed whose data does not match its index costs: an error, the seed (it is left
+    out), or a re-chunking of it (desync's --skip-invalid-seeds, --regenerate-invalid-seeds)."""
+
+    FAIL = "fail"
+    SKIP = "skip"
+    REGENERATE = "regenerate"
+
+
+INVALID_FAIL, INVALID_SKIP, INVALID_REGENERATE = InvalidSeeds.FAIL, InvalidSeeds.SKIP, InvalidSeeds.REGENERATE
 
 
 class SeedInvalid(PydesyncError):

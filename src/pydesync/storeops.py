@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -31,6 +32,8 @@ def verify_store(store: Store, repair: bool = False, concurrency: int = DEFAULT_
     """Decode and hash every chunk of a store that can list them (local, sftp); with repair,
     delete the bad ones."""
     result = VerifyResult()
+    checked = itertools.count()  # (workers count with next(): `+= 1` from threads can lose counts)
+    lock = threading.Lock()
 
     def check(chunk_id: ChunkId) -> None:
         try:
@@ -38,17 +41,20 @@ def verify_store(store: Store, repair: bool = False, concurrency: int = DEFAULT_
         except ChunkInvalid as e:
             if repair:
                 store.remove(chunk_id)
-                result.removed.append(chunk_id)
-            result.invalid.append((chunk_id, str(e)))
+            with lock:
+                if repair:
+                    result.removed.append(chunk_id)
+                result.invalid.append((chunk_id, str(e)))
             if on_invalid:
                 on_invalid(chunk_id, str(e), repair)
         except ChunkMissing:
             pass  # removed while we walked the store
-        result.checked += 1
+        next(checked)
         if progress is not None:
             progress(1)
 
     for_each(check, store.ids(), workers_for(concurrency, store.remote))  # streamed: flat memory
+    result.checked = next(checked)
     return result
 
 
@@ -81,19 +87,18 @@ def copy_chunks(ids: Iterable[ChunkId], source: Store, target: Store,
                 concurrency: int = DEFAULT_CONCURRENCY,
                 progress: Callable[[int], None] | None = None) -> int:
     """Copy chunks the target lacks from source to target (desync `cache`); returns how many."""
-    copied = 0
+    copied = itertools.count()
 
     def copy(chunk_id: ChunkId) -> None:
-        nonlocal copied
         if target.buffers_writes or not target.has(chunk_id):
             target.put(chunk_id, source.get(chunk_id))
-            copied += 1
+            next(copied)
         if progress:
             progress(1)
 
     for_each(copy, list(dict.fromkeys(ids)), workers_for(concurrency, source.remote or target.remote))
     target.flush()
-    return copied
+    return next(copied)
 
 
 def chop(index: Index, blob: str, store: Store, ignore: set[ChunkId] | None = None,
@@ -106,10 +111,9 @@ def chop(index: Index, blob: str, store: Store, ignore: set[ChunkId] | None = No
             wanted[chunk.id] = chunk
     with open_input(blob) as f:
         fd = f.fileno()
-        stored = 0
+        stored = itertools.count()
 
         def cut(chunk_id: ChunkId) -> None:
-            nonlocal stored
             chunk = wanted[chunk_id]
             if not store.buffers_writes and store.has(chunk_id):
                 return
@@ -118,11 +122,11 @@ def chop(index: Index, blob: str, store: Store, ignore: set[ChunkId] | None = No
                 raise ChunkInvalid(chunk_id, f"data in {blob} at offset {chunk.start} does not match "
                                              f"chunk {chunk_id} of the index")
             store.put(chunk_id, data)
-            stored += 1
+            next(stored)
 
         for_each(cut, list(wanted), workers_for(concurrency, store.remote))
     store.flush()
-    return stored
+    return next(stored)
 
 
 def verify_index(index: Index, blob: str, concurrency: int = DEFAULT_CONCURRENCY) -> None:

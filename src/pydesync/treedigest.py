@@ -19,12 +19,12 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from .archive import stream_digest
+from .blobreader import BlobReader
 from .catar import format as F
 from .catar.decoder import ArchiveDecoder, Readable
 from .catar.encoder import TreeEncoder
 from .digest import SHA256, SHA512_256, hasher
 from .errors import PydesyncError
-from .extract import BlobReader
 from .index import Index
 from .parallel import DEFAULT_CONCURRENCY
 from .store.base import Store

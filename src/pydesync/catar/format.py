@@ -1,4 +1,4 @@
-"""The catar archive format: record types, feature flags and goodbye tables (FORMATS.md section 4)."""
+"""The catar archive format: record types, feature flags and goodbye tables (casync's caformat.h)."""
 
 from __future__ import annotations
 

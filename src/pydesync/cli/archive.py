@@ -135,8 +135,8 @@ def extract_tree(stream: Readable, name: str, target: str, options: ExtractOptio
 
 
 def run_untar(ctx: Context) -> int:
+    from ..blobreader import BlobReader
     from ..catar.extractor import ExtractOptions
-    from ..extract import BlobReader
     from ..partial import resumable_chunks
     from ..streams import IterReader
     a = ctx.args
@@ -171,9 +171,9 @@ def run_untar(ctx: Context) -> int:
 def _untar_to_tar(ctx: Context) -> int:
     """untar --output-format=gnu-tar: the archive (or the index's) as a tar stream in TARGET
     (`-`: stdout), written under a temporary name and renamed."""
+    from ..blobreader import BlobReader
     from ..catar.decoder import ArchiveDecoder
     from ..catar.totar import write_tar
-    from ..extract import BlobReader
     from ..streams import IterReader
     a = ctx.args
     with contextlib.ExitStack() as stack:

@@ -12,10 +12,11 @@ import tempfile
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 
+from ..blobreader import BlobReader
 from ..chunker import ChunkSizes, iter_chunks
 from ..digest import ChunkId, check_digest, digest_of, null_chunk_id
 from ..errors import UsageError
-from ..extract import BlobReader, ExtractStats, extract, stream_blob
+from ..extract import ExtractStats, extract, stream_blob
 from ..fsutil import atomic_write
 from ..index import Index, IndexChunk
 from ..make import chunk_stream, input_size, open_input

@@ -21,9 +21,8 @@ from ..digest import DIGESTS, SHA512_256, check_digest
 from ..errors import UsageError
 from ..index import Index, looks_like_index
 from ..indexstore import is_remote, read_index_at, write_index_at
+from ..parallel import DEFAULT_CONCURRENCY
 from ..store import Store, StoreOptions, open_chain, open_store
-
-DEFAULT_CONCURRENCY = 10
 
 
 class CommaList(argparse.Action):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import resource
 import signal
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from ..server import ServerOptions
     from ..server.http11 import Http11Server, Limits
     from ..server.metrics import Metrics
-    from ..server.swap import SwapStore
+    from ..store.swap import SwapStore
 
 
 def add_server_flags(p: argparse.ArgumentParser) -> None:
@@ -144,12 +145,32 @@ def server_metrics(a: argparse.Namespace, name: str) -> Metrics:
     return Metrics(name if a.metrics_listen else None)
 
 
+class _QuietHandler(logging.StreamHandler):
+    """A line per record on stderr; a stderr that is gone costs the line, not a traceback."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
+def show_server_log() -> None:
+    """What the servers log (a failed request, an internal error) goes to stderr as plain lines;
+    with --verbose the root logger's handler shows it, time-stamped, with the rest."""
+    logger = logging.getLogger("pydesync.server")
+    if logging.getLogger().handlers or logger.handlers:
+        return
+    handler = _QuietHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def serve_until_stopped(server: Http11Server, name: str, what: str, metrics: Metrics,
                         metrics_listen: str | None) -> int:
     """Say where it serves, serve until SIGTERM or SIGINT, then stop: no new connections, requests
     in flight finish (a second signal stops at once). A failure of the server itself is an error.
     The metrics, if asked for, are served from here on."""
     from ..server.common import parse_listen
+    show_server_log()
     if metrics_listen:
         host, port = parse_listen(metrics_listen)
         host, port = metrics.serve(host or "0.0.0.0", port)
@@ -236,8 +257,9 @@ def reload_on_sighup(ctx: Context, swap: SwapStore, metrics: Metrics) -> None:
 def run_chunk_server(ctx: Context) -> int:
     from ..server import ChunkServer
     from ..server.common import make_server
-    from ..server.swap import SwapStore, swapping_handler
+    from ..server.swap import swapping_handler
     from ..store.converters import wire_converters
+    from ..store.swap import SwapStore
     a = ctx.args
     options = server_options(ctx)
     # The format clients exchange, checked before any upstream store is opened.

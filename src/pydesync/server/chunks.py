@@ -13,9 +13,9 @@ store both talk to this.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
-import sys
 from urllib.parse import unquote
 
 from ..codec import CodecError
@@ -29,6 +29,8 @@ from .common import App, Exchange, target_path
 from .http11 import Request
 from .indexes import valid_index_name
 from .metrics import Metrics
+
+log = logging.getLogger(__name__)  # (the CLI shows these lines on stderr)
 
 SYNC_PREFIX = "/sync/"
 
@@ -121,7 +123,7 @@ class ChunkServer(App):
         try:
             send(info, wish, lambda c: self.wire_bytes(ChunkId(c.key)), write)
         except (PydesyncError, OSError) as e:  # the client sees the stream end early
-            sys.stderr.write(f"chunk-server: sync of {name}: {e}\n")
+            log.warning(f"chunk-server: sync of {name}: {e}")
 
     def handle(self, req: Exchange) -> None:
         chunk_id = self._parse(req)
@@ -138,7 +140,7 @@ class ChunkServer(App):
         except ChunkMissing:
             req.reply(404, f"chunk {chunk_id} not found\n".encode())
         except (PydesyncError, OSError) as e:
-            sys.stderr.write(f"chunk-server: {req.command} {chunk_id}: {e}\n")
+            log.warning(f"chunk-server: {req.command} {chunk_id}: {e}")
             if getattr(e, "errno", None) in OUT_OF_RESOURCES:  # the machine, not the request
                 req.reply(503, b"server out of resources, try again later\n")
             else:
@@ -207,7 +209,7 @@ class ChunkServer(App):
         try:
             self.upstream.put(chunk_id, data)
         except (PydesyncError, OSError) as e:
-            sys.stderr.write(f"chunk-server: PUT {chunk_id}: {e}\n")
+            log.warning(f"chunk-server: PUT {chunk_id}: {e}")
             req.reply(500, b"internal server error\n")
             return
         req.reply(200)

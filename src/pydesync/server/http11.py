@@ -24,11 +24,11 @@ import collections
 import contextlib
 import errno
 import itertools
+import logging
 import os
 import selectors
 import socket
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,6 +41,8 @@ import httptools
 
 from ..platform import unsent_bytes
 from .metrics import Metrics
+
+log = logging.getLogger(__name__)  # (the CLI shows these lines on stderr)
 
 MAX_HEAD = 64 * 1024
 MAX_HEADERS = 100
@@ -1057,6 +1059,4 @@ def _refuse_at_once(sock: socket.socket, message: bytes) -> None:
 
 
 def _warn(message: str) -> None:
-    with contextlib.suppress(OSError, ValueError):
-        sys.stderr.write(message + "\n")
-        sys.stderr.flush()
+    log.warning(message)

@@ -9,8 +9,8 @@ encoded or not) is 400.
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from urllib.parse import unquote
 
 from ..errors import IndexFormatError
@@ -18,6 +18,8 @@ from ..fsutil import write_bytes_atomic
 from ..index import MAX_INDEX_BYTES, parse_index
 from .common import App, Exchange
 from .http11 import Request
+
+log = logging.getLogger(__name__)  # (the CLI shows these lines on stderr)
 
 
 def valid_index_name(name: str) -> bool:
@@ -78,7 +80,7 @@ class IndexServer(App):
         try:
             write_bytes_atomic(path, body)
         except OSError as e:
-            sys.stderr.write(f"index-server: PUT {path}: {e}\n")
+            log.warning(f"index-server: PUT {path}: {e}")
             req.reply(500, b"internal server error\n")
             return
         req.reply(200)

@@ -8,13 +8,15 @@ requested chunks as soon as their bits arrive, until the server closes the conne
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Callable
 
 from ..remotesync import ServedFile, SyncError, wishlist_size
 from .common import ServerOptions, bind
 from .http11 import Http11Server, Request, Service
 from .metrics import Metrics
+
+log = logging.getLogger(__name__)  # (the CLI shows these lines on stderr)
 
 
 class SyncApp:
@@ -56,7 +58,7 @@ class SyncApp:
         try:
             served.stream(body_reader(req), write)
         except (SyncError, ValueError) as e:
-            sys.stderr.write(f"sync-serve: {req.target}: {e}\n")
+            log.warning(f"sync-serve: {req.target}: {e}")
 
 
 def body_reader(req: Request) -> Callable[[int], bytes]:

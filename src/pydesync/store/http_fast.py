@@ -31,11 +31,11 @@ from ..netio import BodyTooLong, SocketReader, chunked_pieces, decimal, set_time
 MAX_HEAD = 64 * 1024
 
 
-class ProtocolError(OSError):
+class BadResponse(OSError):
     """The server's answer is not HTTP we understand (the caller retries or falls back)."""
 
 
-class TooLarge(ProtocolError):
+class TooLarge(BadResponse):
     """The answer's body is longer than the caller allows (not retried on a new connection)."""
 
 
@@ -67,7 +67,7 @@ class _Conn:
         try:
             out = self.reader.read_until(marker, limit)
         except ValueError:
-            raise ProtocolError("response head too large") from None
+            raise BadResponse("response head too large") from None
         if out is None:
             raise ConnectionResetError("connection closed by the server")
         return out
@@ -136,14 +136,14 @@ class FastHttp:
     def request(self, method: str, path: str, body: bytes | None = None,
                 limit: int = MAX_ENCODED_CHUNK) -> Response:
         """One request; a reused connection that turns out closed is reopened once. An answer
-        whose body is longer than `limit` is a ProtocolError, before it is held in memory."""
+        whose body is longer than `limit` is a BadResponse, before it is held in memory."""
         idle = self._idle()
         fresh = not idle
         conn = idle.pop() if idle else self._connect()
         try:
             self._send(conn, method, path, body)
             return self._receive(conn, method, limit)
-        except (ConnectionError, ProtocolError, ssl.SSLError, OSError) as e:
+        except (ConnectionError, BadResponse, ssl.SSLError, OSError) as e:
             self._drop(conn)
             if fresh or isinstance(e, (TimeoutError, TooLarge)):
                 raise
@@ -176,7 +176,7 @@ class FastHttp:
         def finish() -> Response:
             try:
                 return self._receive(conn, method, limit)
-            except (ConnectionError, ProtocolError, ssl.SSLError, OSError) as e:
+            except (ConnectionError, BadResponse, ssl.SSLError, OSError) as e:
                 self._drop(conn)
                 if fresh or isinstance(e, (TimeoutError, TooLarge)):
                     raise
@@ -230,7 +230,7 @@ class FastHttp:
         try:
             parser.feed_data(head + b"\r\n\r\n")
         except httptools.HttpParserError as e:
-            raise ProtocolError(f"malformed answer ({e}): {head[:80]!r}") from None
+            raise BadResponse(f"malformed answer ({e}): {head[:80]!r}") from None
         return parser.get_status_code(), fields.headers, parser.should_keep_alive()
 
     @staticmethod
@@ -241,10 +241,10 @@ class FastHttp:
             except BodyTooLong as e:
                 raise TooLarge(f"answer {e}") from None
             except ValueError as e:
-                raise ProtocolError(str(e)) from None
+                raise BadResponse(str(e)) from None
         length = decimal(headers.get("content-length", ""))
         if length is None:
-            raise ProtocolError("malformed Content-Length")
+            raise BadResponse("malformed Content-Length")
         if length > limit:
             raise TooLarge(f"answer of {length} bytes, longer than {limit} bytes")
         return conn.read_exact(length)
