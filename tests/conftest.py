@@ -292,3 +292,46 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 def s3_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """An S3 API server on 127.0.0.1 that checks request signatures against its one IAM key."""
     yield from _moto(tmp_path_factory.mktemp("moto-auth"), authenticated=True)
+
+
+# ---- an OCI registry (Debian's docker-registry) -----------------------------------------------------
+USER, PASSWORD = "pydesync", "s3cret-pass"  # (of the registries started with auth=True)
+
+
+@dataclass
+class Registry:
+    port: int
+    data: Path
+
+    def store(self, repository: str) -> str:
+        return f"oci+http://127.0.0.1:{self.port}/{repository}"
+
+
+def start_registry(d: Path, delete: bool = True, auth: bool = False) -> Iterator[Registry]:
+    binary = shutil.which("docker-registry") or "/usr/bin/docker-registry"
+    need(os.access(binary, os.X_OK), "docker-registry not installed (apt-get install docker-registry)")
+    port = free_port()
+    config = (f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {d}/data\n"
+              f"  delete:\n    enabled: {'true' if delete else 'false'}\nhttp:\n  addr: 127.0.0.1:{port}\n")
+    if auth:
+        import bcrypt
+
+        hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=5)).decode()
+        (d / "htpasswd").write_text(f"{USER}:{hashed}\n")
+        config += f"auth:\n  htpasswd:\n    realm: test\n    path: {d}/htpasswd\n"
+    (d / "config.yml").write_text(config)
+    with open(d / "registry.log", "wb") as log:
+        proc = subprocess.Popen([binary, "serve", str(d / "config.yml")], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            if not wait_listening(proc, port, 30):
+                need(False, f"docker-registry did not start: {(d / 'registry.log').read_text()[-500:]}")
+            yield Registry(port, d / "data")
+        finally:
+            stop(proc)
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """docker-registry on 127.0.0.1 with its storage in a temporary folder (deletion on)."""
+    yield from start_registry(tmp_path_factory.mktemp("registry"))

@@ -8,17 +8,12 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
-import shutil
-import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean_error, need, run_cli
-from procutil import free_port, stop, wait_listening
+from conftest import PASSWORD, USER, Registry, assert_clean_error, run_cli, start_registry
 
 from pydesync.digest import ChunkId
 from pydesync.errors import StoreError
@@ -26,46 +21,6 @@ from pydesync.index import read_index
 from pydesync.store import oci
 from pydesync.store.base import StoreOptions
 from pydesync.store.oci import OciStore
-
-USER, PASSWORD = "pydesync", "s3cret-pass"
-
-
-@dataclass
-class Registry:
-    port: int
-    data: Path
-
-    def store(self, repository: str) -> str:
-        return f"oci+http://127.0.0.1:{self.port}/{repository}"
-
-
-def start_registry(d: Path, delete: bool = True, auth: bool = False) -> Iterator[Registry]:
-    binary = shutil.which("docker-registry") or "/usr/bin/docker-registry"
-    need(os.access(binary, os.X_OK), "docker-registry not installed (apt-get install docker-registry)")
-    port = free_port()
-    config = (f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {d}/data\n"
-              f"  delete:\n    enabled: {'true' if delete else 'false'}\nhttp:\n  addr: 127.0.0.1:{port}\n")
-    if auth:
-        import bcrypt
-
-        hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=5)).decode()
-        (d / "htpasswd").write_text(f"{USER}:{hashed}\n")
-        config += f"auth:\n  htpasswd:\n    realm: test\n    path: {d}/htpasswd\n"
-    (d / "config.yml").write_text(config)
-    with open(d / "registry.log", "wb") as log:
-        proc = subprocess.Popen([binary, "serve", str(d / "config.yml")], stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        try:
-            if not wait_listening(proc, port, 30):
-                need(False, f"docker-registry did not start: {(d / 'registry.log').read_text()[-500:]}")
-            yield Registry(port, d / "data")
-        finally:
-            stop(proc)
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    yield from start_registry(tmp_path_factory.mktemp("registry"))
 
 
 @pytest.fixture(scope="module")

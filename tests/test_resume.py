@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,37 +39,41 @@ def make_blob(tmp_path: Path, name: str, data: bytes) -> Index:
     return read_index(str(tmp_path / f"{name}.caibx"))
 
 
-def interrupted_extract(tmp_path: Path, name: str, allow: int, sig: signal.Signals, *flags: str,
-                        output: Path | None = None) -> None:
-    """extract NAME to `output` (tmp_path/out) through a server that answers `allow` requests and
-    holds the rest; once it is held there, and a chunk is in place, `sig` stops it."""
+def interrupted(tmp_path: Path, allow: int, sig: signal.Signals, *args: str,
+                written: Callable[[], bool]) -> None:
+    """Run `pydesync ARGS` (`URL` standing for the server's) through a server that answers `allow`
+    requests and holds the rest; once it is held there and `written()` says a chunk is in
+    place, `sig` stops it, and it must fail cleanly."""
     gate = Gate(allow)
     server = FaultServer(tmp_path / "store", gate)
-    output = output or tmp_path / "out"
-    in_place = "-k" in flags or output.is_block_device()
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "pydesync", "extract", "-n", "2", *flags,
-                                 "-s", server.url, str(tmp_path / f"{name}.caibx"), str(output)],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        argv = [sys.executable, "-m", "pydesync", *(server.url if a == "URL" else a for a in args)]
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
         gate.wait_for_waiting(1)
-        wait_until_holding(output if in_place else tmp_path / f".{output.name}.partial",
-                           read_index(str(tmp_path / f"{name}.caibx")))
+        deadline = time.monotonic() + HANG_GUARD
+        while not written():
+            assert time.monotonic() < deadline, "nothing was written"
+            time.sleep(0.01)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=HANG_GUARD)
         assert proc.returncode != 0 and b"Traceback" not in err, err
     finally:
         gate.release(drop=True)
         server.stop()
+
+
+def interrupted_extract(tmp_path: Path, name: str, allow: int, sig: signal.Signals, *flags: str,
+                        output: Path | None = None) -> None:
+    """extract NAME to `output` (tmp_path/out), stopped by `sig` once held after `allow` requests."""
+    output = output or tmp_path / "out"
+    in_place = "-k" in flags or output.is_block_device()
+    written = output if in_place else tmp_path / f".{output.name}.partial"
+    index = read_index(str(tmp_path / f"{name}.caibx"))
+    interrupted(tmp_path, allow, sig, "extract", "-n", "2", *flags, "-s", "URL",
+                str(tmp_path / f"{name}.caibx"), str(output),
+                written=lambda: written.exists() and bool(held_in(written, index)))
     assert output.exists() == in_place
-
-
-def wait_until_holding(path: Path, index: Index) -> None:
-    """Until the file being written holds a chunk of `index` (the extract is stalled by a Gate:
-    what was answered before lands in the file)."""
-    deadline = time.monotonic() + HANG_GUARD
-    while not (path.exists() and held_in(path, index)):
-        assert time.monotonic() < deadline, "no chunk was written"
-        time.sleep(0.01)
 
 
 def held_in(path: Path, index: Index) -> set[bytes]:
@@ -200,24 +205,10 @@ def test_an_interrupted_tree_extract_keeps_its_chunks(tmp_path: Path, sig: signa
     r = run_cli("tar", "-i", "-m", SIZES, "-s", tmp_path / "store", tmp_path / "t.caidx", tree)
     assert r.returncode == 0, r.stderr
     index = read_index(str(tmp_path / "t.caidx"))
-    gate = Gate(len(index) // 2)
-    server = FaultServer(tmp_path / "store", gate)
-    try:
-        proc = subprocess.Popen([sys.executable, "-m", "pydesync", "untar", "-i", "-n", "2", "-s", server.url,
-                                 str(tmp_path / "t.caidx"), str(tmp_path / "out")],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        gate.wait_for_waiting(1)
-        cache = tmp_path / ".out.partial-chunks"
-        deadline = time.monotonic() + HANG_GUARD
-        while not (cache.is_dir() and any(cache.glob("*/*"))):  # a fetched chunk is kept
-            assert time.monotonic() < deadline, "no chunk was kept"
-            time.sleep(0.01)
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=HANG_GUARD)
-        assert proc.returncode != 0 and b"Traceback" not in err, err
-    finally:
-        gate.release(drop=True)
-        server.stop()
+    cache = tmp_path / ".out.partial-chunks"
+    interrupted(tmp_path, len(index) // 2, sig, "untar", "-i", "-n", "2", "-s", "URL",
+                str(tmp_path / "t.caidx"), str(tmp_path / "out"),
+                written=lambda: cache.is_dir() and any(cache.glob("*/*")))
     kept = {bytes(i) for i in LocalStore(cache, StoreOptions(uncompressed=True)).ids()}
     assert kept
     fetched, _ = served(tmp_path, "untar", "-i", "-s", "URL/", tmp_path / "t.caidx", tmp_path / "out")
@@ -373,7 +364,10 @@ def test_an_interrupted_ssh_extract_fetches_only_what_it_lacked(casync: str, ssh
         while not (tmp_path / "gate" / "waiting").exists():
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()  # type: ignore
             time.sleep(0.01)
-        wait_until_holding(tmp_path / ".out.partial", index)
+        deadline = time.monotonic() + HANG_GUARD
+        while not ((tmp_path / ".out.partial").exists() and held_in(tmp_path / ".out.partial", index)):
+            assert time.monotonic() < deadline, "no chunk was written"
+            time.sleep(0.01)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=HANG_GUARD)
         assert proc.returncode != 0 and b"Traceback" not in err, err

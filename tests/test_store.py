@@ -83,15 +83,6 @@ def test_corrupt_chunk_named(tmp_path: Path):
     assert LocalStore(tmp_path, StoreOptions(skip_verify=True)).get(CID) == other
 
 
-def test_undecodable_chunk_named(tmp_path: Path):
-    store = LocalStore(tmp_path)
-    path = Path(store.chunk_path(CID))
-    path.parent.mkdir()
-    path.write_bytes(DATA)  # raw data under a .cacnk name
-    with pytest.raises(ChunkInvalid, match=f"invalid chunk {CID}"):
-        store.get(CID)
-
-
 def test_sha256_chunks_verify(tmp_path: Path):
     cid = digest_of(DATA, SHA256)
     store = LocalStore(tmp_path)

@@ -38,20 +38,13 @@ def escape(name: bytes) -> str:
     return "".join(_ESCAPES[b] for b in name)
 
 
+_TYPES = ((stat.S_ISDIR, "dir"), (stat.S_ISREG, "file"), (stat.S_ISLNK, "link"), (stat.S_ISCHR, "char"),
+          (stat.S_ISBLK, "block"), (stat.S_ISFIFO, "fifo"))
+
+
 def _type(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "dir"
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISLNK(mode):
-        return "link"
-    if stat.S_ISCHR(mode):
-        return "char"
-    if stat.S_ISBLK(mode):
-        return "block"
-    if stat.S_ISFIFO(mode):
-        return "fifo"
-    return "socket"
+    """mtree's type keyword for a mode."""
+    return next((name for is_type, name in _TYPES if is_type(mode)), "socket")
 
 
 def node_line(node: Node, digest: str = SHA512_256, shown: str | None = None) -> str:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ..codec import CodecError
 from ..digest import SHA512_256, ChunkId, digest_of, other_digest
 from ..errors import ChunkInvalid, ChunkMissing, StoreError
-from .converters import COMPRESSED, PLAIN, Converters
+from .converters import COMPRESSED, PLAIN, Converters, converters_for
 from .options import StoreOptions
 
 if TYPE_CHECKING:
@@ -207,3 +207,25 @@ class Store(ABC):
 
     def __str__(self) -> str:
         return self.location
+
+
+class FormattedStore(Store):
+    """A store that keeps chunks in the format its options give (compressed or not, encrypted or
+    not) under names that end in that format's extension: put encodes and hands the bytes to
+    put_stored, the one write each kind implements."""
+
+    converters: Converters
+
+    def __init__(self, location: str, options: StoreOptions | None):
+        self.location = location
+        self.options = options or StoreOptions()
+        self.converters = converters_for(self.options)  # (validates the encryption settings first)
+        self._suffix = self.converters.extension
+
+    def put(self, chunk_id: ChunkId, data: bytes | memoryview) -> None:
+        self.put_stored(chunk_id, self.converters.encode(data))
+
+    @abstractmethod
+    def put_stored(self, chunk_id: ChunkId, stored: bytes | memoryview,
+                   fmt: Converters | None = None) -> None:
+        """Write the chunk's stored bytes (in `fmt`, None: in the store's own format)."""

@@ -27,8 +27,8 @@ from ..digest import ChunkId
 from ..errors import ChunkMissing, StoreError, UsageError
 from ..index import MAX_INDEX_BYTES
 from ..netio import decimal
-from .base import Store
-from .converters import Converters, converters_for
+from .base import FormattedStore
+from .converters import Converters
 from .http_fast import FastHttp, Response, TooLarge, tls_context
 from .options import StoreOptions
 from .registry import StoreKind
@@ -210,21 +210,16 @@ def _reason(e: Exception) -> str:
     return str(reason or e)
 
 
-class HttpStore(Store):
+class HttpStore(FormattedStore):
     """A chunk store behind an HTTP(S) server (desync's chunk-server, a CDN, a static web server)."""
-
-    converters: Converters  # (always: chunks are kept in the format of the options)
 
     remote = True
 
     def __init__(self, location: str, options: StoreOptions | None = None):
-        self.location = location
-        self.options = options or StoreOptions()
-        self.converters = converters_for(self.options)  # validates the encryption settings first
+        super().__init__(location, options)
         base = location.split("?", 1)[0].split(";", 1)[0]
         self.client = HttpClient(base, self.options)
         self.pipelined = self.client.fast is not None  # (a proxy goes through urllib3, one at a time)
-        self._suffix = self.converters.extension
 
     def _name(self, chunk_id: ChunkId) -> str:
         h = chunk_id.hex()
@@ -293,9 +288,6 @@ class HttpStore(Store):
     @property
     def writable(self) -> bool:
         return True
-
-    def put(self, chunk_id: ChunkId, data: bytes | memoryview) -> None:
-        self.put_stored(chunk_id, self.converters.encode(data))
 
     def put_stored(self, chunk_id: ChunkId, stored: bytes | memoryview,
                    fmt: Converters | None = None) -> None:

@@ -24,8 +24,8 @@ from ..chunkio import Placement, place_file
 from ..codec import MAX_ENCODED_CHUNK
 from ..digest import ChunkId
 from ..errors import ChunkMissing, StoreError
-from .base import Store
-from .converters import ALGORITHMS, COMPRESSED, PLAIN, Converters, converters_for
+from .base import FormattedStore
+from .converters import ALGORITHMS, COMPRESSED, PLAIN, Converters
 from .options import StoreOptions
 
 SUFFIX = ".cacnk"
@@ -50,10 +50,8 @@ def create_store_directory(path: str) -> None:
         raise StoreError(f"cannot create store {path}: {e.strerror}") from None
 
 
-class LocalStore(Store):
+class LocalStore(FormattedStore):
     """Chunks in a directory, laid out as casync and desync lay them out."""
-
-    converters: Converters  # (always: chunks are kept in the format of the options)
 
     listable = True
     local_files = True
@@ -61,9 +59,7 @@ class LocalStore(Store):
     def __init__(self, path: str | os.PathLike[str], options: StoreOptions | None = None,
                  create: bool = False):
         self.path = os.fspath(path)
-        self.location = self.path
-        self.options = options or StoreOptions()
-        self.converters = converters_for(self.options)  # validates the encryption settings first
+        super().__init__(self.path, options)
         if create:
             create_store_directory(self.path)
         if not os.path.exists(self.path):
@@ -209,9 +205,6 @@ class LocalStore(Store):
     @property
     def writable(self) -> bool:
         return os.access(self.path, os.W_OK)
-
-    def put(self, chunk_id: ChunkId, data: bytes | memoryview) -> None:
-        self.put_stored(chunk_id, self.converters.encode(data) if self.converters else data)
 
     def put_stored(self, chunk_id: ChunkId, stored: bytes | memoryview,
                    fmt: Converters | None = None) -> None:

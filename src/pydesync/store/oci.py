@@ -39,8 +39,8 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from ..codec import MAX_ENCODED_CHUNK
 from ..digest import ChunkId
 from ..errors import ChunkMissing, StoreError, UsageError
-from .base import Store
-from .converters import Converters, converters_for
+from .base import FormattedStore
+from .converters import Converters
 from .http import read_capped
 from .http_fast import Response, TooLarge
 from .options import StoreOptions
@@ -249,22 +249,20 @@ class RegistryClient:
         self.pool.clear()
 
 
-class OciStore(Store):
+class OciStore(FormattedStore):
     """A chunk store in an OCI registry repository."""
-
-    converters: Converters  # (always: chunks are kept in the format of the options)
 
     remote = True
     listable = True
 
     def __init__(self, location: str, options: StoreOptions | None = None):
-        self.location = location
-        self.options = options or StoreOptions()
-        self.converters = converters_for(self.options)
+        super().__init__(location, options)
         self.client = RegistryClient(location, self.options)
-        self._suffix = self.converters.extension
         self._config_pushed = False
         self._config_lock = threading.Lock()
+        # The registry refuses (or loses) a blob uploaded twice at once: writers of one chunk in
+        # this process take turns (striped by id: different chunks rarely wait on each other).
+        self._chunk_locks = [threading.Lock() for _ in range(64)]
         self._tag = re.compile("^([0-9a-f]{64})" + re.escape(self._suffix) + "$")
 
     def tag(self, chunk_id: ChunkId) -> str:
@@ -344,9 +342,6 @@ class OciStore(Store):
             raise self.client.fail(f"upload of {digest} ({media})", done)
         return digest
 
-    def put(self, chunk_id: ChunkId, data: bytes | memoryview) -> None:
-        self.put_stored(chunk_id, self.converters.encode(data))
-
     def put_stored(self, chunk_id: ChunkId, stored: bytes | memoryview,
                    fmt: Converters | None = None) -> None:
         stored = bytes(self.in_own_format(chunk_id, stored, fmt))
@@ -356,18 +351,31 @@ class OciStore(Store):
                 if not self._config_pushed:
                     self._push_blob(EMPTY_BLOB, EMPTY_TYPE)
                     self._config_pushed = True
-        blob_digest = self._push_blob(bytes(stored), "chunk")
+        with self._chunk_locks[chunk_id[0] % len(self._chunk_locks)]:
+            self._push_chunk(tag, stored)
+
+    def _push_chunk(self, tag: str, stored: bytes) -> None:
+        """The chunk's blob, then its manifest; a manifest refused because the blob is not there
+        (another process uploaded the same blob at the same moment) is tried once more."""
+        for attempt in (1, 2):
+            blob_digest = self._push_blob(stored, "chunk")
+            response = self._push_manifest(tag, blob_digest, len(stored))
+            if response.status in (200, 201):
+                return
+            if attempt == 1 and response.status == 400 and b"BLOB_UNKNOWN" in response.data:
+                continue
+            raise self.client.fail(f"manifest {tag}", response)
+
+    def _push_manifest(self, tag: str, blob_digest: str, size: int) -> Response:
         manifest = {
             "schemaVersion": 2, "mediaType": MANIFEST_TYPE, "artifactType": CHUNK_ARTIFACT,
             "config": {"mediaType": EMPTY_TYPE, "digest": EMPTY_DIGEST, "size": len(EMPTY_BLOB)},
-            "layers": [{"mediaType": "application/octet-stream", "digest": blob_digest, "size": len(stored)}],
+            "layers": [{"mediaType": "application/octet-stream", "digest": blob_digest, "size": size}],
             "annotations": {TITLE: tag},
         }
-        response = self.client.request("PUT", self.client.url(f"manifests/{tag}"),
-                                       body=json.dumps(manifest, separators=(",", ":")).encode(),
-                                       headers={"Content-Type": MANIFEST_TYPE})
-        if response.status not in (200, 201):
-            raise self.client.fail(f"manifest {tag}", response)
+        return self.client.request("PUT", self.client.url(f"manifests/{tag}"),
+                                   body=json.dumps(manifest, separators=(",", ":")).encode(),
+                                   headers={"Content-Type": MANIFEST_TYPE})
 
     # ---- listing and pruning -------------------------------------------------------------------
     def tags(self) -> Iterator[str]:

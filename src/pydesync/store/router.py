@@ -146,6 +146,10 @@ class CachedStore(Store):
     def ids(self) -> Iterator[ChunkId]:
         return self.cache.ids()
 
+    def remove(self, chunk_id: ChunkId) -> None:
+        """From the cache (what ids() lists: prune of a cache); the upstream is not ours to change."""
+        self.cache.remove(chunk_id)
+
     def close(self) -> None:
         self.cache.close()
         self.upstream.close()

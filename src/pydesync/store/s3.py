@@ -41,8 +41,8 @@ from ..codec import MAX_ENCODED_CHUNK, CodecError
 from ..digest import ChunkId
 from ..errors import ChunkInvalid, ChunkMissing, StoreError, UsageError
 from ..index import MAX_INDEX_BYTES
-from .base import Store, close_at_exit
-from .converters import Converters, converters_for
+from .base import FormattedStore, Store, close_at_exit
+from .converters import Converters
 from .options import StoreOptions
 from .registry import StoreKind
 
@@ -441,21 +441,16 @@ class S3Objects:
         self.client.close()
 
 
-class S3Store(Store):
+class S3Store(FormattedStore):
     """A chunk store in an S3 bucket (read, write, prune, verify, list)."""
-
-    converters: Converters  # (always: chunks are kept in the format of the options)
 
     remote = True
     listable = True
 
     def __init__(self, location: str, options: StoreOptions | None = None):
-        self.location = location
-        self.options = options or StoreOptions()
-        self.converters = converters_for(self.options)
+        super().__init__(location, options)
         self.objects = S3Objects(location, self.options)
         self.prefix = self.objects.where.prefix
-        self._suffix = self.converters.extension
         close_at_exit(self)
 
     def key(self, chunk_id: ChunkId) -> str:
@@ -484,9 +479,6 @@ class S3Store(Store):
     @property
     def writable(self) -> bool:
         return True
-
-    def put(self, chunk_id: ChunkId, data: bytes | memoryview) -> None:
-        self.objects.write(self.key(chunk_id), self.converters.encode(data))
 
     def put_stored(self, chunk_id: ChunkId, stored: bytes | memoryview,
                    fmt: Converters | None = None) -> None:

@@ -34,8 +34,8 @@ from ..codec import MAX_ENCODED_CHUNK
 from ..digest import ChunkId
 from ..errors import ChunkMissing, StoreError, UsageError
 from ..index import MAX_INDEX_BYTES
-from .base import Store, close_at_exit
-from .converters import Converters, converters_for
+from .base import FormattedStore, close_at_exit
+from .converters import Converters
 from .options import StoreOptions
 from .registry import StoreKind
 
@@ -351,19 +351,14 @@ class SftpBase:
             conn.close()
 
 
-class SftpStore(Store):
+class SftpStore(FormattedStore):
     """Chunks under a path on an sftp server: `<path>/<4 hex>/<64 hex><extension>`."""
-
-    converters: Converters  # (always: chunks are kept in the format of the options)
 
     remote = True
     listable = True
 
     def __init__(self, location: str, options: StoreOptions | None = None, create: bool = False):
-        self.location = location
-        self.options = options or StoreOptions()
-        self.converters = converters_for(self.options)
-        self._suffix = self.converters.extension
+        super().__init__(location, options)
         self._base = SftpBase(location, self.options, create)
         self.path = self._base.path
 
@@ -402,9 +397,6 @@ class SftpStore(Store):
     @property
     def writable(self) -> bool:
         return True
-
-    def put(self, chunk_id: ChunkId, data: bytes | memoryview) -> None:
-        self.put_stored(chunk_id, self.converters.encode(data))
 
     def put_stored(self, chunk_id: ChunkId, stored: bytes | memoryview,
                    fmt: Converters | None = None) -> None:
