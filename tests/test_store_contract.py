@@ -1,6 +1,7 @@
 """One contract, every kind of store: what any caller may rely on, run against each kind for real
 (a local folder, encrypted too; our chunk-server over HTTP; casync's protocol through a real
-sshd; SFTP through it; moto's S3 server; docker-registry for OCI; a chain and a cache).
+sshd; SFTP through it; moto's S3 server; fake-gcs-server for GCS; docker-registry for OCI; a chain
+and a cache).
 
 - a chunk put (or pushed) is there and reads back as it was, checked;
 - a chunk that is not there is ChunkMissing; one whose stored bytes decode to other data, or
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import S3Server, Sshd
+from conftest import GcsServer, S3Server, Sshd
 from sshd_util import REMOTE_PYDESYNC
 
 from pydesync.digest import ChunkId, digest_of
@@ -65,7 +66,7 @@ def local(folder: Path, options: StoreOptions | None = None) -> tuple[LocalStore
     return store, plant
 
 
-KINDS = ["local", "encrypted", "http", "ssh", "sftp", "s3", "oci", "chain", "cache"]
+KINDS = ["local", "encrypted", "http", "ssh", "sftp", "s3", "gcs", "oci", "chain", "cache"]
 
 
 @pytest.fixture(params=KINDS)
@@ -100,6 +101,17 @@ def subject(request: pytest.FixtureRequest, tmp_path: Path,
 
         def plant(chunk_id: ChunkId, stored: bytes) -> None:
             client.put_object(Bucket=bucket, Key=store.key(chunk_id), Body=stored)  # type: ignore[attr-defined]
+
+        subject = Subject(store, plant, COMPRESSED, store.put)
+    elif kind == "gcs":
+        gcs: GcsServer = request.getfixturevalue("gcs_server")
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.endpoint)
+        monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+        store = open_store(f"gs://{gcs.bucket()}/chunks")
+        raw = store._bucket  # type: ignore[attr-defined]
+
+        def plant(chunk_id: ChunkId, stored: bytes) -> None:
+            raw.blob(store.key(chunk_id)).upload_from_string(stored)  # type: ignore[attr-defined]
 
         subject = Subject(store, plant, COMPRESSED, store.put)
     elif kind == "oci":

@@ -70,6 +70,12 @@ def _s3() -> StoreKind:
     return KIND
 
 
+def _gcs() -> StoreKind:
+    from .gcs import KIND
+
+    return KIND
+
+
 def _oci() -> StoreKind:
     from .oci import KIND
 
@@ -78,7 +84,7 @@ def _oci() -> StoreKind:
 
 _KINDS: dict[str | None, Callable[[], StoreKind]] = {
     None: _local, "http": _http, "https": _http, "ssh": _ssh, "sftp": _sftp, "s3+http": _s3, "s3+https": _s3,
-    "gs": _s3, "oci+http": _oci, "oci+https": _oci,
+    "gs": _gcs, "oci+http": _oci, "oci+https": _oci,
 }
 
 
