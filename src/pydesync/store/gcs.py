@@ -17,6 +17,11 @@ Reads are bounded (a range request: an object larger than any chunk is refused a
 that much), requests run `-n` at once on one client (its connection pool sized to match), and
 the library retries what Google calls transient, with backoff; uploads are retried too, since
 writing a chunk twice writes the same bytes.
+
+A chunk's GET, existence check and upload go first straight on urllib3 (DirectRequests: the
+JSON API's media URLs with the library's own bearer token), as the S3 store does: the library's
+per-request machinery costs more than the request itself. An answer that path does not fully
+understand is asked again through the library, whose errors and retries then apply.
 """
 
 from __future__ import annotations
@@ -24,9 +29,12 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, Literal, TypeVar
+from urllib.parse import quote, urlsplit
+
+import urllib3
 
 from ..codec import MAX_ENCODED_CHUNK
 from ..digest import ChunkId
@@ -59,6 +67,87 @@ def parse_location(location: str) -> tuple[str, str]:
         raise UsageError(f"not a gs:// location: {location}")
     prefix = url.path.strip("/")
     return url.netloc, prefix + "/" if prefix else ""
+
+
+class DirectRequests:
+    """Chunk requests on urllib3 with the client's credentials: a 200/206/404 (or a 200 upload) is
+    the answer; connection errors and 429/5xx are retried (`error-retry` times, with backoff);
+    anything else (None) is for the library to do again, and say."""
+
+    def __init__(self, client: Any, options: StoreOptions):
+        from .http import make_pool
+
+        self._credentials = getattr(client, "_credentials", None)  # (google-cloud-storage's client)
+        self._anonymous = type(self._credentials).__name__ == "AnonymousCredentials"
+        self._base = (os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com").rstrip("/")
+        if "://" not in self._base:
+            self._base = "http://" + self._base
+        self.pool = make_pool(options)
+        self._attempts = 1 + max(0, options.error_retry)
+        self._retry_base = options.error_retry_base
+        self._lock = threading.Lock()
+
+    def _headers(self) -> dict[str, str] | None:
+        """The Authorization header (refreshed when the token has expired); None if that fails."""
+        if self._credentials is None or self._anonymous:
+            return {}
+        if not self._credentials.valid:
+            import google.auth.transport.requests
+            from google.auth.exceptions import GoogleAuthError
+
+            with self._lock:
+                if not self._credentials.valid:
+                    try:
+                        self._credentials.refresh(google.auth.transport.requests.Request())
+                    except GoogleAuthError:
+                        return None  # (the library will try, and say why it cannot)
+        return {"Authorization": f"Bearer {self._credentials.token}"}
+
+    def _send(self, method: str, url: str, body: bytes | None = None,
+              headers: dict[str, str] | None = None, limit: int = 0) -> tuple[int, bytes] | None:
+        for attempt in range(1, self._attempts + 1):
+            auth = self._headers()
+            if auth is None:
+                return None
+            try:
+                answer = self.pool.request(method, url, body=body, headers={**auth, **(headers or {})},
+                                           preload_content=False, redirect=False)
+            except (urllib3.exceptions.HTTPError, OSError):
+                answer = None
+            if answer is not None:
+                try:
+                    if answer.status not in (429, 500, 502, 503, 504):
+                        if answer.status not in (200, 206, 404):
+                            return None
+                        data = answer.read(limit + 1) if limit else b""
+                        return answer.status, data
+                finally:
+                    answer.release_conn()
+            if attempt < self._attempts:
+                time.sleep(attempt * self._retry_base)
+        return None
+
+    def _object(self, bucket: str, key: str) -> str:
+        return f"{self._base}/download/storage/v1/b/{quote(bucket, safe='')}/o/{quote(key, safe='')}"
+
+    def get(self, bucket: str, key: str, limit: int) -> bytes | Literal[False] | None:
+        """The object's first limit+1 bytes at most; None if absent; False: ask the library."""
+        done = self._send("GET", self._object(bucket, key) + "?alt=media",
+                          headers={"Range": f"bytes=0-{limit}"}, limit=limit)
+        if done is None:
+            return False
+        return None if done[0] == 404 else done[1]
+
+    def exists(self, bucket: str, key: str) -> bool | None:
+        done = self._send("GET", self._object(bucket, key).replace("/download/", "/", 1) + "?fields=name")
+        return None if done is None else done[0] == 200
+
+    def put(self, bucket: str, key: str, data: bytes) -> bool:
+        """Whether the object was stored (False: ask the library)."""
+        url = (f"{self._base}/upload/storage/v1/b/{quote(bucket, safe='')}/o?uploadType=media"
+               f"&name={quote(key, safe='')}")
+        done = self._send("POST", url, data, {"Content-Type": CONTENT_TYPE})
+        return done is not None and done[0] == 200
 
 
 _clients: dict[tuple[int, str | None, str | None], Any] = {}
@@ -109,8 +198,10 @@ class GcsStore(FormattedStore):
     def __init__(self, location: str, options: StoreOptions | None = None):
         super().__init__(location, options)
         self.bucket_name, self.prefix = parse_location(location)
-        self._bucket = client_for(self.options).bucket(self.bucket_name)
+        client = client_for(self.options)
+        self._bucket = client.bucket(self.bucket_name)
         self._timeout = self.options.timeout or None
+        self.direct = DirectRequests(client, self.options)
 
     def key(self, chunk_id: ChunkId) -> str:
         h = chunk_id.hex()
@@ -141,6 +232,14 @@ class GcsStore(FormattedStore):
         """The object's bytes (None if absent); longer than `limit` is an error, read no further."""
         from google.api_core.exceptions import NotFound
 
+        found = self.direct.get(self.bucket_name, key, limit)
+        if found is None:
+            return None
+        if found is not False:
+            data = found
+            if len(data) > limit:
+                raise StoreError(f"{self.location}: {key} is larger than {limit} bytes")
+            return data
         blob = self._bucket.blob(key)
         try:
             data = self._call(f"GET {key}", lambda: blob.download_as_bytes(
@@ -166,6 +265,9 @@ class GcsStore(FormattedStore):
 
     def has(self, chunk_id: ChunkId) -> bool:
         key = self.key(chunk_id)
+        found = self.direct.exists(self.bucket_name, key)
+        if found is not None:
+            return found
         blob = self._bucket.blob(key)
         return bool(self._call(f"HEAD {key}", lambda: blob.exists(timeout=self._timeout)))
 
@@ -179,6 +281,8 @@ class GcsStore(FormattedStore):
 
         key = self.key(chunk_id)
         body = bytes(self.in_own_format(chunk_id, stored, fmt))
+        if self.direct.put(self.bucket_name, key, body):
+            return
         blob = self._bucket.blob(key)
         self._call(f"PUT {key}", lambda: blob.upload_from_string(
             body, content_type=CONTENT_TYPE, retry=DEFAULT_RETRY, timeout=self._timeout))
