@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 # how long a test waits on a peer before calling it a hang (a failure, never a pass); lower it
@@ -151,3 +155,29 @@ def wait_until_written(partial: Path) -> None:
     while not (partial.exists() and partial.stat().st_blocks > 0):
         assert time.monotonic() < deadline, "no chunk was written"
         time.sleep(0.01)
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """A request handler for small test servers: JSON answers, no log lines."""
+
+    def reply_json(self, payload: object, status: int = 200) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def serve_in_thread(handler: type[BaseHTTPRequestHandler],
+                    tls: ssl.SSLContext | None = None) -> tuple[ThreadingHTTPServer, str]:
+    """A threaded HTTP(S) server on 127.0.0.1 answering with `handler`: (server, base URL); the
+    caller calls server.shutdown() and server.server_close()."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"

@@ -11,14 +11,13 @@ from __future__ import annotations
 import base64
 import json
 import random
-import threading
 import urllib.parse
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from conftest import GcsServer, assert_clean_error, run_cli
+from procutil import JsonHandler, serve_in_thread
 
 from pydesync.index import read_index
 
@@ -79,25 +78,16 @@ class TokenEndpoint:
         self.assertions: list[str] = []
         endpoint = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JsonHandler):
             def do_POST(self) -> None:
                 form = urllib.parse.parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
                 assert form["grant_type"] == ["urn:ietf:params:oauth:grant-type:jwt-bearer"]
                 endpoint.assertions.append(form["assertion"][0])
-                body = json.dumps({"access_token": f"token-{len(endpoint.assertions)}", "expires_in": 3600,
-                                   "token_type": "Bearer"}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.reply_json({"access_token": f"token-{len(endpoint.assertions)}", "expires_in": 3600,
+                                 "token_type": "Bearer"})
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/token"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, base = serve_in_thread(Handler)
+        self.url = f"{base}/token"
 
     def stop(self) -> None:
         self.server.shutdown()

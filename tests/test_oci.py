@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import PASSWORD, USER, Registry, assert_clean_error, run_cli, start_registry
+from tokenregistry import TokenRegistry, start_token_registry
 
 from pydesync.digest import ChunkId
 from pydesync.errors import StoreError
@@ -181,3 +182,63 @@ def test_store_options_reach_the_client():
     with pytest.raises(StoreError, match=r"127\.0\.0\.1"):
         store.has(ChunkId("ab" * 32))
     store.close()
+
+
+# ---- token authentication (the ghcr.io / Docker Hub / Harbor flow), over TLS ----------------------
+
+@pytest.fixture(scope="module")
+def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenRegistry]:
+    yield from start_token_registry(tmp_path_factory.mktemp("registry-token"))
+
+
+def token_cli(registry: TokenRegistry, command: str, *args: object, login: bool = False):
+    """pydesync COMMAND --ca-cert (the test's certificate) ARGS, logged in or not."""
+    return oci_cli(command, "--ca-cert", registry.ca_cert, *args,
+                   env={"DESYNC_OCI_USERNAME": USER, "DESYNC_OCI_PASSWORD": PASSWORD} if login else None)
+
+
+def test_bearer_tokens_push_with_credentials_and_pull_anonymously(token_registry: TokenRegistry,
+                                                                   tmp_path: Path):
+    data = blob(tmp_path / "blob", 11)
+    store = token_registry.store("token/round-trip")
+    del token_registry.requests[:]
+    r = token_cli(token_registry, "make", "-s", store, tmp_path / "i.caibx", tmp_path / "blob", login=True)
+    assert r.returncode == 0, r.stderr
+    push = "repository:token/round-trip:pull,push"
+    assert token_registry.requests.count((push, True)) == 1  # (one token for every upload thread)
+    r = token_cli(token_registry, "extract", "-s", store, tmp_path / "i.caibx", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out").read_bytes() == data
+    assert ("repository:token/round-trip:pull", False) in token_registry.requests
+
+
+def test_a_push_the_token_does_not_allow_is_one_clear_error(token_registry: TokenRegistry, tmp_path: Path):
+    blob(tmp_path / "blob", 12)
+    r = token_cli(token_registry, "make", "-s", token_registry.store("token/anonymous"), tmp_path / "i.caibx",
+                  tmp_path / "blob")
+    assert_clean_error(r, "127.0.0.1")
+    assert "credentials" in r.stderr
+
+
+def test_an_expired_token_is_renewed_mid_run(token_registry: TokenRegistry, tmp_path: Path):
+    """The pull token of the run is good; the push token comes expired: the registry refuses it, a
+    new one is asked for once, and the run completes."""
+    data = blob(tmp_path / "blob", 13)
+    store = token_registry.store("token/renewal")
+    push = "repository:token/renewal:pull,push"
+    del token_registry.requests[:]
+    token_registry.spoil.append(push)
+    r = token_cli(token_registry, "make", "-s", store, tmp_path / "i.caibx", tmp_path / "blob", login=True)
+    assert r.returncode == 0, r.stderr
+    assert token_registry.requests.count((push, True)) == 2 and not token_registry.spoil
+    r = token_cli(token_registry, "extract", "-s", store, tmp_path / "i.caibx", tmp_path / "out")
+    assert r.returncode == 0 and (tmp_path / "out").read_bytes() == data, r.stderr
+
+
+def test_wrong_credentials_at_the_token_endpoint_are_one_clear_error(token_registry: TokenRegistry,
+                                                                     tmp_path: Path):
+    blob(tmp_path / "blob", 14)
+    r = oci_cli("make", "--ca-cert", token_registry.ca_cert, "-s", token_registry.store("token/wrong"),
+                tmp_path / "i.caibx", tmp_path / "blob",
+                env={"DESYNC_OCI_USERNAME": USER, "DESYNC_OCI_PASSWORD": "not-the-password"})
+    assert_clean_error(r, "127.0.0.1")

@@ -54,6 +54,7 @@ EMPTY_DIGEST = "sha256:" + hashlib.sha256(EMPTY_BLOB).hexdigest()
 TITLE = "org.opencontainers.image.title"
 MAX_BLOB = MAX_ENCODED_CHUNK  # a manifest naming a larger blob is refused before it is fetched
 MAX_TOKEN_ANSWER = 1 << 20
+TOKEN_TRIES = 2  # tokens asked for by one request: a fresh one, then one more if it was refused
 TAG_PAGE = 1000
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -143,8 +144,8 @@ class RegistryClient:
         if options.client_cert:
             kw["cert_file"], kw["key_file"] = options.client_cert, options.client_key
         self.pool = urllib3.PoolManager(**kw)
-        self._tokens: dict[str, str] = {}
-        self._lock = threading.Lock()
+        self._tokens: dict[str, str] = {}  # per scope ("pull", "push"): the Authorization value
+        self._renewing = {"pull": threading.Lock(), "push": threading.Lock()}
 
     def url(self, path: str) -> str:
         return f"{self.where.base}/v2/{self.where.repository}/{path}"
@@ -182,17 +183,21 @@ class RegistryClient:
         scope_key = self._scope_key(method)
         auth = self._tokens.get(scope_key)
         headers = {"User-Agent": "pydesync", **headers}
-        sent = {**headers, **({"Authorization": auth} if auth else {})}
-        response = self._fetch(method, url, body, sent, redirect)
-        if response.status != 401:
-            return response
-        challenge = response.headers.get("WWW-Authenticate", "")
-        auth = self._answer(challenge, scope_key)
-        if auth is None:
-            return response
-        with self._lock:
-            self._tokens[scope_key] = auth
-        return self._fetch(method, url, body, {**headers, "Authorization": auth}, redirect)
+        for _ in range(TOKEN_TRIES):  # (a token may have expired by the time it is used: ask again)
+            sent = {**headers, **({"Authorization": auth} if auth else {})}
+            response = self._fetch(method, url, body, sent, redirect)
+            if response.status != 401:
+                return response
+            challenge = response.headers.get("WWW-Authenticate", "")
+            with self._renewing[scope_key]:  # one thread asks for a token; the others take it
+                current = self._tokens.get(scope_key)
+                if current is None or current == auth:  # (none yet, or the one just refused)
+                    current = self._answer(challenge, scope_key)
+                    if current is None:
+                        return response
+                    self._tokens[scope_key] = current
+            auth = current
+        return self._fetch(method, url, body, {**headers, "Authorization": auth or ""}, redirect)
 
     @staticmethod
     def _scope_key(method: str) -> str:
