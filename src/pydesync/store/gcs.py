@@ -122,6 +122,7 @@ class DirectRequests:
                         data = answer.read(limit + 1) if limit else b""
                         return answer.status, data
                 finally:
+                    answer.drain_conn()  # (what is left is small: a range's end, an upload's JSON)
                     answer.release_conn()
             if attempt < self._attempts:
                 time.sleep(attempt * self._retry_base)
