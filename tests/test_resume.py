@@ -51,16 +51,22 @@ def interrupted(tmp_path: Path, allow: int, sig: signal.Signals, *args: str,
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
         gate.wait_for_waiting(1)
-        deadline = time.monotonic() + HANG_GUARD
-        while not written():
-            assert time.monotonic() < deadline, "nothing was written"
-            time.sleep(0.01)
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=HANG_GUARD)
-        assert proc.returncode != 0 and b"Traceback" not in err, err
+        stop_when(proc, sig, written)
     finally:
         gate.release(drop=True)
         server.stop()
+
+
+def stop_when(proc: subprocess.Popen, sig: signal.Signals, ready: Callable[[], bool]) -> None:
+    """Once ready() (the run is held with a chunk written), stop it with `sig`: it must fail
+    cleanly. (HANG_GUARD only ends a wait that would never end; nothing here is timed.)"""
+    deadline = time.monotonic() + HANG_GUARD
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or never got there"
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=HANG_GUARD)
+    assert proc.returncode != 0 and b"Traceback" not in err, err
 
 
 def interrupted_extract(tmp_path: Path, name: str, allow: int, sig: signal.Signals, *flags: str,
@@ -360,17 +366,9 @@ def test_an_interrupted_ssh_extract_fetches_only_what_it_lacked(casync: str, ssh
                              str(tmp_path / "blob.caibx"), str(tmp_path / "out")], env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + HANG_GUARD
-        while not (tmp_path / "gate" / "waiting").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()  # type: ignore
-            time.sleep(0.01)
-        deadline = time.monotonic() + HANG_GUARD
-        while not ((tmp_path / ".out.partial").exists() and held_in(tmp_path / ".out.partial", index)):
-            assert time.monotonic() < deadline, "no chunk was written"
-            time.sleep(0.01)
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=HANG_GUARD)
-        assert proc.returncode != 0 and b"Traceback" not in err, err
+        partial = tmp_path / ".out.partial"
+        stop_when(proc, sig, lambda: (tmp_path / "gate" / "waiting").exists() and partial.exists()
+                  and bool(held_in(partial, index)))
     finally:
         release_gate(tmp_path)
         if proc.poll() is None:

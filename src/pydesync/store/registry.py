@@ -4,11 +4,12 @@ store `http://h/p/`).
 
 A kind's module is imported only when a location of its scheme is used: boto3 or paramiko cost
 time to import, and a user of local stores need not have them. A new kind is a module that
-defines a `StoreKind` and one line in `_KINDS`.
+defines a `StoreKind` named KIND and one line in `_MODULES`.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,51 +47,20 @@ def _local() -> StoreKind:
     return StoreKind("local", open_local)
 
 
-def _http() -> StoreKind:
-    from .http import KIND
-
-    return KIND
-
-
-def _ssh() -> StoreKind:
-    from .ssh import KIND
-
-    return KIND
-
-
-def _sftp() -> StoreKind:
-    from .sftp import KIND
-
-    return KIND
-
-
-def _s3() -> StoreKind:
-    from .s3 import KIND
-
-    return KIND
-
-
-def _gcs() -> StoreKind:
-    from .gcs import KIND
-
-    return KIND
-
-
-def _oci() -> StoreKind:
-    from .oci import KIND
-
-    return KIND
-
-
-_KINDS: dict[str | None, Callable[[], StoreKind]] = {
-    None: _local, "http": _http, "https": _http, "ssh": _ssh, "sftp": _sftp, "s3+http": _s3, "s3+https": _s3,
-    "gs": _gcs, "oci+http": _oci, "oci+https": _oci,
+# scheme -> the module (of this package) that defines its KIND; None: a local path
+_MODULES: dict[str, str] = {
+    "http": "http", "https": "http", "ssh": "ssh", "sftp": "sftp", "s3+http": "s3", "s3+https": "s3",
+    "gs": "gcs", "oci+http": "oci", "oci+https": "oci",
 }
 
 
 def store_kind(location: str) -> StoreKind:
     """The kind of store at `location` (UsageError for a scheme no kind serves)."""
-    loader = _KINDS.get(location_scheme(location))
-    if loader is None:
+    scheme = location_scheme(location)
+    if scheme is None:
+        return _local()
+    module = _MODULES.get(scheme)
+    if module is None:
         raise UsageError(f"unsupported store location '{location}'")
-    return loader()
+    kind: StoreKind = importlib.import_module(f".{module}", __package__).KIND
+    return kind
